@@ -1,0 +1,1 @@
+"""The agent: the code behind ``burrow.forward()``."""

@@ -1,0 +1,128 @@
+"""Agent settings: arguments first, then the environment, then defaults."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import ssl
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..certs import dev_ca_path
+from ..errors import ConfigurationError
+from ..protocol.session import DEFAULT_WINDOW
+from ..relay.config import is_loopback
+from ..relay.tls import AGENT_ALPN
+
+DEFAULT_RELAY_PORT = 443
+
+
+@dataclass(frozen=True)
+class RelayAddress:
+    """Where an agent finds its relay: the relay's domain name and TLS port."""
+
+    host: str
+    port: int = DEFAULT_RELAY_PORT
+    connect_host: str | None = None  # dial this address instead of resolving host (embedded relay)
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @classmethod
+    def parse(cls, text: str, source: str = "BURROW_RELAY") -> RelayAddress:
+        """Parse ``host``, ``host:port``, ``https://host[:port]`` or ``[v6]:port``."""
+        value = text.strip()
+        for scheme in ("https://", "burrow://"):
+            if value.startswith(scheme):
+                value = value[len(scheme) :]
+        value = value.rstrip("/")
+        host, port_text = value, ""
+        if value.startswith("["):
+            host, _, rest = value[1:].partition("]")
+            port_text = rest[1:] if rest.startswith(":") else ""
+        elif value.count(":") == 1:
+            host, port_text = value.split(":")
+        port = DEFAULT_RELAY_PORT
+        if port_text:
+            if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+                raise ConfigurationError(f"{source}={text!r} has a bad port; write host:port, e.g. r1.example.com:443")
+            port = int(port_text)
+        if not host or "/" in host or " " in host:
+            raise ConfigurationError(f"{source}={text!r} is not host:port; write e.g. r1.example.com:443")
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            return cls(host.lower().rstrip("."), port)
+        raise ConfigurationError(
+            f"{source}={text!r} is an IP address; name the relay by its domain (e.g. localhost:4443), "
+            "which the relay routes by"
+        )
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    """Everything needed to reach one relay. ``relay=None`` means the embedded relay."""
+
+    relay: RelayAddress | None
+    token: str = field(default="", repr=False)
+    ca: Path | None = None
+    window: int = DEFAULT_WINDOW
+
+    @classmethod
+    def resolve(
+        cls, relay: str | None = None, token: str | None = None, ca: str | os.PathLike[str] | None = None
+    ) -> AgentSettings:
+        """Arguments first, then ``BURROW_RELAY``, ``BURROW_TOKEN``/``BURROW_TOKEN_FILE``, ``BURROW_CA``."""
+        relay_text = relay if relay is not None else os.environ.get("BURROW_RELAY", "")
+        address = RelayAddress.parse(relay_text, "relay" if relay is not None else "BURROW_RELAY") if relay_text else None
+        return cls(address, token if token is not None else read_token(), _ca_path(ca))
+
+    def key(self) -> tuple[object, ...]:
+        """Sessions are shared by agents with equal keys."""
+        return (self.relay, self.token, self.ca, self.window)
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """The client context: system CAs, ``BURROW_CA``, and the dev CA for loopback relays."""
+        assert self.relay is not None
+        context = ssl.create_default_context()
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.set_alpn_protocols([AGENT_ALPN])
+        if self.ca is not None:
+            context.load_verify_locations(cafile=str(self.ca))
+        dev_ca = dev_ca_path()
+        if is_loopback(self.relay.host) and dev_ca.exists():
+            context.load_verify_locations(cafile=str(dev_ca))
+        return context
+
+
+def read_token() -> str:
+    """``BURROW_TOKEN``, else the contents of ``BURROW_TOKEN_FILE``, else empty."""
+    token = os.environ.get("BURROW_TOKEN")
+    if token:
+        return token.strip()
+    path = os.environ.get("BURROW_TOKEN_FILE")
+    if path:
+        return read_token_file(Path(path), "BURROW_TOKEN_FILE")
+    return ""
+
+
+def read_token_file(path: Path, source: str) -> str:
+    """The first non-empty line of a token file."""
+    try:
+        lines = path.read_text().split()
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read {source} {path} ({exc.strerror or exc}); check the path") from None
+    if not lines:
+        raise ConfigurationError(f"{source} {path} is empty; put the token in it")
+    return lines[0]
+
+
+def _ca_path(ca: str | os.PathLike[str] | None) -> Path | None:
+    source = "ca" if ca is not None else "BURROW_CA"
+    value = ca if ca is not None else os.environ.get("BURROW_CA")
+    if not value:
+        return None
+    path = Path(value)
+    if not path.is_file():
+        raise ConfigurationError(f"{source} {path} is not a file; point it at the relay's CA certificate (PEM)")
+    return path

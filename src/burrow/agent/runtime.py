@@ -1,0 +1,194 @@
+"""The process-wide agent runtime: one event-loop thread, one session per relay.
+
+Every tunnel of a process lives on one background event loop owned by
+burrow, whatever the caller is: plain synchronous code, several threads, an
+asyncio program (which awaits the work without blocking its own loop), or a
+Jupyter kernel (whose loop is already running in the caller's thread). The
+data path never depends on the caller's loop being responsive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import concurrent.futures
+import dataclasses
+import logging
+import os
+import threading
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+from ..errors import PortAlreadyForwarded
+from ..protocol.session import SessionState
+from ..relay.config import RelayConfig
+from ..relay.server import Relay
+from .config import AgentSettings, RelayAddress
+from .session import AgentSession, AgentTunnel
+
+logger = logging.getLogger("burrow")
+
+T = TypeVar("T")
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop when installed (and not disabled with BURROW_LOOP=asyncio), else asyncio's."""
+    if os.environ.get("BURROW_LOOP", "").lower() != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
+
+
+class Runtime:
+    """Owns the loop thread, the sessions, the embedded relay and the forwarded ports."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self.sessions: dict[tuple[object, ...], AgentSession] = {}
+        self._connecting: dict[tuple[object, ...], asyncio.Future[AgentSession]] = {}
+        self.embedded: Relay | None = None
+        self._embedded_starting: asyncio.Future[Relay] | None = None
+        self.forwarded: dict[int, object] = {}  # port -> whoever forwards it
+
+    # -------------------------------------------------------------- the thread
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        """Run ``coro`` on the runtime's loop, from any thread."""
+        return asyncio.run_coroutine_threadsafe(coro, self._ensure_loop())
+
+    def in_loop_thread(self) -> bool:
+        """True when called from the runtime's own thread."""
+        return self._thread is not None and threading.current_thread() is self._thread
+
+    def _ensure_loop(self) -> asyncio.AbstractEventLoop:
+        with self._lock:
+            if self.loop is None:
+                loop = new_event_loop()
+                ready = threading.Event()
+
+                def run() -> None:
+                    asyncio.set_event_loop(loop)
+                    loop.call_soon(ready.set)
+                    loop.run_forever()
+
+                self._thread = threading.Thread(target=run, name="burrow", daemon=True)
+                self._thread.start()
+                ready.wait()
+                self.loop = loop
+                atexit.register(self._shutdown)
+            return self.loop
+
+    def _shutdown(self) -> None:
+        """At exit: say goodbye to the relays so the URLs stop at once."""
+        loop = self.loop
+        if loop is None or not loop.is_running():
+            return
+
+        async def goodbye() -> None:
+            for session in list(self.sessions.values()):
+                session.close()
+            if self.embedded is not None:
+                self.embedded.close()
+
+        try:
+            asyncio.run_coroutine_threadsafe(goodbye(), loop).result(timeout=2)
+        except (concurrent.futures.TimeoutError, RuntimeError):
+            pass
+        loop.call_soon_threadsafe(loop.stop)
+
+    # --------------------------------------------------------------- sessions
+
+    async def session_for(self, settings: AgentSettings) -> AgentSession:
+        """The open session for these settings, connecting (once) if needed."""
+        if settings.relay is None:
+            settings = dataclasses.replace(settings, relay=await self._embedded_address())
+        key = settings.key()
+        session = self.sessions.get(key)
+        if session is not None and session.proto.state is SessionState.OPEN:
+            return session
+        pending = self._connecting.get(key)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future[AgentSession] = asyncio.get_running_loop().create_future()
+        self._connecting[key] = future
+        try:
+            session = await AgentSession.connect(settings)
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: the waiters above get it too
+            raise
+        finally:
+            del self._connecting[key]
+        self.sessions[key] = session
+        session.closed.add_done_callback(lambda _: self._drop(key, session))
+        future.set_result(session)
+        return session
+
+    def _drop(self, key: tuple[object, ...], session: AgentSession) -> None:
+        if self.sessions.get(key) is session:
+            del self.sessions[key]
+
+    async def _embedded_address(self) -> RelayAddress:
+        if self._embedded_starting is None:
+            self._embedded_starting = asyncio.get_running_loop().create_future()
+            try:
+                relay = await Relay(RelayConfig(port=0)).start()
+            except BaseException as exc:
+                self._embedded_starting.set_exception(exc)
+                self._embedded_starting.exception()
+                self._embedded_starting = None
+                raise
+            self.embedded = relay
+            self._embedded_starting.set_result(relay)
+            logger.warning(
+                "burrow: no BURROW_RELAY set, so tunnels go through an embedded relay on this machine "
+                "(https://<id>.localhost:%d). Its CA is %s: trust it (curl --cacert %s, or your system/browser "
+                "store) to reach the URLs without warnings. For a public relay set BURROW_RELAY=host:port "
+                "and BURROW_TOKEN.",
+                relay.port,
+                relay.ca_path,
+                relay.ca_path,
+            )
+        relay = await asyncio.shield(self._embedded_starting)
+        return RelayAddress(relay.config.domain, relay.port, connect_host="127.0.0.1")
+
+    # ---------------------------------------------------------------- tunnels
+
+    async def open(
+        self, owner: object, port: int, unencrypted: bool, h2: bool, settings: AgentSettings
+    ) -> tuple[AgentSession, AgentTunnel]:
+        """Reserve ``port`` for ``owner`` and open its tunnel."""
+        holder = self.forwarded.get(port)
+        if holder is not None:
+            raise PortAlreadyForwarded(
+                f"port {port} is already forwarded by this process ({holder}); close that tunnel or reuse it"
+            )
+        self.forwarded[port] = owner
+        try:
+            session = await self.session_for(settings)
+            tunnel = await session.bind(port, unencrypted, h2)
+        except BaseException:
+            del self.forwarded[port]
+            raise
+        return session, tunnel
+
+    async def close(self, port: int, session: AgentSession, tunnel: AgentTunnel) -> None:
+        """Close the tunnel at the relay, then release ``port``."""
+        try:
+            await session.unbind(tunnel)
+        finally:
+            self.forwarded.pop(port, None)
+
+
+_runtime = Runtime()
+
+
+def runtime() -> Runtime:
+    """The process's runtime."""
+    return _runtime

@@ -1,0 +1,366 @@
+"""The asyncio side of a session: a thin adapter around :class:`SessionProtocol`.
+
+:class:`SessionConnection` is the ``asyncio.Protocol`` of the agent–relay
+connection; :class:`StreamEndpoint` is the ``asyncio.Protocol`` of one TCP
+connection at either end of a stream (a public connection at the relay, a
+connection to the local service at the agent). They are peered the way
+asyncssh peers its forwarders: the endpoint's reads become DATA frames and
+pause when the stream's credit runs out; DATA frames become writes to the
+endpoint, and credit is granted back only once those writes have left the
+process (the transport is not paused), so a slow reader holds at most one
+window of data here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+from .errors import ProtocolError
+from .protocol import events as ev
+from .protocol.frames import ErrorCode
+from .protocol.session import SessionProtocol, SessionState
+
+logger = logging.getLogger(__name__)
+
+#: How often each side sends a PING when the link is otherwise idle.
+HEARTBEAT_INTERVAL = 3.0
+#: Silence after which the link is declared dead (no FIN or RST needed).
+HEARTBEAT_TIMEOUT = 10.0
+
+
+def set_nodelay(transport: asyncio.BaseTransport) -> None:
+    """Disable Nagle: the tunnel forwards what it reads at once, small writes included."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+
+
+def reset_transport(transport: asyncio.BaseTransport | None) -> None:
+    """Close with a TCP RST (SO_LINGER 0), so the peer cannot take it for a clean end."""
+    if transport is None or transport.is_closing():
+        if transport is not None:
+            transport.abort()  # type: ignore[attr-defined]
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        except OSError:
+            pass
+    transport.abort()  # type: ignore[attr-defined]
+
+
+@dataclass
+class TrafficStats:
+    """Counters a tunnel keeps: open connections and bytes each way."""
+
+    open_connections: int = 0
+    total_connections: int = 0
+    bytes_in: int = 0  # from public clients towards the service
+    bytes_out: int = 0  # from the service towards public clients
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class StreamEndpoint(asyncio.Protocol):
+    """One TCP connection peered with one stream of a :class:`SessionConnection`.
+
+    ``inbound`` says which way this endpoint's reads travel in the stats:
+    True for the relay's public connections (bytes_in), False for the agent's
+    connections to the local service (bytes_out).
+    """
+
+    def __init__(self, session: SessionConnection, stream_id: int, stats: TrafficStats, inbound: bool) -> None:
+        self.session = session
+        self.stream_id = stream_id
+        self.stats = stats
+        self.inbound = inbound
+        self.transport: asyncio.Transport | None = None
+        self.credit_blocked = False  # the stream has no credit: stop reading
+        self.writing_paused = False  # our transport's buffer is full: stop granting credit
+        self.held = 0  # bytes written while paused, granted back on resume
+        self.sent_fin = False
+        self.got_fin = False
+        self.done = False
+        stats.open_connections += 1
+        stats.total_connections += 1
+        session.endpoints[stream_id] = self
+
+    # ----------------------------------------------------------- transport side
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        set_nodelay(transport)
+        self.update_reading()
+
+    def data_received(self, data: bytes) -> None:
+        if self.done or self.sent_fin:
+            return
+        if self.inbound:
+            self.stats.bytes_in += len(data)
+        else:
+            self.stats.bytes_out += len(data)
+        if not self.session.send_data(self.stream_id, data):
+            self.credit_blocked = True
+            self.update_reading()
+
+    def eof_received(self) -> bool:
+        if self.done:
+            return False
+        if self.transport is not None and not self.transport.can_write_eof() and not self.got_fin:
+            # TLS: asyncio answers the client's close_notify by closing the whole
+            # connection, so the reply still to come would be cut short. Reset
+            # rather than let the client take a truncated reply for a whole one.
+            self.abort(ErrorCode.CANCELLED, "client closed its TLS write side")
+            return False
+        self.sent_fin = True
+        self.session.send_fin(self.stream_id)
+        self._close_if_finished()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.done:
+            # a peer that resets or vanishes mid-stream: tell the other end the same
+            finished = self.sent_fin and self.got_fin
+            self._finish()
+            if not finished:
+                self.session.send_rst(self.stream_id, ErrorCode.CANCELLED, "connection lost")
+
+    def pause_writing(self) -> None:
+        self.writing_paused = True
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        if self.held:
+            held, self.held = self.held, 0
+            self.session.consumed(self.stream_id, held)
+
+    # -------------------------------------------------------------- stream side
+
+    def deliver(self, data: bytes) -> None:
+        """DATA from the stream: write it; grant credit unless the transport is full."""
+        assert self.transport is not None
+        if self.inbound:
+            self.stats.bytes_out += len(data)
+        else:
+            self.stats.bytes_in += len(data)
+        self.transport.write(data)
+        if self.writing_paused:
+            self.held += len(data)
+        else:
+            self.session.proto.consumed(self.stream_id, len(data))
+
+    def peer_fin(self) -> None:
+        """FIN from the stream: half-close our transport (after what is buffered)."""
+        assert self.transport is not None
+        self.got_fin = True
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+            self._close_if_finished()
+        else:
+            # TLS cannot half-close in asyncio: close_notify after the buffered data
+            self._finish()
+            self.transport.close()
+
+    def peer_reset(self) -> None:
+        """RST from the stream: reset our connection too."""
+        self._finish()
+        reset_transport(self.transport)
+
+    def abort(self, code: ErrorCode, reason: str) -> None:
+        """Reset both our connection and the stream."""
+        if not self.done:
+            self._finish()
+            self.session.send_rst(self.stream_id, code, reason)
+        reset_transport(self.transport)
+
+    def update_reading(self) -> None:
+        """Read while the stream has credit and the session link is not congested."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if self.credit_blocked or self.session.writing_paused:
+            transport.pause_reading()
+        else:
+            transport.resume_reading()
+
+    def writable(self) -> None:
+        """The stream has credit again."""
+        self.credit_blocked = False
+        self.update_reading()
+
+    def _close_if_finished(self) -> None:
+        if self.sent_fin and self.got_fin and self.transport is not None:
+            self._finish()
+            self.transport.close()
+
+    def _finish(self) -> None:
+        if not self.done:
+            self.done = True
+            self.stats.open_connections -= 1
+            self.session.endpoints.pop(self.stream_id, None)
+
+
+class SessionConnection(asyncio.Protocol):
+    """The asyncio adapter of one agent–relay session; subclassed per role.
+
+    Subclasses handle the control events in :meth:`handle_event` and learn the
+    end of the session in :meth:`session_closed`.
+    """
+
+    def __init__(self, proto: SessionProtocol, name: str = "") -> None:
+        self.proto = proto
+        self.name = name  # for logs: the session id, or the relay address
+        self.transport: asyncio.Transport | None = None
+        self.endpoints: dict[int, StreamEndpoint] = {}
+        self.writing_paused = False
+        self.last_received = time.monotonic()
+        self.rtt: float | None = None
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._heartbeat: asyncio.TimerHandle | None = None
+
+    # ----------------------------------------------------------- asyncio side
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        set_nodelay(transport)
+        self._schedule_heartbeat()
+
+    def data_received(self, data: bytes) -> None:
+        self.last_received = time.monotonic()
+        try:
+            self.proto.receive_data(data)
+        except ProtocolError as exc:
+            logger.warning("session %s: protocol error from peer: %s", self.name, exc)
+            self._handle_events()
+            self.flush()
+            self.close()
+            return
+        self._handle_events()
+        self.flush()
+
+    def eof_received(self) -> bool:
+        return False  # the peer closed the session link: close ours
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+        self.proto.connection_lost()
+        for endpoint in list(self.endpoints.values()):
+            endpoint.peer_reset()
+        self.endpoints.clear()
+        if not self.closed.done():
+            self.closed.set_result(None)
+        self.session_closed(exc)
+
+    def pause_writing(self) -> None:
+        self.writing_paused = True
+        for endpoint in self.endpoints.values():
+            endpoint.update_reading()
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        for endpoint in list(self.endpoints.values()):
+            endpoint.update_reading()
+
+    # ------------------------------------------------------------- to the peer
+
+    def flush(self) -> None:
+        """Write whatever the protocol queued."""
+        out = self.proto.data_to_send()
+        if out and self.transport is not None and not self.transport.is_closing():
+            self.transport.writelines(out)
+
+    def send_data(self, stream_id: int, data: bytes) -> bool:
+        """Send on a stream; False when the stream ran out of credit."""
+        if self.proto.state is SessionState.CLOSED:
+            return True
+        sent_all = self.proto.send_data(stream_id, data)
+        self.flush()
+        return sent_all
+
+    def send_fin(self, stream_id: int) -> None:
+        """Half-close a stream."""
+        if self.proto.state is not SessionState.CLOSED:
+            self.proto.send_fin(stream_id)
+            self.flush()
+
+    def send_rst(self, stream_id: int, code: ErrorCode, reason: str) -> None:
+        """Reset a stream."""
+        self.proto.send_rst(stream_id, code, reason)
+        self.flush()
+
+    def consumed(self, stream_id: int, size: int) -> None:
+        """Received bytes left the process; may grant credit."""
+        self.proto.consumed(stream_id, size)
+        self.flush()
+
+    def close(self, code: ErrorCode = ErrorCode.NO_ERROR, reason: str = "") -> None:
+        """End the session now (GOAWAY, then close the link)."""
+        self.proto.goaway(code, reason)
+        self.flush()
+        if self.transport is not None:
+            self.transport.close()
+
+    # ------------------------------------------------------------- from the peer
+
+    def _handle_events(self) -> None:
+        for event in self.proto.events_received():
+            if isinstance(event, ev.DataReceived):
+                endpoint = self.endpoints.get(event.stream_id)
+                if endpoint is not None:
+                    endpoint.deliver(event.data)
+                else:
+                    # the endpoint is gone (its connection just closed): the bytes
+                    # have nowhere to go, but the credit must still come back
+                    self.proto.consumed(event.stream_id, len(event.data))
+            elif isinstance(event, ev.StreamWritable):
+                endpoint = self.endpoints.get(event.stream_id)
+                if endpoint is not None:
+                    endpoint.writable()
+            elif isinstance(event, ev.StreamEnded):
+                endpoint = self.endpoints.get(event.stream_id)
+                if endpoint is not None:
+                    endpoint.peer_fin()
+            elif isinstance(event, ev.StreamReset):
+                endpoint = self.endpoints.get(event.stream_id)
+                if endpoint is not None:
+                    endpoint.peer_reset()
+            elif isinstance(event, ev.PongReceived):
+                self.rtt = time.monotonic() - event.opaque / 1e9
+            else:
+                self.handle_event(event)
+
+    def handle_event(self, event: ev.Event) -> None:
+        """Control events, per role; the base class has none to handle."""
+        logger.debug("session %s: ignoring %s", self.name, type(event).__name__)
+
+    def session_closed(self, exc: Exception | None) -> None:
+        """The link is gone; every stream has been reset."""
+
+    # -------------------------------------------------------------- heartbeats
+
+    def _schedule_heartbeat(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._heartbeat = loop.call_later(HEARTBEAT_INTERVAL, self._beat)
+
+    def _beat(self) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        silent = time.monotonic() - self.last_received
+        if silent > HEARTBEAT_TIMEOUT:
+            logger.warning("session %s: no answer for %.0f s; closing the link", self.name, silent)
+            self.proto.goaway(ErrorCode.TIMEOUT, "heartbeat timeout")
+            self.flush()
+            self.transport.abort()
+            return
+        self.proto.ping(int(time.monotonic() * 1e9))
+        self.flush()
+        self._schedule_heartbeat()

@@ -1,0 +1,584 @@
+"""The session state machine, sans I/O: fed bytes, it returns events and bytes to send.
+
+One :class:`SessionProtocol` is one agent–relay connection. It owns the
+session state, every stream's state and both directions of per-stream flow
+control. The asyncio adapter (``burrow.connection``) feeds it with
+:meth:`~SessionProtocol.receive_data`, drains :meth:`~SessionProtocol.events_received`
+and :meth:`~SessionProtocol.data_to_send`, and calls the API methods.
+
+Flow control: each side announces its per-stream receive window in the
+handshake. A sender may have at most that many unacknowledged bytes on a
+stream; the receiver grants credit back (WINDOW) once the application has
+*consumed* half a window, so a stalled reader holds at most one window of
+data, and the sender buffers at most what it was handed beyond its credit.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from typing import Any
+
+from ..errors import LocalProtocolError, ProtocolError
+from . import events as ev
+from .frames import (
+    GOAWAY_PAYLOAD,
+    HEADER,
+    MAX_FRAME_PAYLOAD,
+    MAX_STREAM_ID,
+    MAX_WINDOW,
+    PING_PAYLOAD,
+    WINDOW_PAYLOAD,
+    ErrorCode,
+    Frame,
+    FrameDecoder,
+    FrameType,
+    decode_code,
+    decode_json,
+    encode,
+    encode_code,
+    encode_json,
+)
+
+PROTOCOL_VERSION = 1
+SUPPORTED_VERSIONS = (1,)
+
+#: Default per-stream receive window: enough for ~80 Mbit/s over a 100 ms
+#: cross-region link (bandwidth x RTT), while a stalled reader costs at most 1 MiB.
+DEFAULT_WINDOW = 1024 * 1024
+
+#: A smaller window would make frames so small that the header dominates.
+MIN_WINDOW = 16 * 1024
+
+
+class Role(enum.Enum):
+    """Which end of the session this protocol object plays."""
+
+    AGENT = "agent"
+    RELAY = "relay"
+
+
+class SessionState(enum.Enum):
+    """Session states; transitions are in ``_SESSION_ACCEPTS`` and the methods below."""
+
+    HANDSHAKE = "handshake"  # agent: HELLO sent; relay: waiting for HELLO
+    HELLO_RECEIVED = "hello-received"  # relay: waiting for the application's verdict
+    OPEN = "open"
+    CLOSING = "closing"  # a graceful GOAWAY went one way: streams finish, none start
+    CLOSED = "closed"
+
+
+class StreamState(enum.Enum):
+    """Stream states; the transitions are in ``_STREAM_TRANSITIONS``."""
+
+    OPEN = "open"
+    LOCAL_CLOSED = "local-closed"  # we sent FIN
+    REMOTE_CLOSED = "remote-closed"  # we received FIN
+    CLOSED = "closed"
+
+
+class _Fin(enum.Enum):
+    SEND = "send"
+    RECEIVE = "receive"
+
+
+_STREAM_TRANSITIONS: dict[tuple[StreamState, _Fin], StreamState] = {
+    (StreamState.OPEN, _Fin.SEND): StreamState.LOCAL_CLOSED,
+    (StreamState.OPEN, _Fin.RECEIVE): StreamState.REMOTE_CLOSED,
+    (StreamState.LOCAL_CLOSED, _Fin.RECEIVE): StreamState.CLOSED,
+    (StreamState.REMOTE_CLOSED, _Fin.SEND): StreamState.CLOSED,
+}
+_CAN_SEND = frozenset({StreamState.OPEN, StreamState.REMOTE_CLOSED})
+_CAN_RECEIVE = frozenset({StreamState.OPEN, StreamState.LOCAL_CLOSED})
+
+_STREAM_FRAMES = frozenset({FrameType.DATA, FrameType.WINDOW, FrameType.FIN, FrameType.RST})
+_ANY_TIME = frozenset({FrameType.PING, FrameType.PONG, FrameType.GOAWAY})
+_AGENT_RUNNING = _ANY_TIME | _STREAM_FRAMES | {
+    FrameType.BOUND,
+    FrameType.BIND_FAILED,
+    FrameType.UNBOUND,
+    FrameType.OPEN,
+}
+_RELAY_RUNNING = _ANY_TIME | _STREAM_FRAMES | {FrameType.BIND, FrameType.UNBIND}
+
+#: Which frames each role accepts in each state; anything else is a protocol error.
+_SESSION_ACCEPTS: dict[tuple[Role, SessionState], frozenset[FrameType]] = {
+    (Role.AGENT, SessionState.HANDSHAKE): frozenset({FrameType.WELCOME} | _ANY_TIME),
+    (Role.AGENT, SessionState.OPEN): _AGENT_RUNNING,
+    (Role.AGENT, SessionState.CLOSING): _AGENT_RUNNING,
+    (Role.RELAY, SessionState.HANDSHAKE): frozenset({FrameType.HELLO, FrameType.GOAWAY}),
+    (Role.RELAY, SessionState.HELLO_RECEIVED): frozenset({FrameType.GOAWAY, FrameType.PING, FrameType.PONG}),
+    (Role.RELAY, SessionState.OPEN): _RELAY_RUNNING,
+    (Role.RELAY, SessionState.CLOSING): _RELAY_RUNNING,
+}
+_GRACEFUL = frozenset({ErrorCode.NO_ERROR, ErrorCode.SHUTDOWN})
+
+
+class _Stream:
+    """Bookkeeping for one stream; only :class:`SessionProtocol` touches it."""
+
+    __slots__ = ("fin_pending", "pending", "pending_size", "recv_credit", "send_credit", "state", "unacked")
+
+    def __init__(self, send_credit: int, recv_credit: int) -> None:
+        self.state = StreamState.OPEN
+        self.send_credit = send_credit  # bytes we may still send
+        self.recv_credit = recv_credit  # bytes the peer may still send us
+        self.unacked = 0  # bytes consumed by the application, not yet granted back
+        self.pending: deque[memoryview] = deque()  # data waiting for credit
+        self.pending_size = 0
+        self.fin_pending = False  # FIN asked for while data was still pending
+
+
+def _field(message: dict[str, Any], name: str, kind: type, frame: FrameType) -> Any:
+    value = message.get(name)
+    # bool is an int in Python; never accept one for the other
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"{frame.name} field {name!r} is missing or not {kind.__name__}")
+    return value
+
+
+class SessionProtocol:
+    """Sans-I/O state of one agent–relay session (see the module docstring)."""
+
+    def __init__(self, role: Role, window: int = DEFAULT_WINDOW, max_payload: int = MAX_FRAME_PAYLOAD) -> None:
+        if not MIN_WINDOW <= window <= MAX_WINDOW:
+            raise LocalProtocolError(ErrorCode.INTERNAL_ERROR, f"window {window} outside {MIN_WINDOW}..{MAX_WINDOW}")
+        self.role = role
+        self.state = SessionState.HANDSHAKE
+        self.window = window  # what we grant each stream
+        self.peer_window = 0  # what the peer grants each stream; known after the handshake
+        self.max_payload = max_payload
+        self.version = 0
+        self.close_code: int | None = None  # why the session ended, once it has
+        self._decoder = FrameDecoder(max_payload)
+        self._streams: dict[int, _Stream] = {}
+        self._last_stream_id = 0  # relay: last id allocated; agent: last id seen
+        self._events: list[ev.Event] = []
+        self._out: list[bytes | memoryview] = []
+
+    # ---------------------------------------------------------------- I/O side
+
+    def receive_data(self, data: bytes) -> None:
+        """Feed bytes read from the connection.
+
+        Raises :class:`ProtocolError` if the peer broke the protocol; the
+        session is then CLOSED and a GOAWAY with the error's code is queued.
+        Events decoded before the error stay available.
+        """
+        if self.state is SessionState.CLOSED:
+            return
+        try:
+            frames = self._decoder.feed(data)
+        except ProtocolError as exc:
+            for frame in self._decoder.pending():
+                self._dispatch_or_fail(frame)
+            self._fail(exc)
+            raise
+        for frame in frames:
+            self._dispatch_or_fail(frame)
+            if self.state is SessionState.CLOSED:
+                break
+
+    def events_received(self) -> list[ev.Event]:
+        """Return and forget the events produced so far."""
+        events, self._events = self._events, []
+        return events
+
+    def data_to_send(self) -> list[bytes | memoryview]:
+        """Return and forget the chunks to write to the connection, in order."""
+        out, self._out = self._out, []
+        return out
+
+    # -------------------------------------------------------------- handshake
+
+    def hello(self, token: str, agent: str = "burrow") -> None:
+        """Agent: introduce ourselves (first thing on the connection)."""
+        self._require(Role.AGENT, SessionState.HANDSHAKE)
+        hello = {"versions": list(SUPPORTED_VERSIONS), "token": token, "window": self.window, "agent": agent}
+        self._out.append(encode_json(FrameType.HELLO, hello))
+
+    def welcome(self, session_id: str, info: dict[str, Any] | None = None) -> None:
+        """Relay: accept the agent that sent HELLO."""
+        self._require(Role.RELAY, SessionState.HELLO_RECEIVED)
+        message = {"version": self.version, "session": session_id, "window": self.window, **(info or {})}
+        self._out.append(encode_json(FrameType.WELCOME, message))
+        self.state = SessionState.OPEN
+
+    def reject(self, code: ErrorCode, reason: str) -> None:
+        """Relay: refuse the agent (wrong token, ...) and close the session."""
+        self.goaway(code, reason)
+
+    # ---------------------------------------------------------------- tunnels
+
+    def bind(self, request_id: int, port: int, *, unencrypted: bool = False, h2: bool = False) -> None:
+        """Agent: ask for a tunnel to local ``port``; answered by Bound or BindFailed."""
+        self._require(Role.AGENT, SessionState.OPEN)
+        message = {"request": request_id, "port": port, "unencrypted": unencrypted, "h2": h2}
+        self._out.append(encode_json(FrameType.BIND, message))
+
+    def bound(self, request_id: int, tunnel: dict[str, Any]) -> None:
+        """Relay: the tunnel is open; ``tunnel`` holds its id and addresses."""
+        self._require(Role.RELAY, SessionState.OPEN, SessionState.CLOSING)
+        self._out.append(encode_json(FrameType.BOUND, {**tunnel, "request": request_id}))
+
+    def bind_failed(self, request_id: int, code: str, message: str) -> None:
+        """Relay: the tunnel could not be opened."""
+        self._require(Role.RELAY, SessionState.OPEN, SessionState.CLOSING)
+        self._out.append(encode_json(FrameType.BIND_FAILED, {"request": request_id, "code": code, "message": message}))
+
+    def unbind(self, tunnel_id: str) -> None:
+        """Agent: close a tunnel; answered by Unbound."""
+        self._require(Role.AGENT, SessionState.OPEN, SessionState.CLOSING)
+        self._out.append(encode_json(FrameType.UNBIND, {"id": tunnel_id}))
+
+    def unbound(self, tunnel_id: str, reason: str = "closed") -> None:
+        """Relay: a tunnel is closed (because the agent asked, or not)."""
+        self._require(Role.RELAY, SessionState.OPEN, SessionState.CLOSING)
+        self._out.append(encode_json(FrameType.UNBOUND, {"id": tunnel_id, "reason": reason}))
+
+    # ---------------------------------------------------------------- streams
+
+    def open_stream(self, tunnel_id: str, peer: str) -> int:
+        """Relay: announce a public connection on ``tunnel_id``; return its stream id."""
+        self._require(Role.RELAY, SessionState.OPEN)
+        if self._last_stream_id >= MAX_STREAM_ID:
+            raise LocalProtocolError(ErrorCode.INTERNAL_ERROR, "stream ids exhausted; start a new session")
+        self._last_stream_id += 1
+        stream_id = self._last_stream_id
+        self._streams[stream_id] = _Stream(self.peer_window, self.window)
+        self._out.append(encode_json(FrameType.OPEN, {"tunnel": tunnel_id, "peer": peer}, stream_id))
+        return stream_id
+
+    def send_data(self, stream_id: int, data: bytes | memoryview) -> bool:
+        """Send ``data`` on a stream, as far as credit allows; buffer the rest.
+
+        Returns True when everything went out, False when some of it waits
+        for credit: the caller should stop reading its source until
+        :class:`~burrow.protocol.events.StreamWritable` arrives.
+        """
+        stream = self._sendable(stream_id)
+        if stream.pending_size:
+            stream.pending.append(memoryview(data))
+            stream.pending_size += len(data)
+            return False
+        size = len(data)
+        if size <= stream.send_credit and size <= self.max_payload:
+            stream.send_credit -= size
+            self._out.append(_DATA_HEADER(FrameType.DATA, 0, stream_id, size))
+            self._out.append(data)
+            return True
+        view = memoryview(data)
+        sent = self._send_within_credit(stream_id, stream, view)
+        if sent < size:
+            stream.pending.append(view[sent:])
+            stream.pending_size = size - sent
+            return False
+        return True
+
+    def send_fin(self, stream_id: int) -> None:
+        """Half-close our direction of the stream (after any buffered data)."""
+        stream = self._sendable(stream_id)
+        if stream.pending_size:
+            stream.fin_pending = True
+            return
+        self._emit_fin(stream_id, stream)
+
+    def send_rst(self, stream_id: int, code: int = ErrorCode.CANCELLED, reason: str = "") -> None:
+        """Abort the stream both ways; unknown or finished streams are ignored."""
+        if self._streams.pop(stream_id, None) is None or self.state is SessionState.CLOSED:
+            return
+        self._out.append(encode_code(FrameType.RST, stream_id, code, reason))
+
+    def consumed(self, stream_id: int, size: int) -> None:
+        """Report that ``size`` received bytes left this process; may grant credit."""
+        stream = self._streams.get(stream_id)
+        if stream is None or self.state is SessionState.CLOSED:
+            return
+        stream.unacked += size
+        if stream.unacked >= self.window // 2 and stream.state in _CAN_RECEIVE:
+            self._out.append(encode(FrameType.WINDOW, stream_id, WINDOW_PAYLOAD.pack(stream.unacked)))
+            stream.recv_credit += stream.unacked
+            stream.unacked = 0
+
+    def stream_state(self, stream_id: int) -> StreamState:
+        """The state of a stream; CLOSED for one that ended or never existed."""
+        stream = self._streams.get(stream_id)
+        return StreamState.CLOSED if stream is None else stream.state
+
+    def buffered(self, stream_id: int) -> int:
+        """Bytes handed to :meth:`send_data` that still wait for credit."""
+        stream = self._streams.get(stream_id)
+        return 0 if stream is None else stream.pending_size
+
+    @property
+    def stream_count(self) -> int:
+        """How many streams are open (in any direction)."""
+        return len(self._streams)
+
+    # ---------------------------------------------------------------- session
+
+    def ping(self, opaque: int) -> None:
+        """Send a heartbeat; the peer answers with PongReceived(opaque)."""
+        if self.state is not SessionState.CLOSED:
+            self._out.append(encode(FrameType.PING, 0, PING_PAYLOAD.pack(opaque)))
+
+    def goaway(self, code: ErrorCode = ErrorCode.NO_ERROR, reason: str = "") -> None:
+        """End the session: gracefully (NO_ERROR, SHUTDOWN: streams finish) or at once."""
+        if self.state is SessionState.CLOSED:
+            return
+        self._out.append(encode_code(FrameType.GOAWAY, 0, code, reason))
+        if code in _GRACEFUL and self.state is SessionState.OPEN:
+            self.state = SessionState.CLOSING
+        else:
+            self._close(code)
+
+    def connection_lost(self) -> None:
+        """The connection is gone: every stream is dead."""
+        self._close(ErrorCode.CANCELLED if self.close_code is None else self.close_code)
+
+    # ---------------------------------------------------------------- internals
+
+    def _require(self, role: Role, *states: SessionState) -> None:
+        if self.role is not role:
+            raise LocalProtocolError(ErrorCode.INTERNAL_ERROR, f"only the {role.value} may do that")
+        if self.state not in states:
+            raise LocalProtocolError(ErrorCode.INTERNAL_ERROR, f"not allowed while the session is {self.state.value}")
+
+    def _sendable(self, stream_id: int) -> _Stream:
+        stream = self._streams.get(stream_id)
+        if stream is None or stream.state not in _CAN_SEND or stream.fin_pending or self.state is SessionState.CLOSED:
+            raise LocalProtocolError(ErrorCode.INTERNAL_ERROR, f"stream {stream_id} cannot send")
+        return stream
+
+    def _send_within_credit(self, stream_id: int, stream: _Stream, view: memoryview) -> int:
+        sent = 0
+        size = len(view)
+        limit = self.max_payload
+        while sent < size and stream.send_credit > 0:
+            chunk = min(size - sent, stream.send_credit, limit)
+            self._out.append(_DATA_HEADER(FrameType.DATA, 0, stream_id, chunk))
+            self._out.append(view[sent : sent + chunk])
+            stream.send_credit -= chunk
+            sent += chunk
+        return sent
+
+    def _flush_pending(self, stream_id: int, stream: _Stream) -> None:
+        while stream.pending and stream.send_credit > 0:
+            view = stream.pending.popleft()
+            sent = self._send_within_credit(stream_id, stream, view)
+            stream.pending_size -= sent
+            if sent < len(view):
+                stream.pending.appendleft(view[sent:])
+        if not stream.pending:
+            self._events.append(ev.StreamWritable(stream_id))
+            if stream.fin_pending:
+                stream.fin_pending = False
+                self._emit_fin(stream_id, stream)
+
+    def _emit_fin(self, stream_id: int, stream: _Stream) -> None:
+        self._out.append(encode(FrameType.FIN, stream_id))
+        self._advance(stream_id, stream, _Fin.SEND)
+
+    def _advance(self, stream_id: int, stream: _Stream, fin: _Fin) -> None:
+        stream.state = _STREAM_TRANSITIONS[(stream.state, fin)]
+        if stream.state is StreamState.CLOSED:
+            del self._streams[stream_id]
+
+    def _fail(self, exc: ProtocolError) -> None:
+        if self.state is not SessionState.CLOSED:
+            self._out.append(encode_code(FrameType.GOAWAY, 0, exc.code, str(exc)))
+            self._close(exc.code)
+
+    def _close(self, code: int) -> None:
+        self.state = SessionState.CLOSED
+        if self.close_code is None:
+            self.close_code = code
+        self._streams.clear()
+
+    def _dispatch_or_fail(self, frame: Frame) -> None:
+        if self.state is SessionState.CLOSED:
+            return
+        try:
+            self._dispatch(frame)
+        except ProtocolError as exc:
+            self._fail(exc)
+            raise
+
+    def _dispatch(self, frame: Frame) -> None:
+        kind = frame.type
+        if kind not in _SESSION_ACCEPTS[(self.role, self.state)]:
+            raise ProtocolError(
+                ErrorCode.PROTOCOL_ERROR, f"{self.role.value} got {kind.name} while {self.state.value}"
+            )
+        if kind is FrameType.DATA:
+            self._on_data(frame)
+        else:
+            _HANDLERS[kind](self, frame)
+
+    def _on_data(self, frame: Frame) -> None:
+        stream = self._known_stream(frame)
+        if stream is None:
+            return  # a stream we already reset; its in-flight data is dropped
+        if stream.state not in _CAN_RECEIVE:
+            raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"DATA on stream {frame.stream_id} after FIN")
+        stream.recv_credit -= len(frame.payload)
+        if stream.recv_credit < 0:
+            raise ProtocolError(ErrorCode.FLOW_CONTROL, f"stream {frame.stream_id} overran its window")
+        self._events.append(ev.DataReceived(frame.stream_id, frame.payload))
+
+    def _on_window(self, frame: Frame) -> None:
+        if len(frame.payload) != WINDOW_PAYLOAD.size:
+            raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "WINDOW payload is not 4 bytes")
+        stream = self._known_stream(frame)
+        if stream is None:
+            return
+        (increment,) = WINDOW_PAYLOAD.unpack(frame.payload)
+        if increment == 0 or stream.send_credit + increment > MAX_WINDOW:
+            raise ProtocolError(ErrorCode.FLOW_CONTROL, f"bad WINDOW increment {increment} on stream {frame.stream_id}")
+        stream.send_credit += increment
+        if stream.pending:
+            self._flush_pending(frame.stream_id, stream)
+
+    def _on_fin(self, frame: Frame) -> None:
+        if frame.payload:
+            raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "FIN with a payload")
+        stream = self._known_stream(frame)
+        if stream is None:
+            return
+        if stream.state not in _CAN_RECEIVE:
+            raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"second FIN on stream {frame.stream_id}")
+        self._advance(frame.stream_id, stream, _Fin.RECEIVE)
+        self._events.append(ev.StreamEnded(frame.stream_id))
+
+    def _on_rst(self, frame: Frame) -> None:
+        code, reason = decode_code(frame)
+        if self._known_stream(frame) is None:
+            return
+        del self._streams[frame.stream_id]
+        self._events.append(ev.StreamReset(frame.stream_id, code, reason))
+
+    def _on_open(self, frame: Frame) -> None:
+        message = decode_json(frame)
+        tunnel_id = _field(message, "tunnel", str, frame.type)
+        peer = _field(message, "peer", str, frame.type)
+        if frame.stream_id <= self._last_stream_id:
+            raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"OPEN reuses stream id {frame.stream_id}")
+        self._last_stream_id = frame.stream_id
+        if self.state is SessionState.CLOSING:
+            self._out.append(encode_code(FrameType.RST, frame.stream_id, ErrorCode.REFUSED, "session closing"))
+            return
+        self._streams[frame.stream_id] = _Stream(self.peer_window, self.window)
+        self._events.append(ev.StreamOpened(frame.stream_id, tunnel_id, peer))
+
+    def _known_stream(self, frame: Frame) -> _Stream | None:
+        """The stream a frame is for; None if it existed once; error if it never did."""
+        stream = self._streams.get(frame.stream_id)
+        if stream is None and frame.stream_id > self._last_stream_id:
+            raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"{frame.type.name} on unopened stream {frame.stream_id}")
+        return stream
+
+    def _on_hello(self, frame: Frame) -> None:
+        message = decode_json(frame)
+        versions = _field(message, "versions", list, frame.type)
+        token = _field(message, "token", str, frame.type)
+        window = self._peer_window_from(message, frame.type)
+        agent = message.get("agent")
+        common = [v for v in SUPPORTED_VERSIONS if v in versions]
+        if not common:
+            offered = [v for v in versions if isinstance(v, int)][:8]
+            raise ProtocolError(
+                ErrorCode.UNSUPPORTED_VERSION,
+                f"agent speaks protocol versions {offered}, this relay {list(SUPPORTED_VERSIONS)}; upgrade burrow",
+            )
+        self.version = max(common)
+        self.peer_window = window
+        self.state = SessionState.HELLO_RECEIVED
+        self._events.append(ev.HelloReceived(self.version, token, window, str(agent)[:200]))
+
+    def _on_welcome(self, frame: Frame) -> None:
+        message = decode_json(frame)
+        version = _field(message, "version", int, frame.type)
+        if version not in SUPPORTED_VERSIONS:
+            raise ProtocolError(ErrorCode.UNSUPPORTED_VERSION, f"relay chose unsupported protocol version {version}")
+        session_id = _field(message, "session", str, frame.type)
+        self.version = version
+        self.peer_window = self._peer_window_from(message, frame.type)
+        self.state = SessionState.OPEN
+        self._events.append(ev.Welcomed(version, session_id, self.peer_window, message))
+
+    @staticmethod
+    def _peer_window_from(message: dict[str, Any], frame_type: FrameType) -> int:
+        window: int = _field(message, "window", int, frame_type)
+        if not MIN_WINDOW <= window <= MAX_WINDOW:
+            raise ProtocolError(ErrorCode.FLOW_CONTROL, f"window {window} outside {MIN_WINDOW}..{MAX_WINDOW}")
+        return window
+
+    def _on_bind(self, frame: Frame) -> None:
+        message = decode_json(frame)
+        request_id = _field(message, "request", int, frame.type)
+        port = _field(message, "port", int, frame.type)
+        unencrypted = _field(message, "unencrypted", bool, frame.type)
+        h2 = _field(message, "h2", bool, frame.type)
+        self._events.append(ev.BindRequested(request_id, port, unencrypted, h2, message))
+
+    def _on_bound(self, frame: Frame) -> None:
+        message = decode_json(frame)
+        request_id = _field(message, "request", int, frame.type)
+        _field(message, "id", str, frame.type)
+        self._events.append(ev.Bound(request_id, message))
+
+    def _on_bind_failed(self, frame: Frame) -> None:
+        message = decode_json(frame)
+        request_id = _field(message, "request", int, frame.type)
+        code = _field(message, "code", str, frame.type)
+        text = _field(message, "message", str, frame.type)
+        self._events.append(ev.BindFailed(request_id, code, text))
+
+    def _on_unbind(self, frame: Frame) -> None:
+        message = decode_json(frame)
+        self._events.append(ev.UnbindRequested(_field(message, "id", str, frame.type)))
+
+    def _on_unbound(self, frame: Frame) -> None:
+        message = decode_json(frame)
+        reason = message.get("reason")
+        self._events.append(ev.Unbound(_field(message, "id", str, frame.type), str(reason or "closed")))
+
+    def _on_ping(self, frame: Frame) -> None:
+        if len(frame.payload) != PING_PAYLOAD.size:
+            raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "PING payload is not 8 bytes")
+        self._out.append(encode(FrameType.PONG, 0, frame.payload))
+
+    def _on_pong(self, frame: Frame) -> None:
+        if len(frame.payload) != PING_PAYLOAD.size:
+            raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "PONG payload is not 8 bytes")
+        self._events.append(ev.PongReceived(PING_PAYLOAD.unpack(frame.payload)[0]))
+
+    def _on_goaway(self, frame: Frame) -> None:
+        if len(frame.payload) < GOAWAY_PAYLOAD.size:
+            raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "GOAWAY payload is too short")
+        code, reason = decode_code(frame)
+        self._events.append(ev.GoAwayReceived(code, reason))
+        if code in _GRACEFUL and self.state is SessionState.OPEN:
+            self.state = SessionState.CLOSING
+        else:
+            self._close(code)
+
+
+_DATA_HEADER = HEADER.pack
+
+_HANDLERS = {
+    FrameType.HELLO: SessionProtocol._on_hello,
+    FrameType.WELCOME: SessionProtocol._on_welcome,
+    FrameType.BIND: SessionProtocol._on_bind,
+    FrameType.BOUND: SessionProtocol._on_bound,
+    FrameType.BIND_FAILED: SessionProtocol._on_bind_failed,
+    FrameType.UNBIND: SessionProtocol._on_unbind,
+    FrameType.UNBOUND: SessionProtocol._on_unbound,
+    FrameType.PING: SessionProtocol._on_ping,
+    FrameType.PONG: SessionProtocol._on_pong,
+    FrameType.GOAWAY: SessionProtocol._on_goaway,
+    FrameType.OPEN: SessionProtocol._on_open,
+    FrameType.WINDOW: SessionProtocol._on_window,
+    FrameType.FIN: SessionProtocol._on_fin,
+    FrameType.RST: SessionProtocol._on_rst,
+}

@@ -1,0 +1,89 @@
+"""The relay's TLS contexts: one for agents, one per tunnel host (dev) or shared (operator cert)."""
+
+from __future__ import annotations
+
+import shutil
+import ssl
+import tempfile
+from pathlib import Path
+
+from ..certs import DevCA
+from .config import RelayConfig
+
+#: ALPN protocol id of the agent endpoint: agents and browsers share port 443.
+AGENT_ALPN = "burrow/1"
+
+#: ALPN offered for tunnels opened with h2=True (the service speaks HTTP/2).
+H2_ALPN = ["h2", "http/1.1"]
+
+#: Dev leaf contexts kept at once; a relay holding more tunnels re-issues on demand.
+MAX_CACHED_CONTEXTS = 4096
+
+
+def _server_context(alpn: list[str] | None) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if alpn:
+        context.set_alpn_protocols(alpn)
+    return context
+
+
+class CertificateStore:
+    """Gives the context for the agent endpoint and for each tunnel host."""
+
+    def __init__(self, config: RelayConfig) -> None:
+        self.config = config
+        self.ca: DevCA | None = None
+        self._dir: Path | None = None
+        self._cache: dict[tuple[str, bool], ssl.SSLContext] = {}
+        if config.cert is not None and config.key is not None:
+            cert, key = str(config.cert), str(config.key)
+            self.agent_context = _server_context([AGENT_ALPN])
+            self.agent_context.load_cert_chain(cert, key)
+            self._shared = {}
+            for h2 in (False, True):
+                self._shared[h2] = _server_context(H2_ALPN if h2 else None)
+                self._shared[h2].load_cert_chain(cert, key)
+        else:
+            self.ca = DevCA.load_or_create(config.data_dir)
+            # load_cert_chain reads files only: keep the leaves in a private directory
+            self._dir = Path(tempfile.mkdtemp(prefix="burrow-relay-"))
+            (self._dir / "key.pem").write_bytes(self.ca.leaf_key_pem)
+            self.agent_context = self._dev_context(config.domain, [AGENT_ALPN])
+
+    @property
+    def ca_path(self) -> Path | None:
+        """The dev CA certificate clients must trust, if this relay uses one."""
+        return self.ca.path if self.ca is not None else None
+
+    def tunnel_context(self, host: str, h2: bool) -> ssl.SSLContext:
+        """The context that serves ``host`` (an ``<id>.<domain>`` name)."""
+        if self.ca is None:
+            return self._shared[h2]
+        context = self._cache.get((host, h2))
+        if context is None:
+            if len(self._cache) >= MAX_CACHED_CONTEXTS:
+                self._cache.pop(next(iter(self._cache)))
+            context = self._cache[(host, h2)] = self._dev_context(host, H2_ALPN if h2 else None)
+        return context
+
+    def forget(self, host: str) -> None:
+        """Drop the cached contexts of a closed tunnel."""
+        self._cache.pop((host, False), None)
+        self._cache.pop((host, True), None)
+
+    def close(self) -> None:
+        """Remove the leaf files."""
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+
+    def _dev_context(self, host: str, alpn: list[str] | None) -> ssl.SSLContext:
+        assert self.ca is not None and self._dir is not None
+        issued = self.ca.issue(host)
+        cert_file = self._dir / f"{host}.pem"
+        cert_file.write_bytes(issued.cert_pem + self.ca.cert_pem)
+        context = _server_context(alpn)
+        context.load_cert_chain(str(cert_file), str(self._dir / "key.pem"))
+        cert_file.unlink()
+        return context
