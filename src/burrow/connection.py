@@ -165,14 +165,25 @@ class StreamEndpoint(asyncio.Protocol):
             self.transport.write_eof()
             self._close_if_finished()
         else:
-            # TLS cannot half-close in asyncio: close_notify after the buffered data
+            # TLS cannot half-close in asyncio: close_notify after the buffered data,
+            # and we read no more, so our direction of the stream ends too
+            if not self.sent_fin:
+                self.sent_fin = True
+                self.session.send_fin(self.stream_id)
             self._finish()
             self.transport.close()
 
-    def peer_reset(self) -> None:
-        """RST from the stream: reset our connection too."""
+    def peer_reset(self, code: int = ErrorCode.CANCELLED) -> None:
+        """RST from the stream: reset our connection too.
+
+        A stream refused before anything came back (nothing listens on the
+        local port) is closed cleanly instead: there is nothing to truncate.
+        """
         self._finish()
-        reset_transport(self.transport)
+        if code == ErrorCode.REFUSED and self.transport is not None and not self.got_fin:
+            self.transport.close()
+        else:
+            reset_transport(self.transport)
 
     def abort(self, code: ErrorCode, reason: str) -> None:
         """Reset both our connection and the stream."""
@@ -332,7 +343,7 @@ class SessionConnection(asyncio.Protocol):
             elif isinstance(event, ev.StreamReset):
                 endpoint = self.endpoints.get(event.stream_id)
                 if endpoint is not None:
-                    endpoint.peer_reset()
+                    endpoint.peer_reset(event.code)
             elif isinstance(event, ev.PongReceived):
                 self.rtt = time.monotonic() - event.opaque / 1e9
             else:

@@ -66,10 +66,10 @@ class LocalEndpoint(StreamEndpoint):
         else:
             super().peer_fin()
 
-    def peer_reset(self) -> None:
+    def peer_reset(self, code: int = ErrorCode.CANCELLED) -> None:
         if self.dial is not None:
             self.dial.cancel()
-        super().peer_reset()
+        super().peer_reset(code)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -115,6 +115,8 @@ class AgentSession(SessionConnection):
         loop = asyncio.get_running_loop()
         context = settings.ssl_context()
         host = address.connect_host or address.host
+        if host.endswith(".localhost"):  # RFC 6761: localhost names are loopback, resolver or not
+            host = "127.0.0.1"
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT):
                 _, session = await loop.create_connection(

@@ -134,7 +134,7 @@ def decode_json(frame: Frame) -> dict[str, Any]:
     """Parse a JSON control payload, raising :class:`ProtocolError` if it is not an object."""
     try:
         message = json.loads(frame.payload)
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # RecursionError: deeply nested JSON
         raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"{frame.type.name} payload is not JSON") from exc
     if not isinstance(message, dict):
         raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"{frame.type.name} payload is not a JSON object")

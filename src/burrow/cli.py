@@ -1,0 +1,277 @@
+"""The ``burrow`` command: ``relay``, ``forward PORT`` and ``demo``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import NoReturn
+
+from . import __version__
+from .agent.config import read_token_file
+from .agent.forward import Forward
+from .agent.runtime import new_event_loop
+from .connection import TrafficStats
+from .errors import BurrowError, ConfigurationError
+from .relay.config import DEFAULT_TCP_PORTS, DEV_DOMAIN, DEV_PORT, RelayConfig
+from .relay.server import Relay
+
+#: How often `burrow forward` redraws its status line on a terminal.
+STATUS_INTERVAL = 0.5
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line that points at --help."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT (e.g. 0.0.0.0:443)")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def _port_range(text: str) -> tuple[int, int]:
+    low, sep, high = text.partition("-")
+    if not sep or not low.isdigit() or not high.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a range LOW-HIGH (e.g. 20000-32767)")
+    return int(low), int(high)
+
+
+def _size(text: str) -> int:
+    units = {"k": 1024, "m": 1024**2}
+    scale = units.get(text[-1:].lower(), 1)
+    digits = text[:-1] if scale != 1 else text
+    if not digits.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 1048576, 1024k, 4m)")
+    return int(digits) * scale
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line."""
+    parser = _Parser(prog="burrow", description="Expose a local TCP port to the Internet through a relay.")
+    parser.add_argument("--version", action="version", version=f"burrow {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    commands.required = True
+
+    relay = commands.add_parser(
+        "relay",
+        help="run a relay (a dev relay on loopback by default)",
+        description="Run a relay. With no options: a dev relay on 127.0.0.1:4443 for *.localhost, certificates "
+        "from burrow's local dev CA. Agents authenticate with a token from BURROW_TOKEN or --token-file "
+        "(required when listening beyond loopback).",
+    )
+    relay.add_argument("--listen", type=_host_port, default=("127.0.0.1", DEV_PORT), metavar="HOST:PORT",
+                       help=f"TLS listener for agents and public clients (default 127.0.0.1:{DEV_PORT})")
+    relay.add_argument("--domain", default=DEV_DOMAIN, help="tunnels are <id>.DOMAIN (default localhost)")
+    relay.add_argument("--cert", type=Path, help="certificate chain (PEM) for DOMAIN and *.DOMAIN")
+    relay.add_argument("--key", type=Path, help="private key (PEM) of --cert")
+    relay.add_argument("--public-port", type=int, help="TLS port clients see, if not the listen port (NAT, LB)")
+    relay.add_argument("--tcp-ports", type=_port_range, default=DEFAULT_TCP_PORTS, metavar="LOW-HIGH",
+                       help="ports for raw TCP tunnels (default %d-%d)" % DEFAULT_TCP_PORTS)
+    relay.add_argument("--tcp-listen", metavar="HOST", help="address raw TCP tunnels bind (default: --listen's)")
+    relay.add_argument("--tcp-host", metavar="NAME", help="host name given for raw TCP tunnels (default: DOMAIN)")
+    relay.add_argument("--token-file", type=Path,
+                       help="file with accepted agent tokens, one per line (or set BURROW_TOKEN)")
+    relay.add_argument("--window", type=_size, help="per-stream flow-control window (default 1m)")
+    relay.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
+
+    fwd = commands.add_parser(
+        "forward",
+        help="expose a local port until Ctrl-C",
+        description="Expose local PORT through a relay (BURROW_RELAY, else an embedded one) until Ctrl-C. "
+        "Token: BURROW_TOKEN or BURROW_TOKEN_FILE; extra CA to trust: BURROW_CA.",
+    )
+    fwd.add_argument("port", type=int, metavar="PORT", help="the local TCP port")
+    fwd.add_argument("--unencrypted", action="store_true", help="also give a raw TCP address on a random port")
+    fwd.add_argument("--h2", action="store_true", help="negotiate HTTP/2 (ALPN h2) on the TLS address")
+    fwd.add_argument("--relay", metavar="HOST:PORT", help="the relay (default: BURROW_RELAY, else embedded)")
+    fwd.add_argument("--token-file", type=Path, help="file holding the token (default: BURROW_TOKEN...)")
+    fwd.add_argument("--ca", type=Path, help="CA certificate to trust for the relay (default: BURROW_CA)")
+
+    commands.add_parser(
+        "demo",
+        help="see it work: embedded relay, sample app, tunnel, one HTTPS request",
+        description="Start an embedded relay, a small web app and a tunnel to it; make one HTTPS request "
+        "through it; print the URL and a curl line; run until Ctrl-C.",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``burrow`` console script."""
+    args = build_parser().parse_args(argv)
+    commands: dict[str, Callable[[argparse.Namespace], int]] = {
+        "relay": run_relay,
+        "forward": run_forward,
+        "demo": run_demo,
+    }
+    try:
+        return commands[args.command](args)
+    except BurrowError as exc:
+        print(f"burrow {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+# ------------------------------------------------------------------------ relay
+
+
+def run_relay(args: argparse.Namespace) -> int:
+    """``burrow relay``: serve until SIGINT or SIGTERM."""
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    tokens: set[str] = set()
+    if args.token_file is not None:
+        try:
+            tokens.update(args.token_file.read_text().split())
+        except OSError as exc:
+            raise ConfigurationError(f"cannot read --token-file {args.token_file} ({exc.strerror})") from None
+    if os.environ.get("BURROW_TOKEN"):
+        tokens.add(os.environ["BURROW_TOKEN"].strip())
+    host, port = args.listen
+    config = RelayConfig(
+        domain=args.domain,
+        host=host,
+        port=port,
+        public_port=args.public_port,
+        cert=args.cert,
+        key=args.key,
+        tcp_host=args.tcp_listen,
+        tcp_public_host=args.tcp_host,
+        tcp_ports=args.tcp_ports,
+        tokens=frozenset(tokens),
+    )
+    if args.window is not None:
+        config.window = args.window
+    loop = new_event_loop()
+    try:
+        return loop.run_until_complete(_serve(config))
+    finally:
+        loop.close()
+
+
+async def _serve(config: RelayConfig) -> int:
+    relay = Relay(config)
+    await relay.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    where = f"{config.domain}:{relay.public_port}"
+    print(f"burrow relay ready on {config.host}:{relay.port} for *.{config.domain}", flush=True)
+    print(f"  agents: BURROW_RELAY={where}" + (" BURROW_TOKEN=..." if config.tokens else ""), flush=True)
+    if relay.ca_path is not None:
+        print(f"  dev CA: {relay.ca_path} (agents on this machine trust it; clients: curl --cacert)", flush=True)
+    await stop.wait()
+    relay.close()
+    await relay.wait_closed()
+    print("burrow relay stopped", flush=True)
+    return 0
+
+
+# ---------------------------------------------------------------------- forward
+
+
+def _human(count: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if count < 1000:
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1000
+    return f"{count:.1f} TB"
+
+
+def status_line(stats: TrafficStats) -> str:
+    """``2 open (17 total) · 1.2 MB in · 34.0 kB out``."""
+    return (
+        f"{stats.open_connections} open ({stats.total_connections} total) · "
+        f"{_human(stats.bytes_in)} in · {_human(stats.bytes_out)} out"
+    )
+
+
+def _open_forward(args: argparse.Namespace) -> Forward:
+    token = read_token_file(args.token_file, "--token-file") if args.token_file else None
+    return Forward(args.port, unencrypted=args.unencrypted, h2=args.h2, relay=args.relay, token=token, ca=args.ca)
+
+
+def _watch(forward: Forward) -> int:
+    """Show live counters until Ctrl-C; 1 if the tunnel dies."""
+    tty = sys.stdout.isatty()
+    last = ""
+    try:
+        while forward.is_open:
+            line = status_line(forward.stats)
+            if tty:
+                print(f"\r  {line}\033[K", end="", flush=True)
+            elif line.split(" · ")[0] != last.split(" · ")[0]:  # on a pipe: when the counts change
+                print(f"  {line}", flush=True)
+            last = line
+            time.sleep(STATUS_INTERVAL)
+    except KeyboardInterrupt:
+        if tty:
+            print()
+        return 0
+    if tty:
+        print()
+    print("burrow: the tunnel was closed by the relay (session lost)", file=sys.stderr)
+    return 1
+
+
+def run_forward(args: argparse.Namespace) -> int:
+    """``burrow forward PORT``."""
+    forward = _open_forward(args)
+    with forward as tunnel:
+        print(f"burrow: forwarding local port {args.port}", flush=True)
+        print(f"  url  {tunnel.url}", flush=True)
+        if tunnel.unencrypted_port is not None:
+            host, port = tunnel.tcp_socket
+            print(f"  tcp  {host}:{port}", flush=True)
+        print("  Ctrl-C to stop", flush=True)
+        code = _watch(forward)
+    print("burrow: tunnel closed", flush=True)
+    return code
+
+
+# ------------------------------------------------------------------------- demo
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """``burrow demo``: the whole path on the embedded default."""
+    from . import demo
+
+    app = demo.start_sample_app()
+    forward = Forward(app.port)
+    with forward as tunnel:
+        print(f"burrow demo: sample web app on 127.0.0.1:{app.port}, tunnel open", flush=True)
+        cafile = demo.ca_for(tunnel)
+        started = time.monotonic()
+        status, body = demo.fetch(tunnel, cafile)
+        elapsed = (time.monotonic() - started) * 1000
+        first = body.decode(errors="replace").strip().splitlines()[0] if body else ""
+        print(f"  GET {tunnel.url}/ -> {status} in {elapsed:.1f} ms: {first!r}", flush=True)
+        print(f"  url   {tunnel.url}", flush=True)
+        curl = f"curl --cacert {cafile} {tunnel.url}/" if cafile else f"curl {tunnel.url}/"
+        print(f"  try   {curl}", flush=True)
+        print("  Ctrl-C to stop", flush=True)
+        code = _watch(forward)
+    app.stop()
+    return code
+
+
+if __name__ == "__main__":  # pragma: no cover
+    threading.current_thread().name = "burrow-cli"
+    sys.exit(main())

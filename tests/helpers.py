@@ -1,0 +1,139 @@
+"""Local services and clients for the tests (real sockets, loopback only)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import socket
+import ssl
+import threading
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from burrow import Tunnel
+from burrow.agent.runtime import runtime
+from burrow.demo import connect
+
+T = TypeVar("T")
+
+
+class EchoProtocol(asyncio.Protocol):
+    """Echoes everything; half-closes after the client does; respects backpressure."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: asyncio.Transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    def eof_received(self) -> bool:
+        self.transport.write_eof()
+        return True
+
+    def pause_writing(self) -> None:
+        self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.transport.resume_reading()
+
+
+class SourceProtocol(asyncio.Protocol):
+    """Sends ``total`` bytes as fast as the client takes them, then closes."""
+
+    CHUNK = 64 * 1024
+
+    def __init__(self, total: int) -> None:
+        self.left = total
+        self.paused = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: asyncio.Transport = transport  # type: ignore[assignment]
+        self._pump()
+
+    def _pump(self) -> None:
+        while self.left > 0 and not self.paused:
+            size = min(self.CHUNK, self.left)
+            self.left -= size
+            self.transport.write(b"s" * size)
+        if self.left == 0:
+            self.transport.close()
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        self._pump()
+
+
+@dataclass
+class EchoServer:
+    server: asyncio.Server
+    port: int
+
+
+class ServiceThread:
+    """An event loop in a thread, hosting local services for tunnels to reach."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="test-services", daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=30)
+
+    def _serve(self, factory: Any) -> EchoServer:
+        async def start() -> EchoServer:
+            server = await self.loop.create_server(factory, "127.0.0.1", 0)
+            return EchoServer(server, server.sockets[0].getsockname()[1])
+
+        return self.run(start())
+
+    def echo_server(self) -> EchoServer:
+        return self._serve(EchoProtocol)
+
+    def source_server(self, total: int) -> EchoServer:
+        return self._serve(lambda: SourceProtocol(total))
+
+    def close_server(self, server: EchoServer) -> None:
+        async def close() -> None:
+            server.server.close()
+
+        self.run(close())
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+def on_runtime(coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro`` on burrow's own loop (to look at relay or agent state safely)."""
+    return runtime().submit(coro).result(timeout=30)
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (just now)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def tls_connect(tunnel: Tunnel, ca: Path, timeout: float = 10.0) -> ssl.SSLSocket:
+    """A TLS client connection to the tunnel's URL."""
+    return connect(tunnel, ca, timeout)
+
+
+def recv_all(sock: socket.socket) -> bytes:
+    """Read until EOF."""
+    chunks = []
+    while True:
+        chunk = sock.recv(1 << 20)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
