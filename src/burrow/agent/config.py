@@ -73,7 +73,7 @@ class AgentSettings:
         cls, relay: str | None = None, token: str | None = None, ca: str | os.PathLike[str] | None = None
     ) -> AgentSettings:
         """Arguments first, then ``BURROW_RELAY``, ``BURROW_TOKEN``/``BURROW_TOKEN_FILE``, ``BURROW_CA``."""
-        relay_text = relay if relay is not None else os.environ.get("BURROW_RELAY", "")
+        relay_text = (relay if relay is not None else os.environ.get("BURROW_RELAY", "")).strip()
         address = RelayAddress.parse(relay_text, "relay" if relay is not None else "BURROW_RELAY") if relay_text else None
         return cls(address, token if token is not None else read_token(), _ca_path(ca))
 

@@ -1,0 +1,217 @@
+"""``burrow.forward()``: sync, async, threads, Jupyter-style, errors, tokens, certificates."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import ssl
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trustme
+
+import burrow
+from burrow.demo import client_context
+from burrow.relay import Relay, RelayConfig
+
+from ..helpers import EchoServer, ServiceThread, free_port, on_runtime, tls_connect
+
+
+def _echo_once(tunnel: burrow.Tunnel, ca: Path, payload: bytes = b"hello burrow") -> bytes:
+    with tls_connect(tunnel, ca) as sock:
+        sock.sendall(payload)
+        got = b""
+        while len(got) < len(payload):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            got += chunk
+        return got
+
+
+@pytest.fixture
+def token_relay() -> Iterator[Relay]:
+    relay = on_runtime(Relay(RelayConfig(port=0, tokens=frozenset({"right-token"}))).start())
+    yield relay
+
+    async def close() -> None:
+        relay.close()
+
+    on_runtime(close())
+
+
+def test_sync_forward_returns_an_immutable_tunnel(echo: EchoServer, ca_file: Path) -> None:
+    forward = burrow.forward(echo.port)
+    with forward as tunnel:
+        assert isinstance(tunnel, burrow.Tunnel)
+        assert forward.is_open and forward.tunnel is tunnel
+        assert tunnel.tls_socket == (tunnel.host, tunnel.port)
+        assert tunnel.host == f"{tunnel.id}.localhost"
+        assert tunnel.unencrypted_port is None
+        with pytest.raises(burrow.ConfigurationError, match="unencrypted=True"):
+            tunnel.tcp_socket  # noqa: B018
+        with pytest.raises(AttributeError):
+            tunnel.port = 1  # type: ignore[misc]
+        assert _echo_once(tunnel, ca_file) == b"hello burrow"
+    assert not forward.is_open
+    with pytest.raises(burrow.TunnelClosed):
+        forward.tunnel  # noqa: B018
+
+
+def test_forwarding_a_port_twice_fails_clearly(echo: EchoServer) -> None:
+    with burrow.forward(echo.port) as first:
+        with pytest.raises(burrow.PortAlreadyForwarded, match=f"port {echo.port} is already forwarded"):
+            with burrow.forward(echo.port):
+                pass
+        assert first.id
+    with burrow.forward(echo.port) as again:  # released on exit
+        assert again.id != first.id
+
+
+@pytest.mark.parametrize("port", [0, -1, 65536, 70000, "8000", 8000.0, True, None])
+def test_bad_ports_are_refused(port: object) -> None:
+    with pytest.raises(burrow.ConfigurationError, match="not a TCP port"):
+        burrow.forward(port)  # type: ignore[arg-type]
+
+
+def test_h2_with_unencrypted_makes_no_sense() -> None:
+    with pytest.raises(burrow.ConfigurationError, match="h2"):
+        burrow.forward(8000, unencrypted=True, h2=True)
+
+
+def test_h2_tunnel_negotiates_alpn(echo: EchoServer, ca_file: Path) -> None:
+    context = client_context(ca_file)
+    context.set_alpn_protocols(["h2", "http/1.1"])
+    for h2, expected in ((True, "h2"), (False, None)):
+        with burrow.forward(echo.port, h2=h2) as tunnel:
+            raw = socket.create_connection(("127.0.0.1", tunnel.port), timeout=10)
+            with context.wrap_socket(raw, server_hostname=tunnel.host) as sock:
+                assert sock.selected_alpn_protocol() == expected
+
+
+def test_async_forward_on_the_callers_loop(echo: EchoServer, ca_file: Path) -> None:
+    async def main() -> bytes:
+        async with burrow.forward(echo.port) as tunnel:
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", tunnel.port, ssl=client_context(ca_file), server_hostname=tunnel.host
+            )
+            writer.write(b"from asyncio")
+            data = await reader.readexactly(12)
+            writer.close()
+            return data
+
+    assert asyncio.run(main()) == b"from asyncio"
+
+
+def test_sync_forward_inside_a_running_loop_like_jupyter(echo: EchoServer, ca_file: Path) -> None:
+    async def cell() -> bytes:
+        # a notebook cell runs synchronous code while the kernel's loop is running
+        with burrow.forward(echo.port) as tunnel:
+            return _echo_once(tunnel, ca_file, b"from a notebook")
+
+    assert asyncio.run(cell()) == b"from a notebook"
+
+
+def test_many_threads_forward_at_once(service_loop: ServiceThread, ca_file: Path) -> None:
+    servers = [service_loop.echo_server() for _ in range(8)]
+    results: dict[int, bytes] = {}
+    errors: list[BaseException] = []
+
+    def worker(index: int) -> None:
+        try:
+            for round_ in range(3):
+                with burrow.forward(servers[index].port) as tunnel:
+                    payload = f"thread {index} round {round_}".encode()
+                    results[index * 10 + round_] = _echo_once(tunnel, ca_file, payload)
+        except BaseException as exc:  # noqa: BLE001 (reported below)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not errors
+    assert results == {i * 10 + r: f"thread {i} round {r}".encode() for i in range(8) for r in range(3)}
+    for server in servers:
+        service_loop.close_server(server)
+
+
+def test_wrong_token_is_refused_with_its_cause(token_relay: Relay, echo: EchoServer, ca_file: Path) -> None:
+    relay = f"localhost:{token_relay.port}"
+    with pytest.raises(burrow.AuthenticationFailed, match="rejected the token; check BURROW_TOKEN") as info:
+        with burrow.forward(echo.port, relay=relay, token="wrong-token"):
+            pass
+    assert "wrong-token" not in str(info.value)
+    with pytest.raises(burrow.AuthenticationFailed):
+        with burrow.forward(echo.port, relay=relay):  # no token at all
+            pass
+    with burrow.forward(echo.port, relay=relay, token="right-token") as tunnel:
+        assert tunnel.port == token_relay.port
+        assert _echo_once(tunnel, ca_file) == b"hello burrow"
+
+
+def test_token_from_environment_file(
+    token_relay: Relay, echo: EchoServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text("right-token\n")
+    monkeypatch.setenv("BURROW_RELAY", f"localhost:{token_relay.port}")
+    monkeypatch.setenv("BURROW_TOKEN_FILE", str(token_file))
+    with burrow.forward(echo.port) as tunnel:
+        assert tunnel.port == token_relay.port
+
+
+def test_unreachable_relay_says_so() -> None:
+    port = free_port()
+    with pytest.raises(burrow.RelayUnavailable, match=rf"cannot reach relay localhost:{port} .*check BURROW_RELAY"):
+        with burrow.forward(8000, relay=f"localhost:{port}"):
+            pass
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [("127.0.0.1:4443", "IP address"), ("localhost:http", "bad port"), ("localhost:99999", "bad port"), (" ", "")],
+)
+def test_bad_relay_setting(value: str, message: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BURROW_RELAY", value)
+    if not message:  # blank means unset: the embedded relay
+        burrow.forward(8000)
+        return
+    with pytest.raises(burrow.ConfigurationError, match=message):
+        burrow.forward(8000)
+
+
+def test_operator_certificate_relay(echo: EchoServer, tmp_path: Path) -> None:
+    ca = trustme.CA()
+    leaf = ca.issue_cert("relay.localhost", "*.relay.localhost")
+    cert, key, ca_pem = tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "ca.pem"
+    leaf.private_key_pem.write_to_path(str(key))
+    leaf.cert_chain_pems[0].write_to_path(str(cert))
+    ca.cert_pem.write_to_path(str(ca_pem))
+    config = RelayConfig(domain="relay.localhost", port=0, cert=cert, key=key, tokens=frozenset({"t"}))
+    relay = on_runtime(Relay(config).start())
+    try:
+        # without the operator's CA the agent refuses to trust the relay
+        with pytest.raises(burrow.RelayUnavailable, match="cannot trust relay .*BURROW_CA"):
+            with burrow.forward(echo.port, relay=f"relay.localhost:{relay.port}", token="t"):
+                pass
+        with burrow.forward(echo.port, relay=f"relay.localhost:{relay.port}", token="t", ca=ca_pem) as tunnel:
+            assert tunnel.host == f"{tunnel.id}.relay.localhost"
+            assert _echo_once(tunnel, ca_pem) == b"hello burrow"
+            with pytest.raises(ssl.SSLCertVerificationError):
+                _echo_once(tunnel, Path(os.environ["BURROW_HOME"]) / "ca.pem")  # the dev CA does not vouch
+    finally:
+
+        async def close() -> None:
+            relay.close()
+
+        on_runtime(close())
+
+
+def test_relay_beyond_loopback_requires_a_token() -> None:
+    with pytest.raises(burrow.ConfigurationError, match="without a token; set BURROW_TOKEN"):
+        Relay(RelayConfig(host="0.0.0.0", port=0))
