@@ -93,7 +93,7 @@ class DevCA:
 
     def issue(self, *hosts: str) -> IssuedCert:
         """A leaf certificate for ``hosts`` (DNS names), signed by this CA."""
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         builder = (
             x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
@@ -106,9 +106,7 @@ class DevCA:
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
             .add_extension(_key_usage(ca=False), critical=True)
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()), critical=False
-            )
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()), critical=False)
         )
         cert = builder.sign(self.key, hashes.SHA256())
         return IssuedCert(cert.public_bytes(serialization.Encoding.PEM), self.leaf_key_pem)
@@ -116,7 +114,7 @@ class DevCA:
 
 def _new_ca() -> tuple[bytes, bytes]:
     key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     name = x509.Name(
         [
             x509.NameAttribute(NameOID.ORGANIZATION_NAME, "burrow development CA"),

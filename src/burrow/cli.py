@@ -71,18 +71,29 @@ def build_parser() -> argparse.ArgumentParser:
         "from burrow's local dev CA. Agents authenticate with a token from BURROW_TOKEN or --token-file "
         "(required when listening beyond loopback).",
     )
-    relay.add_argument("--listen", type=_host_port, default=("127.0.0.1", DEV_PORT), metavar="HOST:PORT",
-                       help=f"TLS listener for agents and public clients (default 127.0.0.1:{DEV_PORT})")
+    relay.add_argument(
+        "--listen",
+        type=_host_port,
+        default=("127.0.0.1", DEV_PORT),
+        metavar="HOST:PORT",
+        help=f"TLS listener for agents and public clients (default 127.0.0.1:{DEV_PORT})",
+    )
     relay.add_argument("--domain", default=DEV_DOMAIN, help="tunnels are <id>.DOMAIN (default localhost)")
     relay.add_argument("--cert", type=Path, help="certificate chain (PEM) for DOMAIN and *.DOMAIN")
     relay.add_argument("--key", type=Path, help="private key (PEM) of --cert")
     relay.add_argument("--public-port", type=int, help="TLS port clients see, if not the listen port (NAT, LB)")
-    relay.add_argument("--tcp-ports", type=_port_range, default=DEFAULT_TCP_PORTS, metavar="LOW-HIGH",
-                       help="ports for raw TCP tunnels (default %d-%d)" % DEFAULT_TCP_PORTS)
+    relay.add_argument(
+        "--tcp-ports",
+        type=_port_range,
+        default=DEFAULT_TCP_PORTS,
+        metavar="LOW-HIGH",
+        help="ports for raw TCP tunnels (default {}-{})".format(*DEFAULT_TCP_PORTS),
+    )
     relay.add_argument("--tcp-listen", metavar="HOST", help="address raw TCP tunnels bind (default: --listen's)")
     relay.add_argument("--tcp-host", metavar="NAME", help="host name given for raw TCP tunnels (default: DOMAIN)")
-    relay.add_argument("--token-file", type=Path,
-                       help="file with accepted agent tokens, one per line (or set BURROW_TOKEN)")
+    relay.add_argument(
+        "--token-file", type=Path, help="file with accepted agent tokens, one per line (or set BURROW_TOKEN)"
+    )
     relay.add_argument("--window", type=_size, help="per-stream flow-control window (default 1m)")
     relay.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
 

@@ -49,7 +49,7 @@ def start_sample_app() -> SampleApp:
             nonlocal count
             with lock:
                 count += 1
-                body = PAGE.format(port=self.server.server_address[1], count=count).encode()
+                body = PAGE.format(port=self.server.server_address[1], count=count).encode()  # type: ignore[index]
             self.send_response(200)
             self.send_header("Content-Type", "text/html; charset=utf-8")
             self.send_header("Content-Length", str(len(body)))

@@ -74,7 +74,9 @@ class AgentSettings:
     ) -> AgentSettings:
         """Arguments first, then ``BURROW_RELAY``, ``BURROW_TOKEN``/``BURROW_TOKEN_FILE``, ``BURROW_CA``."""
         relay_text = (relay if relay is not None else os.environ.get("BURROW_RELAY", "")).strip()
-        address = RelayAddress.parse(relay_text, "relay" if relay is not None else "BURROW_RELAY") if relay_text else None
+        address = (
+            RelayAddress.parse(relay_text, "relay" if relay is not None else "BURROW_RELAY") if relay_text else None
+        )
         return cls(address, token if token is not None else read_token(), _ca_path(ca))
 
     def key(self) -> tuple[object, ...]:

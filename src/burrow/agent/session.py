@@ -202,7 +202,9 @@ class AgentSession(SessionConnection):
         elif isinstance(event, ev.Bound):
             self._resolve(event.request_id, event.tunnel, None)
         elif isinstance(event, ev.BindFailed):
-            self._resolve(event.request_id, None, TunnelRefused(f"relay {self.name} refused the tunnel: {event.message}"))
+            self._resolve(
+                event.request_id, None, TunnelRefused(f"relay {self.name} refused the tunnel: {event.message}")
+            )
         elif isinstance(event, ev.Unbound):
             tunnel = self.tunnels.get(event.tunnel_id)
             if tunnel is not None:
@@ -245,10 +247,13 @@ class AgentSession(SessionConnection):
         error = SessionClosed(f"session to relay {self.name} ended ({reason})")
         if not self.welcome.done():
             self.welcome.set_exception(error)
-        for future in [*self._requests.values(), *self._unbinds.values()]:
+        futures: list[asyncio.Future[Any]] = [*self._requests.values(), *self._unbinds.values()]
+        for future in futures:
             if not future.done():
                 future.set_exception(error)
         for tunnel in self.tunnels.values():
             tunnel.closed = True
         if self.tunnels:
-            logger.warning("session to relay %s ended (%s); its %d tunnel(s) are closed", self.name, reason, len(self.tunnels))
+            logger.warning(
+                "session to relay %s ended (%s); its %d tunnel(s) are closed", self.name, reason, len(self.tunnels)
+            )

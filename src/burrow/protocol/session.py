@@ -93,12 +93,16 @@ _CAN_RECEIVE = frozenset({StreamState.OPEN, StreamState.LOCAL_CLOSED})
 
 _STREAM_FRAMES = frozenset({FrameType.DATA, FrameType.WINDOW, FrameType.FIN, FrameType.RST})
 _ANY_TIME = frozenset({FrameType.PING, FrameType.PONG, FrameType.GOAWAY})
-_AGENT_RUNNING = _ANY_TIME | _STREAM_FRAMES | {
-    FrameType.BOUND,
-    FrameType.BIND_FAILED,
-    FrameType.UNBOUND,
-    FrameType.OPEN,
-}
+_AGENT_RUNNING = (
+    _ANY_TIME
+    | _STREAM_FRAMES
+    | {
+        FrameType.BOUND,
+        FrameType.BIND_FAILED,
+        FrameType.UNBOUND,
+        FrameType.OPEN,
+    }
+)
 _RELAY_RUNNING = _ANY_TIME | _STREAM_FRAMES | {FrameType.BIND, FrameType.UNBIND}
 
 #: Which frames each role accepts in each state; anything else is a protocol error.
@@ -175,9 +179,7 @@ class SessionProtocol:
             self._fail(exc)
             raise
         for frame in frames:
-            self._dispatch_or_fail(frame)
-            if self.state is SessionState.CLOSED:
-                break
+            self._dispatch_or_fail(frame)  # a no-op once the session is CLOSED
 
     def events_received(self) -> list[ev.Event]:
         """Return and forget the events produced so far."""
@@ -407,9 +409,7 @@ class SessionProtocol:
     def _dispatch(self, frame: Frame) -> None:
         kind = frame.type
         if kind not in _SESSION_ACCEPTS[(self.role, self.state)]:
-            raise ProtocolError(
-                ErrorCode.PROTOCOL_ERROR, f"{self.role.value} got {kind.name} while {self.state.value}"
-            )
+            raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"{self.role.value} got {kind.name} while {self.state.value}")
         if kind is FrameType.DATA:
             self._on_data(frame)
         else:

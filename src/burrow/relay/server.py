@@ -214,7 +214,7 @@ class Relay:
         config = self.config
         self.certs = CertificateStore(config)
         context = self.certs.agent_context
-        context.sni_callback = self._on_sni  # type: ignore[assignment]
+        context.sni_callback = self._on_sni
         try:
             server = await loop.create_server(
                 lambda: _Dispatcher(self),

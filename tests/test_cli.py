@@ -1,0 +1,148 @@
+"""The ``burrow`` command, run as a user would: subprocesses, real sockets, curl."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from burrow.demo import start_sample_app
+
+from .helpers import free_port, recv_all
+
+BURROW = [sys.executable, "-m", "burrow"]
+
+
+def run(*args: str, timeout: float = 30, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*BURROW, *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+class Background:
+    """A burrow command running in the background, read line by line."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+        self.process = subprocess.Popen(
+            [*BURROW, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        )
+        self.lines: list[str] = []
+
+    def wait_for(self, pattern: str, timeout: float = 20) -> re.Match[str]:
+        assert self.process.stdout is not None
+        deadline = time.monotonic() + timeout
+        for line in self.lines:
+            if match := re.search(pattern, line):
+                return match
+        while time.monotonic() < deadline:
+            line = self.process.stdout.readline()
+            if not line:
+                break
+            self.lines.append(line)
+            if match := re.search(pattern, line):
+                return match
+        raise AssertionError(f"{pattern!r} not in output: {self.lines}")
+
+    def stop(self, sig: int = signal.SIGINT) -> tuple[int, str, str]:
+        self.process.send_signal(sig)
+        out, err = self.process.communicate(timeout=20)
+        return self.process.returncode, "".join(self.lines) + out, err
+
+
+@pytest.fixture
+def relay_process() -> Iterator[tuple[Background, int]]:
+    relay = Background("relay", "--listen", "127.0.0.1:0")
+    port = int(relay.wait_for(r"ready on 127\.0\.0\.1:(\d+)").group(1))
+    yield relay, port
+    if relay.process.poll() is None:
+        relay.stop(signal.SIGTERM)
+
+
+def _no_traceback(text: str) -> None:
+    assert "Traceback" not in text, text
+
+
+@pytest.mark.parametrize("command", [[], ["relay"], ["forward"], ["demo"]])
+def test_every_command_has_help(command: list[str]) -> None:
+    result = run(*command, "--help")
+    assert result.returncode == 0
+    assert "usage: burrow" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message, code",
+    [
+        (["forward", "70000"], "port 70000 is not a TCP port", 1),
+        (["forward", "abc"], "invalid int value: 'abc'", 2),
+        (["forward", "8000", "--relay", "10.1.2.3:443"], "is an IP address", 1),
+        (["relay", "--listen", "0.0.0.0:0"], "without a token; set BURROW_TOKEN", 1),
+        (["relay", "--tcp-ports", "9-2"], "is not within 1-65535", 1),
+        (["relay", "--cert", "/nonexistent.pem", "--key", "/nonexistent.pem"], "cannot read", 1),
+        (["forward", "8000", "--token-file", "/nonexistent"], "cannot read --token-file", 1),
+        (["bogus"], "invalid choice", 2),
+    ],
+)
+def test_failures_are_one_clear_line(args: list[str], message: str, code: int) -> None:
+    result = run(*args)
+    assert result.returncode == code
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_forward_to_unreachable_relay() -> None:
+    port = free_port()
+    result = run("forward", "8000", "--relay", f"localhost:{port}")
+    assert result.returncode == 1
+    assert f"cannot reach relay localhost:{port} (connection refused); check BURROW_RELAY" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_relay_and_forward_processes(relay_process: tuple[Background, int]) -> None:
+    relay, port = relay_process
+    app = start_sample_app()
+    env = {**os.environ, "BURROW_RELAY": f"localhost:{port}"}
+    forward = Background("forward", str(app.port), "--unencrypted", env=env)
+    url = forward.wait_for(r"url  (https://\S+)").group(1)
+    tcp_port = int(forward.wait_for(r"tcp  localhost:(\d+)").group(1))
+    assert url.endswith(f".localhost:{port}")
+    ca = Path(os.environ["BURROW_HOME"]) / "ca.pem"
+    result = subprocess.run(
+        ["curl", "-sS", "--cacert", str(ca), "--max-time", "10", url + "/"], capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 0 and "Hello from burrow" in result.stdout, result.stderr
+    with socket.create_connection(("127.0.0.1", tcp_port), timeout=10) as sock:
+        sock.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        assert b"Hello from burrow" in recv_all(sock)
+    forward.wait_for(r"0 open \(2 total\)")
+    code, out, err = forward.stop()
+    assert code == 0 and "tunnel closed" in out
+    _no_traceback(err)
+    code, out, err = relay.stop(signal.SIGTERM)
+    assert code == 0 and "burrow relay stopped" in out
+    assert re.search(r"tunnel [0-9a-z]{14} opened by session", err)
+    assert re.search(r"tunnel [0-9a-z]{14} closed \(closed by the agent\): 2 connections", err)
+    _no_traceback(err)
+    app.stop()
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_demo_runs_the_main_job() -> None:
+    demo = Background("demo")
+    status = demo.wait_for(r"GET (https://\S+)/ -> (\d+)")
+    assert status.group(2) == "200"
+    curl = demo.wait_for(r"try   (curl .*)$").group(1)
+    result = subprocess.run(curl.split(), capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0 and "Hello from burrow" in result.stdout
+    demo.wait_for(r"0 open \(2 total\)")
+    code, out, err = demo.stop()
+    assert code == 0
+    _no_traceback(err)
+    assert "embedded relay" in err  # the one-time hint
