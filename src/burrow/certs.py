@@ -83,8 +83,8 @@ class DevCA:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if not (cert_path.exists() and key_path.exists()):
                 cert_pem, key_pem = _new_ca()
-                _write_private(key_path, key_pem)
-                _write_private(cert_path, cert_pem, mode=0o644)
+                write_private(key_path, key_pem)
+                write_private(cert_path, cert_pem, mode=0o644)
             cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
             key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
         if not isinstance(key, ec.EllipticCurvePrivateKey):
@@ -154,8 +154,8 @@ def _key_usage(*, ca: bool) -> x509.KeyUsage:
     )
 
 
-def _write_private(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Write atomically with ``mode`` from the start (a key is never world-readable)."""
+def write_private(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Write ``data`` to ``path`` atomically with ``mode`` from the start (a key is never world-readable)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
     try:
         os.fchmod(fd, mode)

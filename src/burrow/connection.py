@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import struct
 import time
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -27,10 +28,14 @@ from .protocol.session import SessionProtocol, SessionState
 
 logger = logging.getLogger(__name__)
 
-#: How often each side sends a PING when the link is otherwise idle.
-HEARTBEAT_INTERVAL = 3.0
-#: Silence after which the link is declared dead (no FIN or RST needed).
-HEARTBEAT_TIMEOUT = 10.0
+#: Silence after which the link is declared dead (no FIN or RST needed). Each
+#: side PINGs every quarter of it, so a dead link is noticed within 1.25x: 10 s.
+HEARTBEAT_TIMEOUT = 8.0
+HEARTBEATS_PER_TIMEOUT = 4
+
+
+#: struct linger {on, 0 seconds}: close() sends RST instead of FIN.
+LINGER_RESET = struct.pack("ii", 1, 0)
 
 
 def set_nodelay(transport: asyncio.BaseTransport) -> None:
@@ -52,7 +57,7 @@ def reset_transport(transport: asyncio.BaseTransport | None) -> None:
     sock = transport.get_extra_info("socket")
     if sock is not None:
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
         except OSError:
             pass
     transport.abort()  # type: ignore[attr-defined]
@@ -226,8 +231,9 @@ class SessionConnection(asyncio.Protocol):
     end of the session in :meth:`session_closed`.
     """
 
-    def __init__(self, proto: SessionProtocol, name: str = "") -> None:
+    def __init__(self, proto: SessionProtocol, name: str = "", heartbeat_timeout: float = HEARTBEAT_TIMEOUT) -> None:
         self.proto = proto
+        self.heartbeat_timeout = heartbeat_timeout
         self.name = name  # for logs: the session id, or the relay address
         self.transport: asyncio.Transport | None = None
         self.endpoints: dict[int, StreamEndpoint] = {}
@@ -360,13 +366,13 @@ class SessionConnection(asyncio.Protocol):
 
     def _schedule_heartbeat(self) -> None:
         loop = asyncio.get_running_loop()
-        self._heartbeat = loop.call_later(HEARTBEAT_INTERVAL, self._beat)
+        self._heartbeat = loop.call_later(self.heartbeat_timeout / HEARTBEATS_PER_TIMEOUT, self._beat)
 
     def _beat(self) -> None:
         if self.transport is None or self.transport.is_closing():
             return
         silent = time.monotonic() - self.last_received
-        if silent > HEARTBEAT_TIMEOUT:
+        if silent > self.heartbeat_timeout:
             logger.warning("session %s: no answer for %.0f s; closing the link", self.name, silent)
             self.proto.goaway(ErrorCode.TIMEOUT, "heartbeat timeout")
             self.flush()

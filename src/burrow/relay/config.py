@@ -6,6 +6,7 @@ import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..connection import HEARTBEAT_TIMEOUT
 from ..errors import ConfigurationError
 from ..protocol.session import DEFAULT_WINDOW
 
@@ -26,6 +27,20 @@ HELLO_TIMEOUT = 10.0
 
 #: A random port is tried this many times before the bind is refused.
 TCP_PORT_ATTEMPTS = 64
+
+#: Handshakes in progress at once, overall and from one source address: a
+#: slowloris flood costs at most this many sockets, and one source cannot take
+#: them all. Generous per source because offices and carrier NAT share addresses.
+MAX_PENDING_HANDSHAKES = 4096
+MAX_PENDING_PER_SOURCE = 128
+
+#: Caps that keep one agent or token from exhausting the relay.
+MAX_STREAMS_PER_SESSION = 20_000
+MAX_STREAMS_PER_TUNNEL = 10_000
+MAX_TUNNELS_PER_TOKEN = 20_000
+
+#: On SIGTERM, open streams get this long to finish before they are cut.
+SHUTDOWN_GRACE = 10.0
 
 
 def is_loopback(host: str) -> bool:
@@ -54,7 +69,15 @@ class RelayConfig:
     tokens: frozenset[str] = field(default_factory=frozenset, repr=False)
     window: int = DEFAULT_WINDOW
     handshake_timeout: float = HANDSHAKE_TIMEOUT
-    data_dir: Path | None = None  # where the dev CA lives; default: burrow's data directory
+    data_dir: Path | None = None  # dev CA and ticket key; default: burrow's data directory
+    ticket_key: Path | None = None  # resume-ticket key file; default: <data_dir>/ticket.key
+    heartbeat_timeout: float = HEARTBEAT_TIMEOUT
+    max_pending_handshakes: int = MAX_PENDING_HANDSHAKES
+    max_pending_per_source: int = MAX_PENDING_PER_SOURCE
+    max_streams_per_session: int = MAX_STREAMS_PER_SESSION
+    max_streams_per_tunnel: int = MAX_STREAMS_PER_TUNNEL
+    max_tunnels_per_token: int = MAX_TUNNELS_PER_TOKEN
+    shutdown_grace: float = SHUTDOWN_GRACE
     also_ipv6: bool = True  # dev: also listen on ::1 when host is 127.0.0.1
 
     @property
@@ -78,6 +101,20 @@ class RelayConfig:
         for port in (self.port, self.public_port):
             if port is not None and not 0 <= port <= 65535:
                 raise ConfigurationError(f"port {port} is outside 0-65535")
+        limits = {
+            "handshake timeout": self.handshake_timeout,
+            "heartbeat timeout": self.heartbeat_timeout,
+            "max pending handshakes": self.max_pending_handshakes,
+            "max pending handshakes per source": self.max_pending_per_source,
+            "max streams per session": self.max_streams_per_session,
+            "max streams per tunnel": self.max_streams_per_tunnel,
+            "max tunnels per token": self.max_tunnels_per_token,
+        }
+        for name, value in limits.items():
+            if value <= 0:
+                raise ConfigurationError(f"{name} must be positive, not {value}")
+        if self.shutdown_grace < 0:
+            raise ConfigurationError(f"shutdown grace must be 0 or more seconds, not {self.shutdown_grace}")
         exposed = [h for h in (self.host, self.tcp_host or self.host) if not is_loopback(h)]
         if exposed and not self.tokens:
             raise ConfigurationError(

@@ -1,13 +1,15 @@
-"""The relay: public TLS and TCP listeners, the agent endpoint, the tunnel registry.
+"""The relay: the TLS listener, SNI routing, tunnels and their TCP listeners.
 
-One TLS listener serves everyone. The SNI callback routes each handshake:
+One TLS port serves everyone. burrow accepts each connection itself (so it
+knows the peer and can cap pending handshakes per source), then runs the TLS
+handshake with a deadline. The SNI callback routes it:
 
 - ``<domain>`` itself with ALPN ``burrow/1``: an agent; the connection becomes
   a :class:`RelaySession`.
 - ``<id>.<domain>`` of an open tunnel: a public client; the connection becomes
   a stream on the session that owns the tunnel.
 - anything else (unknown id, no SNI, an IP literal): the handshake is refused
-  with ``unrecognized_name`` and nothing is routed.
+  and nothing is routed.
 
 Raw TCP tunnels get their own listener on a random port of the configured range.
 """
@@ -19,144 +21,60 @@ import errno
 import hmac
 import logging
 import random
-import secrets
 import socket
 import ssl
 import time
-from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, cast
 
-from ..connection import SessionConnection, StreamEndpoint, TrafficStats
+from ..certs import data_dir
+from ..connection import LINGER_RESET
 from ..errors import ConfigurationError
 from ..protocol import events as ev
 from ..protocol.frames import ErrorCode
-from ..protocol.session import Role, SessionProtocol, SessionState
-from .config import HELLO_TIMEOUT, TCP_PORT_ATTEMPTS, RelayConfig
+from ..protocol.session import SessionState
+from .config import TCP_PORT_ATTEMPTS, RelayConfig
+from .limits import LogLimiter, PendingHandshakes
+from .registry import PublicEndpoint, RelayTunnel, new_tunnel_id
+from .session import RelaySession
+from .tickets import Claims, TicketInvalid, TicketSigner, default_key_path, load_or_create_key
 from .tls import AGENT_ALPN, CertificateStore
 
-logger = logging.getLogger(__name__)
-
-ID_ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz"
-#: 36**14 > 2**72: unguessable (the reference uses the same shape), and a DNS label.
-ID_LENGTH = 14
+logger = logging.getLogger("burrow.relay")
 
 #: Pending connections the kernel queues per listener before refusing.
 BACKLOG = 1024
 
+#: How often a draining relay looks whether its streams have finished.
+DRAIN_POLL = 0.05
 
-def new_tunnel_id() -> str:
-    """14 base36 characters from the OS CSPRNG."""
-    value = secrets.randbelow(len(ID_ALPHABET) ** ID_LENGTH)
-    chars = []
-    for _ in range(ID_LENGTH):
-        value, digit = divmod(value, len(ID_ALPHABET))
-        chars.append(ID_ALPHABET[digit])
-    return "".join(chars)
+#: After accept() fails (out of file descriptors), wait this long before trying again.
+ACCEPT_RETRY_DELAY = 0.1
 
 
-def format_peer(transport: asyncio.BaseTransport) -> str:
-    """``host:port`` of the remote end, ``[v6]:port`` for IPv6."""
-    peer = transport.get_extra_info("peername")
-    if not peer:
+def format_address(address: Any) -> str:
+    """``host:port``, ``[v6]:port`` for IPv6."""
+    if not address:
         return "unknown"
-    host, port = peer[0], peer[1]
+    host, port = address[0], address[1]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-@dataclass(eq=False)
-class RelayTunnel:
-    """One open tunnel at the relay."""
-
-    id: str
-    host: str  # <id>.<domain>
-    session: RelaySession
-    local_port: int  # the agent's port, for logs
-    h2: bool
-    unencrypted: bool
-    tcp_server: asyncio.Server | None = None
-    tcp_port: int | None = None
-    stats: TrafficStats = field(default_factory=TrafficStats)
-    endpoints: set[PublicEndpoint] = field(default_factory=set)
-
-
-class PublicEndpoint(StreamEndpoint):
-    """A public client's connection, peered with a stream to the agent."""
-
-    def __init__(self, tunnel: RelayTunnel, stream_id: int) -> None:
-        super().__init__(tunnel.session, stream_id, tunnel.stats, inbound=True)
-        self.tunnel = tunnel
-        tunnel.endpoints.add(self)
-
-    def _finish(self) -> None:
-        super()._finish()
-        self.tunnel.endpoints.discard(self)
-
-
-class RelaySession(SessionConnection):
-    """The relay's end of one agent session."""
-
-    def __init__(self, relay: Relay, peer: str) -> None:
-        super().__init__(SessionProtocol(Role.RELAY, window=relay.config.window), name=secrets.token_hex(4))
-        self.relay = relay
-        self.peer = peer
-        self.tunnels: dict[str, RelayTunnel] = {}
-        self._hello_timer: asyncio.TimerHandle | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        self.relay.sessions.add(self)
-        loop = asyncio.get_running_loop()
-        self._hello_timer = loop.call_later(HELLO_TIMEOUT, self._hello_timeout)
-
-    def _hello_timeout(self) -> None:
-        if self.proto.state is SessionState.HANDSHAKE:
-            logger.info("refused agent %s: no HELLO within %.0f s", self.peer, HELLO_TIMEOUT)
-            self.close(ErrorCode.TIMEOUT, "no HELLO in time")
-
-    def handle_event(self, event: ev.Event) -> None:
-        if isinstance(event, ev.HelloReceived):
-            self._on_hello(event)
-        elif isinstance(event, ev.BindRequested):
-            asyncio.get_running_loop().create_task(self.relay.bind(self, event))
-        elif isinstance(event, ev.UnbindRequested):
-            tunnel = self.tunnels.get(event.tunnel_id)
-            if tunnel is not None:
-                self.relay.close_tunnel(tunnel, "closed by the agent")
-            else:
-                self.proto.unbound(event.tunnel_id, "unknown tunnel")
-        elif isinstance(event, ev.GoAwayReceived):
-            logger.info("session %s: agent said goodbye (%s)", self.name, event.reason or event.code)
-            if self.transport is not None:
-                self.transport.close()
-
-    def _on_hello(self, event: ev.HelloReceived) -> None:
-        if self._hello_timer is not None:
-            self._hello_timer.cancel()
-        if not self.relay.token_ok(event.token):
-            logger.warning("refused agent %s: wrong token", self.peer)
-            self.proto.reject(ErrorCode.AUTH_FAILED, "the relay rejected the token")
-            self.flush()
-            if self.transport is not None:
-                self.transport.close()
-            return
-        self.proto.welcome(self.name, {"domain": self.relay.config.domain, "tls_port": self.relay.public_port})
-        logger.info("session %s opened by agent %s (%s)", self.name, self.peer, event.agent)
-
-    def session_closed(self, exc: Exception | None) -> None:
-        if self._hello_timer is not None:
-            self._hello_timer.cancel()
-        self.relay.sessions.discard(self)
-        for tunnel in list(self.tunnels.values()):
-            self.relay.close_tunnel(tunnel, "session ended", notify=False)
-        if self.proto.state is not SessionState.HANDSHAKE:
-            logger.info("session %s closed", self.name)
+def _refusal_reason(exc: BaseException) -> str:
+    text = str(exc)
+    if "CALLBACK_FAILED" in text:
+        return "unknown or missing server name"
+    if "taking longer" in text or isinstance(exc, TimeoutError):
+        return "no TLS handshake in time"
+    return f"{type(exc).__name__}: {text}"[:200]
 
 
 class _Dispatcher(asyncio.Protocol):
     """First protocol of every TLS connection: hands it to a session or a tunnel."""
 
-    def __init__(self, relay: Relay) -> None:
+    def __init__(self, relay: Relay, peer: str) -> None:
         self.relay = relay
+        self.peer = peer
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)
@@ -165,10 +83,10 @@ class _Dispatcher(asyncio.Protocol):
         relay = self.relay
         if host == relay.config.domain:
             if sslobj.selected_alpn_protocol() != AGENT_ALPN:
-                logger.info("refused %s: connected to %s without ALPN %s", format_peer(transport), host, AGENT_ALPN)
+                logger.info("refused %s: connected to %s without ALPN %s", self.peer, host, AGENT_ALPN)
                 transport.close()
                 return
-            session = RelaySession(relay, format_peer(transport))
+            session = RelaySession(relay, self.peer)
             transport.set_protocol(session)
             session.connection_made(transport)
             return
@@ -176,7 +94,7 @@ class _Dispatcher(asyncio.Protocol):
         if tunnel is None:  # closed during the handshake
             transport.close()
             return
-        relay.attach_public(tunnel, transport)
+        relay.attach_public(tunnel, transport, self.peer)
 
 
 class _TcpAccept(asyncio.Protocol):
@@ -188,7 +106,7 @@ class _TcpAccept(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)
-        self.relay.attach_public(self.tunnel, transport)
+        self.relay.attach_public(self.tunnel, transport, format_address(transport.get_extra_info("peername")))
 
 
 class Relay:
@@ -202,51 +120,44 @@ class Relay:
         self.sessions: set[RelaySession] = set()
         self.port = 0  # the bound TLS port, once started
         self.certs: CertificateStore | None = None
-        self._servers: list[asyncio.Server] = []
+        self.tickets: TicketSigner | None = None
+        self.pending = PendingHandshakes(self.config.max_pending_handshakes, self.config.max_pending_per_source)
+        self.refusals = LogLimiter(logger)
+        self._listeners: list[socket.socket] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = asyncio.Event()
         self._issued: set[str] = set()  # every id ever handed out: never reused
         self._tokens = [t.encode() for t in self.config.tokens]
+        self._tunnels_per_token: dict[str, int] = {}
 
     # ---------------------------------------------------------------- lifecycle
 
     async def start(self) -> Relay:
         """Bind the TLS listener; returns once connections are accepted."""
-        loop = asyncio.get_running_loop()
         config = self.config
         self.certs = CertificateStore(config)
-        context = self.certs.agent_context
-        context.sni_callback = self._on_sni
+        self.certs.agent_context.sni_callback = self._on_sni
+        key_path = config.ticket_key or default_key_path(config.data_dir or data_dir())
+        self.tickets = TicketSigner(load_or_create_key(Path(key_path)), config.domain)
         try:
-            server = await loop.create_server(
-                lambda: _Dispatcher(self),
-                config.host,
-                config.port,
-                ssl=context,
-                ssl_handshake_timeout=config.handshake_timeout,
-                reuse_address=True,
-                backlog=BACKLOG,
-            )
+            first = socket.create_server((config.host, config.port), backlog=BACKLOG, family=_family(config.host))
         except OSError as exc:
             self.certs.close()
             raise ConfigurationError(
                 f"cannot listen on {config.host}:{config.port} ({exc.strerror or exc}); choose another --listen"
             ) from None
-        self._servers.append(server)
-        self.port = server.sockets[0].getsockname()[1]
+        self._listeners.append(first)
+        self.port = first.getsockname()[1]
         if config.also_ipv6 and config.host == "127.0.0.1" and socket.has_ipv6:
             try:  # so that <id>.localhost works for clients that try ::1 first
-                self._servers.append(
-                    await loop.create_server(
-                        lambda: _Dispatcher(self),
-                        "::1",
-                        self.port,
-                        ssl=context,
-                        ssl_handshake_timeout=config.handshake_timeout,
-                        reuse_address=True,
-                        backlog=BACKLOG,
-                    )
+                self._listeners.append(
+                    socket.create_server(("::1", self.port), backlog=BACKLOG, family=socket.AF_INET6)
                 )
             except OSError:
                 pass
+        for listener in self._listeners:
+            listener.setblocking(False)
+            self._spawn(self._accept_loop(listener))
         logger.info(
             "relay listening on %s:%d for *.%s (%s certificates)",
             config.host,
@@ -262,32 +173,103 @@ class Relay:
         return self.config.public_port or self.port
 
     @property
-    def ca_path(self) -> Any:
+    def ca_path(self) -> Path | None:
         """The dev CA certificate file, when this relay uses the dev CA."""
         return self.certs.ca_path if self.certs is not None else None
 
+    def stop_listening(self) -> None:
+        """Accept no new connection: TLS listener and every TCP tunnel listener."""
+        for task in list(self._tasks):
+            task.cancel()
+        for listener in self._listeners:
+            listener.close()
+        self._listeners.clear()
+        for tunnel in self.tunnels.values():
+            if tunnel.tcp_server is not None:
+                tunnel.tcp_server.close()
+
+    async def shutdown(self, grace: float | None = None) -> None:
+        """Graceful stop: refuse new connections, GOAWAY to agents, let streams finish, close."""
+        grace = self.config.shutdown_grace if grace is None else grace
+        self.stop_listening()
+        for session in list(self.sessions):
+            session.proto.goaway(ErrorCode.SHUTDOWN, "relay shutting down")
+            session.flush()
+        streams = sum(len(s.endpoints) for s in self.sessions)
+        logger.info("relay shutting down: %d open streams get up to %.0f s to finish", streams, grace)
+        deadline = time.monotonic() + grace
+        # streams end in many places; polling a few times a second during a shutdown is cheap
+        while any(s.endpoints for s in self.sessions) and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(DRAIN_POLL)
+        self.close()
+
     def close(self) -> None:
-        """Stop listening, close every tunnel and session."""
-        for server in self._servers:
-            server.close()
+        """Stop at once: listeners, tunnels (their connections reset), sessions."""
+        self.stop_listening()
         for tunnel in list(self.tunnels.values()):
-            self.close_tunnel(tunnel, "relay shutting down")
+            self.close_tunnel(tunnel, "relay shutting down", notify=False)
         for session in list(self.sessions):
             session.close(ErrorCode.SHUTDOWN, "relay shutting down")
         if self.certs is not None:
             self.certs.close()
+        self._closed.set()
 
     async def wait_closed(self) -> None:
-        """Wait until the listeners are closed."""
-        for server in self._servers:
-            await server.wait_closed()
+        """Wait until :meth:`close` has run."""
+        await self._closed.wait()
 
     async def __aenter__(self) -> Relay:
         return await self.start()
 
     async def __aexit__(self, *exc_info: object) -> None:
         self.close()
-        await self.wait_closed()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ---------------------------------------------------------------- accepting
+
+    async def _accept_loop(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, address = await loop.sock_accept(listener)
+            except OSError as exc:  # EMFILE/ENFILE: wait for descriptors rather than spin
+                if listener.fileno() < 0:
+                    return
+                self.refusals.log("accept", logging.WARNING, "accept failed: %s", exc)
+                await asyncio.sleep(ACCEPT_RETRY_DELAY)
+                continue
+            source = address[0]
+            refusal = self.pending.admit(source)
+            if refusal is not None:
+                _reset_socket(conn)
+                self.refusals.log("pending", logging.WARNING, "refused %s: %s", format_address(address), refusal)
+                continue
+            self._spawn(self._handshake(conn, address))
+
+    async def _handshake(self, conn: socket.socket, address: Any) -> None:
+        peer = format_address(address)
+        loop = asyncio.get_running_loop()
+        assert self.certs is not None
+        try:
+            await loop.connect_accepted_socket(
+                lambda: _Dispatcher(self, peer),
+                conn,
+                ssl=self.certs.agent_context,
+                ssl_handshake_timeout=self.config.handshake_timeout,
+            )
+        except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
+            conn.close()
+            reason = _refusal_reason(exc)
+            self.refusals.log("handshake", logging.INFO, "refused TLS handshake from %s: %s", peer, reason)
+        except asyncio.CancelledError:
+            conn.close()
+            raise
+        finally:
+            self.pending.done(address[0])
 
     # ------------------------------------------------------------------ routing
 
@@ -300,26 +282,36 @@ class Relay:
 
     def _on_sni(self, sslobj: ssl.SSLObject, name: str | None, context: ssl.SSLContext) -> int | None:
         if name is None:
-            logger.info("refused TLS handshake: no SNI")
             return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
         host = name.lower().rstrip(".")
         if host != self.config.domain:
             tunnel = self.by_host.get(host)
             if tunnel is None:
-                logger.info("refused TLS handshake for unknown host %r", host[:253])
+                logger.debug("TLS handshake for unknown host %r", host[:253])
                 return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
             assert self.certs is not None
             sslobj.context = self.certs.tunnel_context(host, tunnel.h2)
         sslobj.burrow_host = host  # type: ignore[attr-defined]
         return None
 
-    def attach_public(self, tunnel: RelayTunnel, transport: asyncio.Transport) -> None:
-        """Turn a public connection into a stream on the tunnel's session."""
+    def attach_public(self, tunnel: RelayTunnel, transport: asyncio.Transport, peer: str) -> None:
+        """Turn a public connection into a stream on the tunnel's session (within the caps)."""
         session = tunnel.session
         if tunnel.id not in self.tunnels or session.proto.state is not SessionState.OPEN:
             transport.close()
             return
-        stream_id = session.proto.open_stream(tunnel.id, format_peer(transport))
+        config = self.config
+        if len(tunnel.endpoints) >= config.max_streams_per_tunnel:
+            refusal = f"tunnel {tunnel.id} has {len(tunnel.endpoints)} open connections (limit)"
+        elif session.proto.stream_count >= config.max_streams_per_session:
+            refusal = f"session {session.name} has {session.proto.stream_count} open streams (limit)"
+        else:
+            refusal = ""
+        if refusal:
+            transport.close()
+            self.refusals.log("streams", logging.WARNING, "refused %s: %s", peer, refusal)
+            return
+        stream_id = session.proto.open_stream(tunnel.id, peer)
         session.flush()
         endpoint = PublicEndpoint(tunnel, stream_id)
         transport.set_protocol(endpoint)
@@ -328,58 +320,100 @@ class Relay:
     # ------------------------------------------------------------------ tunnels
 
     async def bind(self, session: RelaySession, request: ev.BindRequested) -> None:
-        """Open a tunnel for ``session`` and answer BOUND or BIND_FAILED."""
+        """Open a tunnel for ``session`` (or resume one from a ticket); answer BOUND or BIND_FAILED."""
+
+        def fail(code: str, message: str) -> None:
+            logger.info("session %s: bind refused (%s): %s", session.name, code, message)
+            if session.proto.state in (SessionState.OPEN, SessionState.CLOSING):
+                session.proto.bind_failed(request.request_id, code, message)
+                session.flush()
+
+        if session.proto.state is not SessionState.OPEN:
+            return fail("shutting-down", "the relay is shutting down; try again shortly")
         if not 1 <= request.port <= 65535:
-            session.proto.bind_failed(request.request_id, "bad-port", f"port {request.port} is outside 1-65535")
-            session.flush()
-            return
-        tunnel_id = self._new_id()
+            return fail("bad-port", f"port {request.port} is outside 1-65535")
+        claims = Claims(new_tunnel_id(), request.unencrypted, request.h2, None)
+        ticket = request.options.get("ticket")
+        if ticket is not None:
+            assert self.tickets is not None
+            try:
+                claims = self.tickets.verify(str(ticket), session.token_fp)
+            except TicketInvalid as exc:
+                return fail("bad-ticket", str(exc))
+            if (claims.unencrypted, claims.h2) != (request.unencrypted, request.h2):
+                return fail("bad-ticket", "the ticket is for a tunnel of another kind")
+            holder = self.tunnels.get(claims.tunnel_id)
+            if holder is not None:
+                if holder.session is session:
+                    return fail("in-use", f"tunnel {claims.tunnel_id} is already bound on this session")
+                self._take_over(holder)
+        else:
+            while claims.tunnel_id in self._issued:
+                claims = Claims(new_tunnel_id(), request.unencrypted, request.h2, None)
+        count = self._tunnels_per_token.get(session.token_fp, 0)
+        if count >= self.config.max_tunnels_per_token:
+            return fail("limit", f"this token has {count} tunnels at this relay (the limit); close some first")
+        tunnel_id = claims.tunnel_id
+        self._issued.add(tunnel_id)
         host = f"{tunnel_id}.{self.config.domain}"
         tunnel = RelayTunnel(tunnel_id, host, session, request.port, request.h2, request.unencrypted)
         if request.unencrypted:
             try:
-                await self._listen_tcp(tunnel)
+                await self._listen_tcp(tunnel, claims.tcp_port)
             except OSError as exc:
                 logger.warning("session %s: no free TCP port for a tunnel: %s", session.name, exc)
-                session.proto.bind_failed(
-                    request.request_id, "no-tcp-port", f"relay has no free TCP port in {self._port_range()}"
-                )
-                session.flush()
-                return
-        if session.proto.state is not SessionState.OPEN:  # the session died while we listened
-            if tunnel.tcp_server is not None:
+                return fail("no-tcp-port", f"relay has no free TCP port in {self._port_range()}")
+        if session.proto.state is not SessionState.OPEN or tunnel_id in self.tunnels:
+            if tunnel.tcp_server is not None:  # the session died, or a rival resumed first
                 tunnel.tcp_server.close()
-            return
+            return fail("in-use", f"tunnel {tunnel_id} was bound meanwhile")
         self.tunnels[tunnel_id] = tunnel
         self.by_host[host] = tunnel
         session.tunnels[tunnel_id] = tunnel
+        self._tunnels_per_token[session.token_fp] = self._tunnels_per_token.get(session.token_fp, 0) + 1
         info: dict[str, Any] = {"id": tunnel_id, "host": host, "port": self.public_port}
         if tunnel.tcp_port is not None:
             info["unencrypted_host"] = self.config.tcp_public_host or self.config.domain
             info["unencrypted_port"] = tunnel.tcp_port
+        assert self.tickets is not None
+        claims = Claims(tunnel_id, request.unencrypted, request.h2, tunnel.tcp_port)
+        info["ticket"] = self.tickets.issue(session.token_fp, claims)
         session.proto.bound(request.request_id, info)
         session.flush()
         logger.info(
-            "tunnel %s opened by session %s: %s%s",
+            "tunnel %s %s by session %s: %s%s",
             tunnel_id,
+            "resumed" if ticket is not None else "opened",
             session.name,
             host,
             f" and tcp port {tunnel.tcp_port}" if tunnel.tcp_port else "",
         )
 
+    def _take_over(self, holder: RelayTunnel) -> None:
+        """A reconnected agent (same token, valid ticket) reclaims its tunnel from a stale session."""
+        stale = holder.session
+        self.close_tunnel(holder, f"taken over from stale session {stale.name}", notify=False)
+        if not stale.tunnels:
+            logger.info("session %s replaced by a reconnected agent", stale.name)
+            stale.close(ErrorCode.SHUTDOWN, "replaced by a newer session of this agent")
+
     def close_tunnel(self, tunnel: RelayTunnel, reason: str, notify: bool = True) -> None:
         """Close a tunnel: unroute it, stop its TCP listener, reset its connections."""
-        if self.tunnels.pop(tunnel.id, None) is None:
+        if self.tunnels.get(tunnel.id) is not tunnel:
             return
+        del self.tunnels[tunnel.id]
         self.by_host.pop(tunnel.host, None)
-        tunnel.session.tunnels.pop(tunnel.id, None)
+        session = tunnel.session
+        session.tunnels.pop(tunnel.id, None)
+        self._tunnels_per_token[session.token_fp] -= 1
+        if not self._tunnels_per_token[session.token_fp]:
+            del self._tunnels_per_token[session.token_fp]
         if tunnel.tcp_server is not None:
             tunnel.tcp_server.close()
         if self.certs is not None:
             self.certs.forget(tunnel.host)
         for endpoint in list(tunnel.endpoints):
             endpoint.abort(ErrorCode.TUNNEL_CLOSED, "tunnel closed")
-        session = tunnel.session
         if notify and session.proto.state in (SessionState.OPEN, SessionState.CLOSING):
             session.proto.unbound(tunnel.id, reason)
             session.flush()
@@ -393,25 +427,19 @@ class Relay:
             stats.bytes_out,
         )
 
-    def _new_id(self) -> str:
-        while True:
-            tunnel_id = new_tunnel_id()
-            if tunnel_id not in self._issued:
-                self._issued.add(tunnel_id)
-                return tunnel_id
-
     def _port_range(self) -> str:
         low, high = self.config.tcp_ports
         return f"{low}-{high}"
 
-    async def _listen_tcp(self, tunnel: RelayTunnel) -> None:
+    async def _listen_tcp(self, tunnel: RelayTunnel, wanted: int | None) -> None:
+        """Listen for the tunnel on ``wanted`` (resuming) or a random port of the range."""
         loop = asyncio.get_running_loop()
         low, high = self.config.tcp_ports
         host = self.config.tcp_host or self.config.host
         last: OSError = OSError(errno.EADDRINUSE, "every port tried was in use")
-        started = time.monotonic()
-        for _ in range(min(TCP_PORT_ATTEMPTS, high - low + 1)):
-            port = random.randint(low, high)
+        candidates = [wanted] if wanted is not None and low <= wanted <= high else []
+        candidates += [random.randint(low, high) for _ in range(min(TCP_PORT_ATTEMPTS, high - low + 1))]
+        for port in candidates:
             try:
                 server = await loop.create_server(
                     lambda: _TcpAccept(self, tunnel), host, port, reuse_address=True, backlog=BACKLOG
@@ -421,6 +449,18 @@ class Relay:
                 continue
             tunnel.tcp_server = server
             tunnel.tcp_port = port
-            logger.debug("tunnel %s: tcp port %d after %.1f ms", tunnel.id, port, (time.monotonic() - started) * 1e3)
             return
         raise last
+
+
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def _reset_socket(conn: socket.socket) -> None:
+    """Close with RST: a refused client learns at once, and no TIME_WAIT is left here."""
+    try:
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+    except OSError:
+        pass
+    conn.close()
