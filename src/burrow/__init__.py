@@ -22,6 +22,7 @@ from .errors import SessionClosed as SessionClosed
 from .errors import TunnelClosed as TunnelClosed
 from .errors import TunnelRefused as TunnelRefused
 from .tunnel import Tunnel as Tunnel
+from .tunnel import TunnelState as TunnelState
 
 __version__ = "0.1.0"
 
@@ -37,5 +38,6 @@ __all__ = [
     "Tunnel",
     "TunnelClosed",
     "TunnelRefused",
+    "TunnelState",
     "forward",
 ]

@@ -22,6 +22,7 @@ from .connection import TrafficStats
 from .errors import BurrowError, ConfigurationError
 from .relay.config import DEFAULT_TCP_PORTS, DEV_DOMAIN, DEV_PORT, RelayConfig
 from .relay.server import Relay
+from .tunnel import TunnelState
 
 #: How often `burrow forward` redraws its status line on a terminal.
 STATUS_INTERVAL = 0.5
@@ -95,6 +96,29 @@ def build_parser() -> argparse.ArgumentParser:
         "--token-file", type=Path, help="file with accepted agent tokens, one per line (or set BURROW_TOKEN)"
     )
     relay.add_argument("--window", type=_size, help="per-stream flow-control window (default 1m)")
+    relay.add_argument(
+        "--ticket-key",
+        type=Path,
+        metavar="FILE",
+        help="key that signs resume tickets (default: ticket.key in burrow's data directory)",
+    )
+    limits = relay.add_argument_group("deadlines and limits")
+    for flag, field, kind in (
+        ("--handshake-timeout", "handshake_timeout", float),
+        ("--heartbeat-timeout", "heartbeat_timeout", float),
+        ("--grace", "shutdown_grace", float),
+        ("--max-pending-handshakes", "max_pending_handshakes", int),
+        ("--max-pending-per-source", "max_pending_per_source", int),
+        ("--max-streams-per-session", "max_streams_per_session", int),
+        ("--max-streams-per-tunnel", "max_streams_per_tunnel", int),
+        ("--max-tunnels-per-token", "max_tunnels_per_token", int),
+    ):
+        default = getattr(RelayConfig, field)
+        unit = " s" if kind is float else ""
+        metavar = "SECONDS" if kind is float else "N"
+        limits.add_argument(
+            flag, dest=field, type=kind, default=default, metavar=metavar, help=f"default {default}{unit}"
+        )
     relay.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
 
     fwd = commands.add_parser(
@@ -166,6 +190,8 @@ def run_relay(args: argparse.Namespace) -> int:
         tcp_public_host=args.tcp_host,
         tcp_ports=args.tcp_ports,
         tokens=frozenset(tokens),
+        ticket_key=args.ticket_key,
+        **{name: getattr(args, name) for name in _LIMITS},
     )
     if args.window is not None:
         config.window = args.window
@@ -176,21 +202,38 @@ def run_relay(args: argparse.Namespace) -> int:
         loop.close()
 
 
+_LIMITS = (
+    "handshake_timeout",
+    "heartbeat_timeout",
+    "shutdown_grace",
+    "max_pending_handshakes",
+    "max_pending_per_source",
+    "max_streams_per_session",
+    "max_streams_per_tunnel",
+    "max_tunnels_per_token",
+)
+
+
 async def _serve(config: RelayConfig) -> int:
     relay = Relay(config)
     await relay.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        if stop.is_set():  # a second signal: no more grace
+            relay.close()
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
     where = f"{config.domain}:{relay.public_port}"
     print(f"burrow relay ready on {config.host}:{relay.port} for *.{config.domain}", flush=True)
     print(f"  agents: BURROW_RELAY={where}" + (" BURROW_TOKEN=..." if config.tokens else ""), flush=True)
     if relay.ca_path is not None:
         print(f"  dev CA: {relay.ca_path} (agents on this machine trust it; clients: curl --cacert)", flush=True)
     await stop.wait()
-    relay.close()
-    await relay.wait_closed()
+    await relay.shutdown()
     print("burrow relay stopped", flush=True)
     return 0
 
@@ -220,11 +263,20 @@ def _open_forward(args: argparse.Namespace) -> Forward:
 
 
 def _watch(forward: Forward) -> int:
-    """Show live counters until Ctrl-C; 1 if the tunnel dies."""
+    """Show live counters and reconnections until Ctrl-C; 1 if the relay closed the tunnel."""
     tty = sys.stdout.isatty()
     last = ""
+    state = forward.state
     try:
         while forward.is_open:
+            if forward.state is not state:
+                state = forward.state
+                note = (
+                    "link to the relay lost; reconnecting..."
+                    if state is TunnelState.RECONNECTING
+                    else f"reconnected: {forward.tunnel.url}"
+                )
+                print(f"\r  {note}\033[K" if tty else f"  {note}", flush=True)
             line = status_line(forward.stats)
             if tty:
                 print(f"\r  {line}\033[K", end="", flush=True)
@@ -238,7 +290,7 @@ def _watch(forward: Forward) -> int:
         return 0
     if tty:
         print()
-    print("burrow: the tunnel was closed by the relay (session lost)", file=sys.stderr)
+    print("burrow: the relay closed the tunnel", file=sys.stderr)
     return 1
 
 

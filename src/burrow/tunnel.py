@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
 from .errors import ConfigurationError
 
 HTTPS_PORT = 443
+
+
+class TunnelState(enum.Enum):
+    """Where a tunnel stands; ``Forward.state`` and the ``on_state`` callback report it."""
+
+    OPENING = "opening"
+    OPEN = "open"
+    RECONNECTING = "reconnecting"  # the link to the relay dropped; the same URL comes back
+    CLOSED = "closed"
 
 
 @dataclass(frozen=True, slots=True)

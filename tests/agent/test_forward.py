@@ -47,7 +47,7 @@ def test_sync_forward_returns_an_immutable_tunnel(echo: EchoServer, ca_file: Pat
     forward = burrow.forward(echo.port)
     with forward as tunnel:
         assert isinstance(tunnel, burrow.Tunnel)
-        assert forward.is_open and forward.tunnel is tunnel
+        assert forward.is_open and forward.tunnel == tunnel and forward.state is burrow.TunnelState.OPEN
         assert tunnel.tls_socket == (tunnel.host, tunnel.port)
         assert tunnel.host == f"{tunnel.id}.localhost"
         assert tunnel.unencrypted_port is None

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..certs import dev_ca_path
+from ..connection import HEARTBEAT_TIMEOUT
 from ..errors import ConfigurationError
 from ..protocol.session import DEFAULT_WINDOW
 from ..relay.config import is_loopback
@@ -67,6 +68,7 @@ class AgentSettings:
     token: str = field(default="", repr=False)
     ca: Path | None = None
     window: int = DEFAULT_WINDOW
+    heartbeat_timeout: float = HEARTBEAT_TIMEOUT
 
     @classmethod
     def resolve(
@@ -77,11 +79,11 @@ class AgentSettings:
         address = (
             RelayAddress.parse(relay_text, "relay" if relay is not None else "BURROW_RELAY") if relay_text else None
         )
-        return cls(address, token if token is not None else read_token(), _ca_path(ca))
+        return cls(address, token if token is not None else read_token(), _ca_path(ca), DEFAULT_WINDOW, _heartbeat())
 
     def key(self) -> tuple[object, ...]:
         """Sessions are shared by agents with equal keys."""
-        return (self.relay, self.token, self.ca, self.window)
+        return (self.relay, self.token, self.ca, self.window, self.heartbeat_timeout)
 
     def ssl_context(self) -> ssl.SSLContext:
         """The client context: system CAs, ``BURROW_CA``, and the dev CA for loopback relays."""
@@ -117,6 +119,19 @@ def read_token_file(path: Path, source: str) -> str:
     if not lines:
         raise ConfigurationError(f"{source} {path} is empty; put the token in it")
     return lines[0]
+
+
+def _heartbeat() -> float:
+    text = os.environ.get("BURROW_HEARTBEAT_TIMEOUT", "").strip()
+    if not text:
+        return HEARTBEAT_TIMEOUT
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise ConfigurationError(f"BURROW_HEARTBEAT_TIMEOUT={text!r} is not a positive number of seconds")
+    return value
 
 
 def _ca_path(ca: str | os.PathLike[str] | None) -> Path | None:

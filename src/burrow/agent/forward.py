@@ -6,14 +6,17 @@ import asyncio
 import concurrent.futures
 import os
 import threading
+from collections.abc import Callable
 from types import TracebackType
+from typing import Any
 
 from ..connection import TrafficStats
 from ..errors import BurrowError, ConfigurationError, TunnelClosed
-from ..tunnel import Tunnel
+from ..tunnel import Tunnel, TunnelState
 from .config import AgentSettings
+from .link import RelayLink
 from .runtime import runtime
-from .session import CONNECT_TIMEOUT, REQUEST_TIMEOUT, AgentSession, AgentTunnel
+from .session import CONNECT_TIMEOUT, REQUEST_TIMEOUT, AgentTunnel
 
 #: A synchronous caller never waits longer than connecting plus one request.
 SYNC_TIMEOUT = CONNECT_TIMEOUT + 2 * REQUEST_TIMEOUT
@@ -43,6 +46,7 @@ class Forward:
         relay: str | None = None,
         token: str | None = None,
         ca: str | os.PathLike[str] | None = None,
+        on_state: Callable[[TunnelState], None] | None = None,
     ) -> None:
         self.port = _check_port(port)
         if unencrypted and h2:
@@ -53,31 +57,40 @@ class Forward:
         self.unencrypted = bool(unencrypted)
         self.h2 = bool(h2)
         self.settings = AgentSettings.resolve(relay, token, ca)
-        self._tunnel: Tunnel | None = None
-        self._session: AgentSession | None = None
-        self._agent_tunnel: AgentTunnel | None = None
+        self._state = AgentTunnel(self.port, self.unencrypted, self.h2, on_state=on_state)
+        self._link: RelayLink | None = None
+        self._opened = False
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
-        where = self._tunnel.url if self._tunnel is not None else "not open"
-        return f"<burrow.Forward port={self.port} {where}>"
+        where = _tunnel_from(self._state.info).url if self._state.info else "not open"
+        return f"<burrow.Forward port={self.port} {self.state.value} {where}>"
 
     @property
     def tunnel(self) -> Tunnel:
-        """The open tunnel; raises :class:`TunnelClosed` before opening and after closing."""
-        if self._tunnel is None or not self.is_open:
+        """The tunnel's addresses; raises :class:`TunnelClosed` before opening and after closing.
+
+        The value stays the same across reconnects (same id and URL); only a
+        raw TCP port that the relay could not take back may change.
+        """
+        if not self._state.info or self._state.closed:
             raise TunnelClosed(f"the tunnel to port {self.port} is not open; use it inside its with-block")
-        return self._tunnel
+        return _tunnel_from(self._state.info)
+
+    @property
+    def state(self) -> TunnelState:
+        """OPENING, OPEN, RECONNECTING (the link dropped; the URL comes back) or CLOSED."""
+        return self._state.state
 
     @property
     def is_open(self) -> bool:
-        """True from a successful open until close (or until the relay closed it)."""
-        return self._agent_tunnel is not None and not self._agent_tunnel.closed
+        """True from a successful open until close, reconnections included."""
+        return self._state.state in (TunnelState.OPEN, TunnelState.RECONNECTING)
 
     @property
     def stats(self) -> TrafficStats:
-        """Open connections and bytes each way, live."""
-        return self._agent_tunnel.stats if self._agent_tunnel is not None else TrafficStats()
+        """Open connections and bytes each way, live, across reconnects."""
+        return self._state.stats
 
     # -------------------------------------------------------------------- async
 
@@ -132,39 +145,35 @@ class Forward:
 
     def _submit_open(self) -> concurrent.futures.Future[Tunnel]:
         with self._lock:
-            if self._agent_tunnel is not None:
+            if self._opened:
                 raise BurrowError(f"this forward() of port {self.port} was already opened; call forward() again")
-            self._agent_tunnel = _OPENING
+            self._opened = True
         return runtime().submit(self._open())
 
     async def _open(self) -> Tunnel:
         try:
-            session, agent_tunnel = await runtime().open(self, self.port, self.unencrypted, self.h2, self.settings)
+            self._link = await runtime().open(self, self._state, self.settings)
         except BaseException:
-            self._agent_tunnel = None
+            self._state.set_state(TunnelState.CLOSED)
             raise
-        info = agent_tunnel.info
-        self._session, self._agent_tunnel = session, agent_tunnel
-        self._tunnel = Tunnel(
-            id=info["id"],
-            host=info["host"],
-            port=int(info["port"]),
-            unencrypted_host=info.get("unencrypted_host"),
-            unencrypted_port=info.get("unencrypted_port"),
-        )
-        return self._tunnel
+        return _tunnel_from(self._state.info)
 
     def _submit_close(self) -> concurrent.futures.Future[None] | None:
         with self._lock:
-            session, agent_tunnel = self._session, self._agent_tunnel
-            self._session = None
-        if session is None or agent_tunnel is None or agent_tunnel is _OPENING:
+            link, self._link = self._link, None
+        if link is None:
             return None
-        return runtime().submit(runtime().close(self.port, session, agent_tunnel))
+        return runtime().submit(runtime().close(link, self._state))
 
 
-#: Placeholder while a Forward is opening, so it cannot be opened twice at once.
-_OPENING = AgentTunnel("", 0, {}, closed=True)
+def _tunnel_from(info: dict[str, Any]) -> Tunnel:
+    return Tunnel(
+        id=info["id"],
+        host=info["host"],
+        port=int(info["port"]),
+        unencrypted_host=info.get("unencrypted_host"),
+        unencrypted_port=info.get("unencrypted_port"),
+    )
 
 
 def forward(
@@ -175,6 +184,7 @@ def forward(
     relay: str | None = None,
     token: str | None = None,
     ca: str | os.PathLike[str] | None = None,
+    on_state: Callable[[TunnelState], None] | None = None,
 ) -> Forward:
     """Expose local TCP ``port`` to the Internet through a relay.
 
@@ -184,5 +194,9 @@ def forward(
     HTTP/2 (for services that speak it). ``relay``, ``token`` and ``ca``
     override ``BURROW_RELAY``, ``BURROW_TOKEN``/``BURROW_TOKEN_FILE`` and
     ``BURROW_CA``; with no relay at all, an embedded one on loopback is used.
+
+    If the link to the relay drops, burrow reconnects by itself and the
+    tunnel comes back with the same URL; ``on_state`` (called on burrow's
+    thread) and ``Forward.state`` report RECONNECTING, then OPEN again.
     """
-    return Forward(port, unencrypted=unencrypted, h2=h2, relay=relay, token=token, ca=ca)
+    return Forward(port, unencrypted=unencrypted, h2=h2, relay=relay, token=token, ca=ca, on_state=on_state)

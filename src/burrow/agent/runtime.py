@@ -20,10 +20,10 @@ from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 from ..errors import PortAlreadyForwarded
-from ..protocol.session import SessionState
 from ..relay.config import RelayConfig
 from ..relay.server import Relay
 from .config import AgentSettings, RelayAddress
+from .link import RelayLink
 from .session import AgentSession, AgentTunnel
 
 logger = logging.getLogger("burrow")
@@ -50,8 +50,7 @@ class Runtime:
         self._lock = threading.Lock()
         self.loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        self.sessions: dict[tuple[object, ...], AgentSession] = {}
-        self._connecting: dict[tuple[object, ...], asyncio.Future[AgentSession]] = {}
+        self.links: dict[tuple[object, ...], RelayLink] = {}
         self.embedded: Relay | None = None
         self._embedded_starting: asyncio.Future[Relay] | None = None
         self.forwarded: dict[int, object] = {}  # port -> whoever forwards it
@@ -91,8 +90,8 @@ class Runtime:
             return
 
         async def goodbye() -> None:
-            for session in list(self.sessions.values()):
-                session.close()
+            for link in list(self.links.values()):
+                link.stop()
             if self.embedded is not None:
                 self.embedded.close()
 
@@ -104,35 +103,20 @@ class Runtime:
 
     # --------------------------------------------------------------- sessions
 
-    async def session_for(self, settings: AgentSettings) -> AgentSession:
-        """The open session for these settings, connecting (once) if needed."""
+    async def link_for(self, settings: AgentSettings) -> RelayLink:
+        """The link to the relay these settings name (the embedded relay if none)."""
         if settings.relay is None:
             settings = dataclasses.replace(settings, relay=await self._embedded_address())
         key = settings.key()
-        session = self.sessions.get(key)
-        if session is not None and session.proto.state is SessionState.OPEN:
-            return session
-        pending = self._connecting.get(key)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        future: asyncio.Future[AgentSession] = asyncio.get_running_loop().create_future()
-        self._connecting[key] = future
-        try:
-            session = await AgentSession.connect(settings)
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # retrieved: the waiters above get it too
-            raise
-        finally:
-            del self._connecting[key]
-        self.sessions[key] = session
-        session.closed.add_done_callback(lambda _: self._drop(key, session))
-        future.set_result(session)
-        return session
+        link = self.links.get(key)
+        if link is None:
+            link = self.links[key] = RelayLink(settings)
+        return link
 
-    def _drop(self, key: tuple[object, ...], session: AgentSession) -> None:
-        if self.sessions.get(key) is session:
-            del self.sessions[key]
+    @property
+    def sessions(self) -> list[AgentSession]:
+        """The open sessions (for introspection and tests)."""
+        return [link.session for link in self.links.values() if link.session is not None]
 
     async def _embedded_address(self) -> RelayAddress:
         if self._embedded_starting is None:
@@ -160,10 +144,9 @@ class Runtime:
 
     # ---------------------------------------------------------------- tunnels
 
-    async def open(
-        self, owner: object, port: int, unencrypted: bool, h2: bool, settings: AgentSettings
-    ) -> tuple[AgentSession, AgentTunnel]:
-        """Reserve ``port`` for ``owner`` and open its tunnel."""
+    async def open(self, owner: object, tunnel: AgentTunnel, settings: AgentSettings) -> RelayLink:
+        """Reserve the tunnel's port for ``owner`` and open the tunnel; returns its link."""
+        port = tunnel.local_port
         holder = self.forwarded.get(port)
         if holder is not None:
             raise PortAlreadyForwarded(
@@ -171,19 +154,19 @@ class Runtime:
             )
         self.forwarded[port] = owner
         try:
-            session = await self.session_for(settings)
-            tunnel = await session.bind(port, unencrypted, h2)
+            link = await self.link_for(settings)
+            await link.open(tunnel)
         except BaseException:
             del self.forwarded[port]
             raise
-        return session, tunnel
+        return link
 
-    async def close(self, port: int, session: AgentSession, tunnel: AgentTunnel) -> None:
-        """Close the tunnel at the relay, then release ``port``."""
+    async def close(self, link: RelayLink, tunnel: AgentTunnel) -> None:
+        """Close the tunnel at the relay, then release its port."""
         try:
-            await session.unbind(tunnel)
+            await link.close(tunnel)
         finally:
-            self.forwarded.pop(port, None)
+            self.forwarded.pop(tunnel.local_port, None)
 
 
 _runtime = Runtime()

@@ -7,14 +7,16 @@ import itertools
 import logging
 import socket
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from ..connection import SessionConnection, StreamEndpoint, TrafficStats
 from ..errors import AuthenticationFailed, RelayUnavailable, SessionClosed, TunnelRefused
 from ..protocol import events as ev
 from ..protocol.frames import ErrorCode, code_name
 from ..protocol.session import Role, SessionProtocol, SessionState
+from ..tunnel import TunnelState
 from .config import AgentSettings
 
 logger = logging.getLogger(__name__)
@@ -32,13 +34,49 @@ AGENT_NAME = "burrow-python"
 
 @dataclass(eq=False)
 class AgentTunnel:
-    """The agent's record of one open tunnel."""
+    """The agent's record of one tunnel; it outlives sessions (reconnects keep it)."""
 
-    id: str
     local_port: int
-    info: dict[str, Any]
+    unencrypted: bool
+    h2: bool
+    info: dict[str, Any] = field(default_factory=dict)  # the latest BOUND: id, addresses, ticket
     stats: TrafficStats = field(default_factory=TrafficStats)
-    closed: bool = False
+    state: TunnelState = TunnelState.OPENING
+    on_state: Callable[[TunnelState], None] | None = None
+
+    @property
+    def id(self) -> str:
+        return str(self.info.get("id", ""))
+
+    @property
+    def ticket(self) -> str | None:
+        ticket = self.info.get("ticket")
+        return ticket if isinstance(ticket, str) else None
+
+    @property
+    def closed(self) -> bool:
+        return self.state is TunnelState.CLOSED
+
+    def set_state(self, state: TunnelState) -> None:
+        """Move to ``state`` and tell the caller's callback (its errors are logged, not raised)."""
+        if state is self.state or self.closed:
+            return
+        self.state = state
+        if self.on_state is not None:
+            try:
+                self.on_state(state)
+            except Exception:
+                logger.exception("tunnel %s: the on_state callback failed", self.id)
+
+
+class SessionOwner(Protocol):
+    """Who learns what happens to a session (the agent's link to its relay)."""
+
+    def session_lost(self, session: AgentSession) -> None: ...
+
+    def session_draining(self, session: AgentSession) -> None: ...
+
+    def tunnel_unbound(self, session: AgentSession, tunnel_id: str, reason: str) -> None: ...
 
 
 class LocalEndpoint(StreamEndpoint):
@@ -97,9 +135,14 @@ class LocalEndpoint(StreamEndpoint):
 class AgentSession(SessionConnection):
     """One authenticated session to a relay, carrying every tunnel of this process there."""
 
-    def __init__(self, settings: AgentSettings) -> None:
-        super().__init__(SessionProtocol(Role.AGENT, window=settings.window), name=str(settings.relay))
+    def __init__(self, settings: AgentSettings, owner: SessionOwner | None = None) -> None:
+        super().__init__(
+            SessionProtocol(Role.AGENT, window=settings.window),
+            name=str(settings.relay),
+            heartbeat_timeout=settings.heartbeat_timeout,
+        )
         self.settings = settings
+        self.owner = owner
         self.tunnels: dict[str, AgentTunnel] = {}
         self.welcome: asyncio.Future[ev.Welcomed] = asyncio.get_running_loop().create_future()
         self._requests: dict[int, asyncio.Future[dict[str, Any]]] = {}
@@ -108,7 +151,7 @@ class AgentSession(SessionConnection):
         self.close_reason = ""
 
     @classmethod
-    async def connect(cls, settings: AgentSettings) -> AgentSession:
+    async def connect(cls, settings: AgentSettings, owner: SessionOwner | None = None) -> AgentSession:
         """Open the TLS connection, say HELLO, wait for WELCOME; errors name the cause."""
         address = settings.relay
         assert address is not None
@@ -120,7 +163,7 @@ class AgentSession(SessionConnection):
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT):
                 _, session = await loop.create_connection(
-                    lambda: cls(settings), host, address.port, ssl=context, server_hostname=address.host
+                    lambda: cls(settings, owner), host, address.port, ssl=context, server_hostname=address.host
                 )
                 session.proto.hello(settings.token, AGENT_NAME)
                 session.flush()
@@ -146,46 +189,39 @@ class AgentSession(SessionConnection):
 
     # ------------------------------------------------------------------ tunnels
 
-    async def bind(self, port: int, unencrypted: bool, h2: bool) -> AgentTunnel:
-        """Ask the relay for a tunnel to local ``port``."""
+    async def bind(self, port: int, unencrypted: bool, h2: bool, ticket: str | None = None) -> dict[str, Any]:
+        """Ask the relay for a tunnel to local ``port`` (resuming with ``ticket``); return BOUND's info."""
         self._check_open()
         request_id = next(self._ids)
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._requests[request_id] = future
-        self.proto.bind(request_id, port, unencrypted=unencrypted, h2=h2)
+        self.proto.bind(request_id, port, unencrypted=unencrypted, h2=h2, ticket=ticket)
         self.flush()
         try:
             async with asyncio.timeout(REQUEST_TIMEOUT):
-                info = await future
+                return await future
         except TimeoutError:
             raise RelayUnavailable(f"relay {self.name} did not answer within {REQUEST_TIMEOUT:.0f} s") from None
         finally:
             self._requests.pop(request_id, None)
-        tunnel = AgentTunnel(info["id"], port, info)
-        self.tunnels[tunnel.id] = tunnel
-        return tunnel
 
-    async def unbind(self, tunnel: AgentTunnel) -> None:
-        """Close a tunnel at the relay and wait for it to confirm."""
-        if tunnel.closed or self.proto.state not in (SessionState.OPEN, SessionState.CLOSING):
-            self._forget(tunnel)
+    async def unbind(self, tunnel_id: str) -> None:
+        """Close a tunnel at the relay and wait (boundedly) for it to confirm."""
+        self.tunnels.pop(tunnel_id, None)
+        if self.proto.state not in (SessionState.OPEN, SessionState.CLOSING):
             return
-        future = self._unbinds.get(tunnel.id)
+        future = self._unbinds.get(tunnel_id)
         if future is None:
-            future = self._unbinds[tunnel.id] = asyncio.get_running_loop().create_future()
-            self.proto.unbind(tunnel.id)
+            future = self._unbinds[tunnel_id] = asyncio.get_running_loop().create_future()
+            self.proto.unbind(tunnel_id)
             self.flush()
         try:
             async with asyncio.timeout(REQUEST_TIMEOUT):
                 await asyncio.shield(future)
         except (TimeoutError, SessionClosed):
             pass
-        self._forget(tunnel)
-
-    def _forget(self, tunnel: AgentTunnel) -> None:
-        tunnel.closed = True
-        self.tunnels.pop(tunnel.id, None)
-        self._unbinds.pop(tunnel.id, None)
+        finally:
+            self._unbinds.pop(tunnel_id, None)
 
     def _check_open(self) -> None:
         if self.proto.state is not SessionState.OPEN:
@@ -202,28 +238,35 @@ class AgentSession(SessionConnection):
         elif isinstance(event, ev.Bound):
             self._resolve(event.request_id, event.tunnel, None)
         elif isinstance(event, ev.BindFailed):
-            self._resolve(
-                event.request_id, None, TunnelRefused(f"relay {self.name} refused the tunnel: {event.message}")
-            )
+            error = TunnelRefused(f"relay {self.name} refused the tunnel: {event.message}")
+            error.code = event.code  # type: ignore[attr-defined]
+            self._resolve(event.request_id, None, error)
         elif isinstance(event, ev.Unbound):
-            tunnel = self.tunnels.get(event.tunnel_id)
-            if tunnel is not None:
-                tunnel.closed = True
             future = self._unbinds.get(event.tunnel_id)
-            if future is not None and not future.done():
-                future.set_result(None)
-            elif tunnel is not None:
-                logger.warning("tunnel %s closed by the relay: %s", event.tunnel_id, event.reason)
+            if future is not None:
+                if not future.done():
+                    future.set_result(None)
+            elif event.tunnel_id in self.tunnels:
+                self.tunnels.pop(event.tunnel_id)
+                if self.owner is not None:
+                    self.owner.tunnel_unbound(self, event.tunnel_id, event.reason)
         elif isinstance(event, ev.GoAwayReceived):
-            self.close_reason = event.reason or code_name(event.code)
-            if event.code == ErrorCode.AUTH_FAILED and not self.welcome.done():
-                self.welcome.set_exception(
-                    AuthenticationFailed(f"relay {self.name} rejected the token; check BURROW_TOKEN")
-                )
-            elif event.code == ErrorCode.UNSUPPORTED_VERSION and not self.welcome.done():
-                self.welcome.set_exception(RelayUnavailable(f"relay {self.name}: {event.reason}"))
-            if self.transport is not None and self.proto.state is SessionState.CLOSED:
+            self._on_goaway(event)
+
+    def _on_goaway(self, event: ev.GoAwayReceived) -> None:
+        self.close_reason = event.reason or code_name(event.code)
+        if not self.welcome.done():
+            if event.code == ErrorCode.AUTH_FAILED:
+                error: Exception = AuthenticationFailed(f"relay {self.name} rejected the token; check BURROW_TOKEN")
+            else:
+                error = RelayUnavailable(f"relay {self.name} refused the session: {self.close_reason}")
+            self.welcome.set_exception(error)
+        if self.proto.state is SessionState.CLOSED:
+            if self.transport is not None:
                 self.transport.close()
+        elif self.owner is not None:  # graceful: open streams finish here, new tunnels go elsewhere
+            logger.info("relay %s is going away (%s); moving on", self.name, self.close_reason)
+            self.owner.session_draining(self)
 
     def _resolve(self, request_id: int, info: dict[str, Any] | None, error: Exception | None) -> None:
         future = self._requests.get(request_id)
@@ -247,13 +290,11 @@ class AgentSession(SessionConnection):
         error = SessionClosed(f"session to relay {self.name} ended ({reason})")
         if not self.welcome.done():
             self.welcome.set_exception(error)
+            self.welcome.exception()  # whoever awaited it has it; nobody else must be warned
         futures: list[asyncio.Future[Any]] = [*self._requests.values(), *self._unbinds.values()]
         for future in futures:
             if not future.done():
                 future.set_exception(error)
-        for tunnel in self.tunnels.values():
-            tunnel.closed = True
-        if self.tunnels:
-            logger.warning(
-                "session to relay %s ended (%s); its %d tunnel(s) are closed", self.name, reason, len(self.tunnels)
-            )
+                future.exception()
+        if self.owner is not None:
+            self.owner.session_lost(self)

@@ -212,10 +212,14 @@ class SessionProtocol:
 
     # ---------------------------------------------------------------- tunnels
 
-    def bind(self, request_id: int, port: int, *, unencrypted: bool = False, h2: bool = False) -> None:
-        """Agent: ask for a tunnel to local ``port``; answered by Bound or BindFailed."""
+    def bind(
+        self, request_id: int, port: int, *, unencrypted: bool = False, h2: bool = False, ticket: str | None = None
+    ) -> None:
+        """Agent: ask for a tunnel to local ``port`` (resuming one with ``ticket``); answered by Bound or BindFailed."""
         self._require(Role.AGENT, SessionState.OPEN)
-        message = {"request": request_id, "port": port, "unencrypted": unencrypted, "h2": h2}
+        message: dict[str, Any] = {"request": request_id, "port": port, "unencrypted": unencrypted, "h2": h2}
+        if ticket is not None:
+            message["ticket"] = ticket
         self._out.append(encode_json(FrameType.BIND, message))
 
     def bound(self, request_id: int, tunnel: dict[str, Any]) -> None:
@@ -260,8 +264,9 @@ class SessionProtocol:
         """
         stream = self._sendable(stream_id)
         if stream.pending_size:
-            stream.pending.append(memoryview(data))
-            stream.pending_size += len(data)
+            if len(data):  # an empty view left queued would hold back StreamWritable
+                stream.pending.append(memoryview(data))
+                stream.pending_size += len(data)
             return False
         size = len(data)
         if size <= stream.send_credit and size <= self.max_payload:

@@ -1,0 +1,187 @@
+"""The agent's link to one relay: a session that comes back, and tunnels that keep their URL.
+
+A :class:`RelayLink` owns the current :class:`AgentSession` to a relay and
+every tunnel opened through it. When the session drops (relay restart,
+network blip, laptop sleep, a dead link found by heartbeats) or the relay
+says GOAWAY, the link reconnects on its own with jittered exponential
+backoff, never giving up while a tunnel is open, and resumes each tunnel with
+its ticket: same id, same URL. A stale session the relay still holds is
+replaced at once by the ticket (the relay hands the tunnel over).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from typing import Any
+
+from ..errors import AuthenticationFailed, BurrowError, TunnelRefused
+from ..protocol.session import SessionState
+from ..tunnel import TunnelState
+from .config import AgentSettings
+from .session import AgentSession, AgentTunnel
+
+logger = logging.getLogger("burrow")
+
+#: Backoff between reconnection attempts: full jitter over BASE * 2**n, capped.
+#: The cap keeps recovery within ~2 s of the relay coming back.
+RECONNECT_BASE = 0.05
+RECONNECT_CAP = 1.5
+
+
+def backoff(attempt: int) -> float:
+    """Seconds to wait before reconnection attempt ``attempt`` (0: at once)."""
+    if attempt == 0:
+        return 0.0
+    return random.uniform(0, min(RECONNECT_CAP, RECONNECT_BASE * 2**attempt))
+
+
+class RelayLink:
+    """Every tunnel of this process on one relay, and the session carrying them."""
+
+    def __init__(self, settings: AgentSettings) -> None:
+        self.settings = settings
+        self.session: AgentSession | None = None
+        self.tunnels: list[AgentTunnel] = []
+        self._connecting: asyncio.Future[AgentSession] | None = None
+        self._reconnecting: asyncio.Task[None] | None = None
+        self._stopped = False
+
+    # ------------------------------------------------------------------ sessions
+
+    async def current_session(self) -> AgentSession:
+        """The open session, connecting once for all concurrent callers."""
+        if self.session is not None and self.session.proto.state is SessionState.OPEN:
+            return self.session
+        if self._connecting is None:
+            self._connecting = asyncio.get_running_loop().create_future()
+            try:
+                session = await AgentSession.connect(self.settings, self)
+            except BaseException as exc:
+                self._connecting.set_exception(exc)
+                self._connecting.exception()
+                raise
+            else:
+                self.session = session
+                self._connecting.set_result(session)
+            finally:
+                self._connecting = None
+            return session
+        return await asyncio.shield(self._connecting)
+
+    # ------------------------------------------------------------------- tunnels
+
+    async def open(self, tunnel: AgentTunnel) -> None:
+        """Open ``tunnel`` at the relay; it is then kept open across reconnects until :meth:`close`."""
+        session = await self.current_session()
+        tunnel.info = await session.bind(tunnel.local_port, tunnel.unencrypted, tunnel.h2)
+        session.tunnels[tunnel.id] = tunnel
+        self.tunnels.append(tunnel)
+        tunnel.set_state(TunnelState.OPEN)
+
+    async def close(self, tunnel: AgentTunnel) -> None:
+        """Close ``tunnel`` at the relay (waiting for the relay to confirm) and forget it."""
+        if tunnel in self.tunnels:
+            self.tunnels.remove(tunnel)
+        was_open = tunnel.state is TunnelState.OPEN
+        tunnel.set_state(TunnelState.CLOSED)
+        session = self.session
+        if was_open and session is not None and session.tunnels.get(tunnel.id) is tunnel:
+            await session.unbind(tunnel.id)
+
+    def stop(self) -> None:
+        """Process exit: close the session, no reconnecting."""
+        self._stopped = True
+        if self._reconnecting is not None:
+            self._reconnecting.cancel()
+        if self.session is not None:
+            self.session.close()
+
+    # --------------------------------------------------- SessionOwner callbacks
+
+    def session_lost(self, session: AgentSession) -> None:
+        if session is self.session:
+            self.session = None
+            self._start_reconnecting(session.close_reason or "link lost")
+
+    def session_draining(self, session: AgentSession) -> None:
+        # the relay is going away: its open streams finish on the old session,
+        # while tunnels move to a new one (the same relay once it is back)
+        if session is self.session:
+            self.session = None
+            self._start_reconnecting(session.close_reason or "relay going away")
+
+    def tunnel_unbound(self, session: AgentSession, tunnel_id: str, reason: str) -> None:
+        for tunnel in list(self.tunnels):
+            if tunnel.id == tunnel_id:
+                logger.warning("burrow: the relay closed tunnel %s (%s)", tunnel_id, reason)
+                self.tunnels.remove(tunnel)
+                tunnel.set_state(TunnelState.CLOSED)
+
+    # ----------------------------------------------------------------- reconnect
+
+    def _start_reconnecting(self, reason: str) -> None:
+        if self._stopped or not self.tunnels:
+            return
+        for tunnel in self.tunnels:
+            tunnel.set_state(TunnelState.RECONNECTING)
+        if self._reconnecting is not None:
+            return  # the running loop picks them up
+        logger.warning(
+            "burrow: lost the session to relay %s (%s); reconnecting %d tunnel(s)",
+            self.settings.relay,
+            reason,
+            len(self.tunnels),
+        )
+        self._reconnecting = asyncio.get_running_loop().create_task(self._reconnect())
+        self._reconnecting.add_done_callback(self._reconnect_done)
+
+    def _reconnect_done(self, task: asyncio.Task[None]) -> None:
+        self._reconnecting = None
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("burrow: reconnecting failed: %s", task.exception())
+        if any(t.state is TunnelState.RECONNECTING for t in self.tunnels):
+            self._start_reconnecting("lost again")  # lost after the loop's last look
+
+    async def _reconnect(self) -> None:
+        attempt = 0
+        warned: set[str] = set()
+        while not self._stopped and any(t.state is TunnelState.RECONNECTING for t in self.tunnels):
+            await asyncio.sleep(backoff(attempt))
+            attempt += 1
+            try:
+                session = await self.current_session()
+                for tunnel in list(self.tunnels):
+                    if tunnel.state is TunnelState.RECONNECTING:
+                        await self._resume(session, tunnel)
+            except (BurrowError, OSError) as exc:
+                message = str(exc)
+                if isinstance(exc, AuthenticationFailed) or message not in warned:
+                    logger.warning("burrow: still reconnecting to relay %s: %s", self.settings.relay, message)
+                    warned.add(message)
+                continue
+        logger.warning("burrow: reconnected to relay %s after %d attempt(s)", self.settings.relay, attempt)
+
+    async def _resume(self, session: AgentSession, tunnel: AgentTunnel) -> None:
+        old_id, old_url = tunnel.id, _url(tunnel.info)
+        try:
+            info = await session.bind(tunnel.local_port, tunnel.unencrypted, tunnel.h2, tunnel.ticket)
+        except TunnelRefused as exc:
+            if getattr(exc, "code", "") != "bad-ticket":
+                raise
+            # the relay cannot honour the ticket (its key changed): a new URL beats none
+            logger.warning("burrow: tunnel %s cannot keep its URL (%s); opening a new one", old_id, exc)
+            info = await session.bind(tunnel.local_port, tunnel.unencrypted, tunnel.h2)
+        if tunnel not in self.tunnels:  # closed by its owner meanwhile
+            await session.unbind(str(info["id"]))
+            return
+        tunnel.info = info
+        session.tunnels[tunnel.id] = tunnel
+        if _url(info) != old_url:
+            logger.warning("burrow: tunnel %s is now %s", old_id, _url(info))
+        tunnel.set_state(TunnelState.OPEN)
+
+
+def _url(info: dict[str, Any]) -> str:
+    return f"{info.get('host')}:{info.get('port')}/{info.get('unencrypted_port')}"
