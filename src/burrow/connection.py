@@ -269,6 +269,7 @@ class SessionConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._heartbeat is not None:
             self._heartbeat.cancel()
+
         self.proto.connection_lost()
         for endpoint in list(self.endpoints.values()):
             endpoint.peer_reset()

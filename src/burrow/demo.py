@@ -86,7 +86,8 @@ def connect(tunnel: Tunnel, cafile: Path | None, timeout: float = 10.0) -> ssl.S
     host, port = tunnel.tls_socket
     address = "127.0.0.1" if is_loopback(host) else host
     sock = socket.create_connection((address, port), timeout=timeout)
-    return client_context(cafile).wrap_socket(sock, server_hostname=host)
+    # an EOF without close_notify is a cut, not an end: say so instead of returning b""
+    return client_context(cafile).wrap_socket(sock, server_hostname=host, suppress_ragged_eofs=False)
 
 
 def fetch(tunnel: Tunnel, cafile: Path | None, path: str = "/") -> tuple[int, bytes]:

@@ -126,9 +126,7 @@ def test_websocket_echo_through_tls_tunnel(ca_file: Path) -> None:
         with burrow.forward(port) as tunnel:
             sock = socket.create_connection(("127.0.0.1", tunnel.port), timeout=10)
             url = f"wss://{tunnel.host}:{tunnel.port}/"
-            with connect(
-                url, sock=sock, ssl=client_context(ca_file), server_hostname=tunnel.host, max_size=None
-            ) as ws:
+            with connect(url, sock=sock, ssl=client_context(ca_file), server_hostname=tunnel.host, max_size=None) as ws:
                 for size in (0, 1, 125, 126, 65535, 65536, 1 << 20):
                     message = os.urandom(size)
                     ws.send(message)

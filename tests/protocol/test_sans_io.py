@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import ast
+import importlib.util
 import json
 import subprocess
 import sys
@@ -22,10 +23,11 @@ from pathlib import Path
 
 import pytest
 
-import burrow.protocol
-
-PROTOCOL_DIR = Path(burrow.protocol.__file__).resolve().parent
-BURROW_DIR = PROTOCOL_DIR.parent
+# find_spec locates the package without running burrow/__init__.py (and the whole library)
+_SPEC = importlib.util.find_spec("burrow")
+assert _SPEC is not None and _SPEC.submodule_search_locations
+BURROW_DIR = Path(next(iter(_SPEC.submodule_search_locations))).resolve()
+PROTOCOL_DIR = BURROW_DIR / "protocol"
 PROTOCOL_FILES = sorted(PROTOCOL_DIR.glob("*.py"))
 
 FORBIDDEN = ("asyncio", "socket", "ssl")

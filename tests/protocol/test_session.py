@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import sys
 
 import pytest
-from protocol_pair import Pair, data_frame, decode_frames, goaway_code, hello_frame, wire_bytes
 
 from burrow.errors import LocalProtocolError, ProtocolError
 from burrow.protocol import events as ev
@@ -30,6 +28,8 @@ from burrow.protocol.session import (
     SessionState,
     StreamState,
 )
+
+from .protocol_pair import Pair, data_frame, decode_frames, goaway_code, hello_frame, wire_bytes
 
 W = MIN_WINDOW  # a small window keeps the flow-control tests cheap
 
@@ -467,6 +467,19 @@ def test_sender_stops_at_the_window_and_resumes_on_credit(small: Pair) -> None:
     assert small.relay.send_data(sid, b"more") is True
 
 
+def test_empty_write_while_blocked(small: Pair) -> None:
+    sid = small.open_stream()
+    assert small.relay.send_data(sid, b"e" * (2 * W)) is False
+    assert small.relay.send_data(sid, b"") is False  # still blocked; queues nothing
+    assert small.relay.buffered(sid) == W
+    relay_to_agent(small, sid)
+    small.agent.consumed(sid, W)  # grants exactly the W bytes still pending
+    assert small.send(small.agent) == [ev.StreamWritable(sid)]
+    assert small.relay.buffered(sid) == 0
+    got, _ = relay_to_agent(small, sid)
+    assert len(got) == W
+
+
 def test_flow_control_from_the_agent_side(small: Pair) -> None:
     sid = small.open_stream()
     data = bytes(range(256)) * (3 * W // 256)
@@ -637,7 +650,10 @@ def test_open_racing_a_graceful_goaway_is_refused(pair: Pair) -> None:
     sid = pair.relay.open_stream("tun", "peer")  # the relay has not seen the GOAWAY yet
     agent_events, relay_events = pair.exchange()
     assert agent_events == []
-    assert relay_events == [ev.GoAwayReceived(ErrorCode.SHUTDOWN, ""), ev.StreamReset(sid, ErrorCode.REFUSED, "session closing")]
+    assert relay_events == [
+        ev.GoAwayReceived(ErrorCode.SHUTDOWN, ""),
+        ev.StreamReset(sid, ErrorCode.REFUSED, "session closing"),
+    ]
     assert pair.agent.stream_count == pair.relay.stream_count == 0
 
 

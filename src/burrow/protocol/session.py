@@ -202,7 +202,7 @@ class SessionProtocol:
     def welcome(self, session_id: str, info: dict[str, Any] | None = None) -> None:
         """Relay: accept the agent that sent HELLO."""
         self._require(Role.RELAY, SessionState.HELLO_RECEIVED)
-        message = {"version": self.version, "session": session_id, "window": self.window, **(info or {})}
+        message = {**(info or {}), "version": self.version, "session": session_id, "window": self.window}
         self._out.append(encode_json(FrameType.WELCOME, message))
         self.state = SessionState.OPEN
 

@@ -45,6 +45,10 @@ logger = logging.getLogger("burrow.relay")
 #: Pending connections the kernel queues per listener before refusing.
 BACKLOG = 1024
 
+#: A closing TLS connection waits this long for the peer's close_notify (asyncio's
+#: default, 30 s, keeps a dead peer's socket open that long).
+TLS_SHUTDOWN_TIMEOUT = 5.0
+
 #: How often a draining relay looks whether its streams have finished.
 DRAIN_POLL = 0.05
 
@@ -260,6 +264,7 @@ class Relay:
                 conn,
                 ssl=self.certs.agent_context,
                 ssl_handshake_timeout=self.config.handshake_timeout,
+                ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT,
             )
         except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
             conn.close()
@@ -394,8 +399,13 @@ class Relay:
         stale = holder.session
         self.close_tunnel(holder, f"taken over from stale session {stale.name}", notify=False)
         if not stale.tunnels:
+            # its agent has moved on, so its link is dead or useless: no graceful TLS
+            # close, which would wait for a close_notify that never comes
             logger.info("session %s replaced by a reconnected agent", stale.name)
-            stale.close(ErrorCode.SHUTDOWN, "replaced by a newer session of this agent")
+            stale.proto.goaway(ErrorCode.SHUTDOWN, "replaced by a newer session of this agent")
+            stale.flush()
+            if stale.transport is not None:
+                stale.transport.abort()
 
     def close_tunnel(self, tunnel: RelayTunnel, reason: str, notify: bool = True) -> None:
         """Close a tunnel: unroute it, stop its TCP listener, reset its connections."""

@@ -1,0 +1,196 @@
+"""The measuring clients. Each takes an :class:`Endpoint` and returns raw numbers.
+
+Python clients (bulk over TLS, ping-pong, new connections) run in the harness
+process, blocking sockets, one at a time; iperf3 and wrk are driven as
+subprocesses. The same client measures every path, so its own cost is the
+same for burrow and for each peer.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+import socket
+import ssl
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .procs import BenchError
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where a client connects: plain TCP, or TLS with a server name (SNI) and a CA to verify it."""
+
+    host: str
+    port: int
+    sni: str | None = None  # set: speak TLS with this server name
+    cafile: str | None = None
+
+    @property
+    def tls(self) -> bool:
+        return self.sni is not None
+
+    def connect(self, timeout: float = 10.0) -> socket.socket:
+        sock = socket.create_connection((self.host, self.port), timeout=timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.sni is None:
+            return sock
+        try:
+            return client_context(self.cafile).wrap_socket(sock, server_hostname=self.sni)
+        except BaseException:
+            sock.close()
+            raise
+
+    def url(self, scheme: str = "http") -> str:
+        """``http://127.0.0.1:PORT`` or ``https://SNI:PORT`` (resolve SNI to ``host`` yourself)."""
+        if self.sni is None:
+            return f"{scheme}://{self.host}:{self.port}"
+        return f"{scheme}s://{self.sni}:{self.port}"
+
+
+@functools.cache
+def client_context(cafile: str | None) -> ssl.SSLContext:
+    """A verifying client context (hostname checked) trusting ``cafile``."""
+    return ssl.create_default_context(cafile=cafile)
+
+
+# ---------------------------------------------------------------- throughput
+
+
+def recv_throughput(endpoint: Endpoint, seconds: float, warmup: float) -> float:
+    """Bits/s received from an endless source, counted after ``warmup`` seconds."""
+    buf = bytearray(1 << 20)
+    with endpoint.connect() as sock:
+        sock.settimeout(10.0)
+        start = time.perf_counter()
+        end_warmup = start + warmup
+        while time.perf_counter() < end_warmup:
+            if not sock.recv_into(buf):
+                raise BenchError(f"{endpoint}: the source closed during warm-up")
+        total = 0
+        start = time.perf_counter()
+        deadline = start + seconds
+        while True:
+            got = sock.recv_into(buf)
+            if not got:
+                raise BenchError(f"{endpoint}: the source closed after {total} bytes")
+            total += got
+            now = time.perf_counter()
+            if now >= deadline:
+                return total * 8 / (now - start)
+
+
+@dataclass
+class IperfResult:
+    bits_per_second: float  # receiver side, all streams
+    streams: list[float]  # receiver side, per stream
+    retransmits: int
+
+
+def iperf3(endpoint: Endpoint, seconds: int, omit: int = 0, parallel: int = 1) -> IperfResult:
+    """iperf3 in reverse mode (the service sends, the public client receives) through ``endpoint``."""
+    argv = ["iperf3", "-c", endpoint.host, "-p", str(endpoint.port), "-R", "--json"]
+    argv += ["-t", str(max(1, int(seconds))), "-O", str(omit), "-P", str(parallel)]
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + omit + 30)
+        except subprocess.TimeoutExpired:
+            raise BenchError(f"iperf3 through {endpoint} did not finish in time") from None
+        try:
+            data = json.loads(done.stdout)
+        except json.JSONDecodeError:
+            raise BenchError(f"iperf3 through {endpoint}: {done.stdout[-400:]} {done.stderr[-400:]}") from None
+        error = data.get("error", "")
+        # the server takes a moment to wind down the previous test (its connections closing)
+        if "busy" in error and time.monotonic() < deadline:
+            time.sleep(0.2)
+            continue
+        if error:
+            raise BenchError(f"iperf3 through {endpoint}: {error}")
+        break
+    end = data["end"]
+    streams = [s["receiver"]["bits_per_second"] for s in end["streams"]]
+    return IperfResult(end["sum_received"]["bits_per_second"], streams, int(end["sum_sent"].get("retransmits", 0)))
+
+
+# ------------------------------------------------------------------- latency
+
+
+def ping_pong(endpoint: Endpoint, count: int, warmup: int = 200) -> list[float]:
+    """Round-trip times (s) of a 1-byte ping-pong on one established connection."""
+    samples = []
+    clock = time.perf_counter_ns
+    with endpoint.connect() as sock:
+        for i in range(warmup + count):
+            start = clock()
+            sock.sendall(b"p")
+            if sock.recv(16) != b"p":
+                raise BenchError(f"{endpoint}: ping-pong got a wrong echo")
+            if i >= warmup:
+                samples.append((clock() - start) / 1e9)
+    return samples
+
+
+def new_connections(endpoint: Endpoint, count: int, warmup: int = 20) -> list[float]:
+    """Per new connection (s): connect (and TLS handshake), send one byte, read its echo."""
+    samples = []
+    clock = time.perf_counter_ns
+    for i in range(warmup + count):
+        start = clock()
+        sock = endpoint.connect()
+        try:
+            sock.sendall(b"n")
+            if sock.recv(16) != b"n":
+                raise BenchError(f"{endpoint}: no echo on a new connection")
+            elapsed = clock() - start
+        finally:
+            sock.close()
+        if i >= warmup:
+            samples.append(elapsed / 1e9)
+    return samples
+
+
+# ---------------------------------------------------------------------- wrk
+
+# wrk resolves the URL's host itself (getaddrinfo knows no *.localhost) and sends
+# it as SNI: keep the name for SNI, dial 127.0.0.1.
+WRK_RESOLVE = 'wrk.resolve = function(host, service) wrk.addrs = wrk.lookup("127.0.0.1", service) end\n'
+_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}
+
+
+@dataclass
+class WrkResult:
+    requests_per_second: float
+    p50: float  # s
+    p99: float  # s
+    errors: int
+
+
+def wrk(endpoint: Endpoint, seconds: int, connections: int, threads: int, workdir: Path) -> WrkResult:
+    """wrk (HTTP/1.1 keep-alive) through ``endpoint`` for ``seconds``."""
+    script = workdir / "wrk-resolve.lua"
+    script.write_text(WRK_RESOLVE)
+    argv = ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{max(1, int(seconds))}s", "--latency"]
+    argv += ["-s", str(script), endpoint.url() + "/"]
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 30)
+    except subprocess.TimeoutExpired:
+        raise BenchError(f"wrk through {endpoint} did not finish in time") from None
+    out = done.stdout
+    rps = re.search(r"^Requests/sec:\s+([\d.]+)", out, re.M)
+    if done.returncode != 0 or rps is None:
+        raise BenchError(f"wrk through {endpoint} failed: {out[-600:]} {done.stderr[-300:]}")
+    rows = re.findall(r"^\s+(\d+)%\s+([\d.]+)(us|ms|s|m)\s*$", out, re.M)
+    latency = {int(p): float(v) * _UNITS[u] for p, v, u in rows}
+    errors = sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if non2xx:
+        errors += int(non2xx.group(1))
+    if 50 not in latency or 99 not in latency:
+        raise BenchError(f"wrk through {endpoint}: no latency distribution in {out[-600:]}")
+    return WrkResult(float(rps.group(1)), latency[50], latency[99], errors)

@@ -1,0 +1,226 @@
+"""Scenario 7's driver: how long a new tunnel takes, from entering forward() to the first echo.
+
+``python -m bench.create MODE --count N --port ECHO_PORT [...]`` prints one JSON
+object per sample (seconds): ``{"total", "open", "first_request", "retries"}``.
+
+- ``warm``: one process, its agent session to the relay already up (a keeper
+  tunnel on another port holds it); each sample is ``burrow.forward(port,
+  relay=...)``, ``open()``, then a TLS connection to the new URL (SNI
+  ``<id>.localhost``, verified against the dev CA) sending one byte and reading
+  its echo. ``close()`` happens after the clock stops.
+- ``cold``: the same, but each sample runs in a fresh process forked from one
+  that has imported burrow and nothing more: no loop thread, no session, so the
+  clock includes starting burrow's loop thread, TCP + TLS to the relay, HELLO,
+  BIND and the request.
+- ``ssh-cold``: the peer: a new ``ssh -N -R`` process per sample, until one
+  byte echoes through its remote port (plain TCP: ssh -R has no TLS URL).
+- ``ssh-warm``: a ControlMaster connection is up; each sample is ``ssh -O
+  forward -R ...`` on it, until one byte echoes (then ``-O cancel``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import select
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+clock = time.perf_counter
+RETRY_FOR = 5.0  # s a sample may retry its first request before it counts as an error
+
+
+def echo_once(connect: Callable[[], socket.socket]) -> int:
+    """Connect, send a byte, read it back; retry until it works. The number of retries."""
+    retries = 0
+    deadline = clock() + RETRY_FOR
+    while True:
+        try:
+            with connect() as sock:
+                sock.sendall(b"c")
+                if sock.recv(16) == b"c":
+                    return retries
+        except OSError:
+            pass
+        retries += 1
+        if clock() > deadline:
+            raise RuntimeError(f"no echo after {retries} tries")
+        time.sleep(0.0005)
+
+
+def tcp_connect(port: int) -> Callable[[], socket.socket]:
+    def connect() -> socket.socket:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
+
+    return connect
+
+
+def tls_connect(context: ssl.SSLContext, host: str, port: int) -> Callable[[], socket.socket]:
+    def connect() -> socket.socket:
+        sock = tcp_connect(port)()
+        try:
+            return context.wrap_socket(sock, server_hostname=host)
+        except BaseException:
+            sock.close()
+            raise
+
+    return connect
+
+
+# ------------------------------------------------------------------- burrow
+
+
+def burrow_sample(relay: str, port: int, context: ssl.SSLContext) -> dict[str, float]:
+    import burrow
+
+    start = clock()
+    forward = burrow.forward(port, relay=relay)
+    tunnel = forward.open()
+    opened = clock()
+    host, tls_port = tunnel.tls_socket
+    retries = echo_once(tls_connect(context, host, tls_port))
+    done = clock()
+    forward.close()
+    return {"total": done - start, "open": opened - start, "first_request": done - opened, "retries": retries}
+
+
+def run_warm(args: argparse.Namespace, context: ssl.SSLContext, emit: Callable[[dict[str, float]], None]) -> None:
+    import burrow
+
+    keeper = burrow.forward(args.keeper_port, relay=args.relay)
+    keeper.open()  # the session is up from here on
+    try:
+        for _ in range(args.count):
+            emit(burrow_sample(args.relay, args.port, context))
+    finally:
+        keeper.close()
+
+
+def run_cold(args: argparse.Namespace, context: ssl.SSLContext, emit: Callable[[dict[str, float]], None]) -> None:
+    import burrow  # noqa: F401  (imported once here; each child starts from this state)
+
+    for _ in range(args.count):
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: one cold sample, then exit without running the parent's cleanup
+            os.close(read_end)
+            code = 0
+            try:
+                result = burrow_sample(args.relay, args.port, context)
+                os.write(write_end, json.dumps(result).encode())
+            except BaseException as exc:  # noqa: BLE001
+                os.write(write_end, json.dumps({"error": repr(exc)}).encode())
+                code = 1
+            os._exit(code)
+        os.close(write_end)
+        ready, _, _ = select.select([read_end], [], [], 60)
+        data = os.read(read_end, 65536) if ready else b""
+        os.close(read_end)
+        if not data:
+            os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        result = json.loads(data or b'{"error": "timeout"}')
+        if "error" in result:
+            raise RuntimeError(f"cold sample failed: {result['error']}")
+        emit(result)
+
+
+# ---------------------------------------------------------------------- ssh
+
+
+def ssh_base(args: argparse.Namespace) -> list[str]:
+    return [
+        "ssh", "-F", "/dev/null", "-T",
+        "-i", args.ssh_key, "-p", str(args.sshd_port),
+        "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+        "-o", "ExitOnForwardFailure=yes", "-o", "LogLevel=ERROR",
+    ]  # fmt: skip
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def run_ssh_cold(args: argparse.Namespace, emit: Callable[[dict[str, float]], None]) -> None:
+    for _ in range(args.count):
+        remote = free_port()
+        forward = f"127.0.0.1:{remote}:127.0.0.1:{args.port}"
+        start = clock()
+        proc = subprocess.Popen(
+            [*ssh_base(args), "-N", "-R", forward, f"{args.user}@127.0.0.1"], stdin=subprocess.DEVNULL
+        )
+        try:
+            retries = echo_once(tcp_connect(remote))
+            done = clock()
+        finally:
+            proc.terminate()
+            proc.wait(timeout=10)
+        emit({"total": done - start, "open": 0.0, "first_request": 0.0, "retries": retries})
+
+
+def run_ssh_warm(args: argparse.Namespace, emit: Callable[[dict[str, float]], None]) -> None:
+    control = Path(args.control_dir) / "master.sock"
+    target = f"{args.user}@127.0.0.1"
+    master = subprocess.Popen([*ssh_base(args), "-N", "-M", "-S", str(control), target], stdin=subprocess.DEVNULL)
+    try:
+        deadline = clock() + 20
+        while subprocess.run(["ssh", "-S", str(control), "-O", "check", target], capture_output=True).returncode:
+            if clock() > deadline or master.poll() is not None:
+                raise RuntimeError("the ssh ControlMaster did not come up")
+            time.sleep(0.01)
+        for _ in range(args.count):
+            remote = free_port()
+            forward = f"127.0.0.1:{remote}:127.0.0.1:{args.port}"
+            start = clock()
+            subprocess.run(["ssh", "-S", str(control), "-O", "forward", "-R", forward, target], check=True,
+                           capture_output=True)  # fmt: skip
+            opened = clock()
+            retries = echo_once(tcp_connect(remote))
+            done = clock()
+            subprocess.run(["ssh", "-S", str(control), "-O", "cancel", "-R", forward, target], capture_output=True)
+            emit({"total": done - start, "open": opened - start, "first_request": done - opened, "retries": retries})
+    finally:
+        master.terminate()
+        master.wait(timeout=10)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.create")
+    parser.add_argument("mode", choices=["warm", "cold", "ssh-cold", "ssh-warm"])
+    parser.add_argument("--count", type=int, required=True)
+    parser.add_argument("--port", type=int, required=True, help="the local echo service")
+    parser.add_argument("--relay", help="burrow relay host:port")
+    parser.add_argument("--ca", help="CA to verify the relay's tunnel certificates")
+    parser.add_argument("--keeper-port", type=int, default=1, help="warm: port of the tunnel holding the session")
+    parser.add_argument("--sshd-port", type=int)
+    parser.add_argument("--ssh-key")
+    parser.add_argument("--user", default="root")
+    parser.add_argument("--control-dir", default="/tmp")
+    args = parser.parse_args(argv)
+
+    def emit(sample: dict[str, float]) -> None:
+        print(json.dumps(sample), flush=True)
+
+    if args.mode in ("warm", "cold"):
+        context = ssl.create_default_context(cafile=args.ca)
+        (run_warm if args.mode == "warm" else run_cold)(args, context, emit)
+    elif args.mode == "ssh-cold":
+        run_ssh_cold(args, emit)
+    else:
+        run_ssh_warm(args, emit)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,421 @@
+"""Everything a bench run talks to: the local services, burrow, sshd/ssh and HAProxy.
+
+A *path* is one way from the measuring client to a local service: ``direct``,
+through ``ssh -R`` (two ciphers), through HAProxy terminating TLS in front of
+``ssh -R``, or through burrow (its raw TCP address, or its TLS URL). A
+*target* is the local service at the end: ``iperf`` (iperf3 -s), ``source``
+(endless sender), ``echo``, ``http`` (HAProxy answering a small response).
+:meth:`Lab.prepare` starts what a set of (path, target) pairs needs, all on
+loopback and free ports; :meth:`Lab.endpoint` says where the client connects.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import getpass
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from .clients import Endpoint
+from .procs import BenchError, Proc, Procs, free_port
+
+#: The server name the bench's own TLS servers (direct TLS, HAProxy) answer to.
+BENCH_SNI = "bench.localhost"
+GCM = "aes128-gcm@openssh.com"
+SSHD = "/usr/sbin/sshd"
+#: Returns once the process it was made for is ready.
+_Wait = Callable[[], None]
+#: Every burrow process gets this environment; nothing from the caller's shell leaks in.
+BURROW_ENV_CLEAR = ("BURROW_RELAY", "BURROW_TOKEN", "BURROW_TOKEN_FILE", "BURROW_CA", "BURROW_LOOP")
+
+
+@functools.cache
+def default_ssh_cipher() -> str:
+    """The cipher ssh negotiates by default with an OpenSSH server (first of its list)."""
+    out = subprocess.run(
+        ["ssh", "-F", "/dev/null", "-G", "127.0.0.1"], capture_output=True, text=True, stdin=subprocess.DEVNULL
+    ).stdout
+    for line in out.splitlines():
+        if line.startswith("ciphers "):
+            return line.split()[1].split(",")[0]
+    return "chacha20-poly1305@openssh.com"
+
+
+def short_cipher(name: str) -> str:
+    return name.split("@")[0]
+
+
+@dataclass(frozen=True)
+class PathSpec:
+    key: str
+    kind: str  # direct | ssh | haproxy | burrow
+    tls: bool
+    cipher: str | None = None  # ssh's cipher, for ssh and haproxy paths
+
+    @property
+    def label(self) -> str:
+        if self.kind == "direct":
+            return "direct, TLS" if self.tls else "direct"
+        if self.kind == "burrow":
+            return "burrow TLS URL" if self.tls else "burrow raw TCP"
+        ssh = f"ssh -R {short_cipher(self.cipher or '')}"
+        return f"HAProxy TLS → {ssh}" if self.kind == "haproxy" else ssh
+
+    @property
+    def is_peer(self) -> bool:
+        """A competing tunnel (not direct, not burrow)."""
+        return self.kind in ("ssh", "haproxy")
+
+
+def paths() -> dict[str, PathSpec]:
+    default = default_ssh_cipher()
+    return {
+        p.key: p
+        for p in (
+            PathSpec("direct", "direct", False),
+            PathSpec("direct-tls", "direct", True),
+            PathSpec("ssh", "ssh", False, default),
+            PathSpec("ssh-gcm", "ssh", False, GCM),
+            PathSpec("haproxy+ssh", "haproxy", True, default),
+            PathSpec("haproxy+ssh-gcm", "haproxy", True, GCM),
+            PathSpec("burrow", "burrow", False),
+            PathSpec("burrow-tls", "burrow", True),
+        )
+    }
+
+
+TCP_PATHS = ["direct", "ssh", "ssh-gcm", "burrow"]
+TLS_PATHS = ["direct-tls", "haproxy+ssh", "haproxy+ssh-gcm", "burrow-tls"]
+
+
+@dataclass
+class Target:
+    name: str
+    proc: Proc
+    tcp_port: int
+    tls_port: int | None = None
+
+
+@dataclass
+class Agent:
+    proc: Proc
+    host: str  # <id>.localhost
+    tcp_port: int
+
+
+# ------------------------------------------------------------------ certificates
+
+
+@dataclass(frozen=True)
+class BenchCerts:
+    ca: Path
+    cert: Path  # leaf + CA chain
+    key: Path
+    combined: Path  # cert chain and key in one file (HAProxy's crt)
+
+
+def make_certs(directory: Path) -> BenchCerts:
+    """A throwaway CA and a P-256 leaf for BENCH_SNI (the same key type burrow's dev CA issues)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.UTC)
+    start, end = now - datetime.timedelta(hours=1), now + datetime.timedelta(days=2)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "burrow bench CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    leaf = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, BENCH_SNI)]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(BENCH_SNI)]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    pem = serialization.Encoding.PEM
+    key_pem = key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    chain = leaf.public_bytes(pem) + ca.public_bytes(pem)
+    certs = BenchCerts(directory / "ca.pem", directory / "leaf.pem", directory / "leaf-key.pem", directory / "both.pem")
+    certs.ca.write_bytes(ca.public_bytes(pem))
+    certs.cert.write_bytes(chain)
+    certs.key.write_bytes(key_pem)
+    certs.combined.write_bytes(chain + key_pem)
+    return certs
+
+
+# -------------------------------------------------------------------------- lab
+
+
+class Lab:
+    """Starts, on demand and once, the processes the paths need; hands out endpoints."""
+
+    def __init__(self, workdir: Path, procs: Procs) -> None:
+        self.workdir = workdir
+        self.procs = procs
+        self.paths = paths()
+        self.certs = make_certs(workdir / "certs")
+        self.burrow_home = workdir / "burrow-home"
+        self.burrow_home.mkdir(exist_ok=True)
+        self.targets: dict[str, Target] = {}
+        self.relay: Proc | None = None
+        self.relay_port = 0
+        self.agents: dict[str, Agent] = {}
+        self.sshd_port = 0
+        self.ssh: dict[tuple[str, str], int] = {}  # (cipher, target) -> port sshd listens on
+        self.haproxy: dict[tuple[str, str], int] = {}  # (cipher, target) -> TLS port
+
+    # ------------------------------------------------------------------ setup
+
+    def prepare(self, needs: Iterable[tuple[str, str]], *, sshd: bool = False, relay: bool = False) -> None:
+        """Start everything the (path key, target) pairs need, in parallel where possible.
+
+        ``sshd`` / ``relay``: start those even if no path needs them (scenario 7).
+        """
+        needs = sorted(set(needs))
+        specs = [(self.paths[key], target) for key, target in needs]
+        waits = []
+        for target in sorted({t for _, t in needs} - set(self.targets)):
+            waits.append(self._start_target(target))
+        if (sshd or any(p.kind in ("ssh", "haproxy") for p, _ in specs)) and not self.sshd_port:
+            waits.append(self._start_sshd())
+        if (relay or any(p.kind == "burrow" for p, _ in specs)) and self.relay is None:
+            waits.append(self._start_relay())
+        _finish(waits)
+        waits = []
+        for spec, target in specs:
+            if spec.kind in ("ssh", "haproxy") and (spec.cipher or "", target) not in self.ssh:
+                waits.append(self._start_ssh(spec.cipher or "", target))
+            if spec.kind == "burrow" and target not in self.agents:
+                waits.append(self._start_agent(target))
+        _finish(waits)
+        waits = []
+        for spec, target in specs:
+            if spec.kind == "haproxy" and (spec.cipher or "", target) not in self.haproxy:
+                waits.append(self._start_haproxy_front(spec.cipher or "", target))
+        _finish(waits)
+
+    def endpoint(self, key: str, target: str) -> Endpoint:
+        spec = self.paths[key]
+        tgt = self.targets[target]
+        loop = "127.0.0.1"
+        if spec.kind == "direct":
+            if spec.tls:
+                if tgt.tls_port is None:
+                    raise BenchError(f"target {target} has no TLS listener")
+                return Endpoint(loop, tgt.tls_port, BENCH_SNI, str(self.certs.ca))
+            return Endpoint(loop, tgt.tcp_port)
+        if spec.kind == "ssh":
+            return Endpoint(loop, self.ssh[(spec.cipher or "", target)])
+        if spec.kind == "haproxy":
+            return Endpoint(loop, self.haproxy[(spec.cipher or "", target)], BENCH_SNI, str(self.certs.ca))
+        agent = self.agents[target]
+        if spec.tls:
+            return Endpoint(loop, self.relay_port, agent.host, str(self.burrow_home / "ca.pem"))
+        return Endpoint(loop, agent.tcp_port)
+
+    def burrow_env(self, relay: bool = False) -> dict[str, str | None]:
+        env: dict[str, str | None] = {name: None for name in BURROW_ENV_CLEAR}
+        env["BURROW_HOME"] = str(self.burrow_home)
+        if relay:
+            env["BURROW_RELAY"] = f"localhost:{self.relay_port}"
+        return env
+
+    # ---------------------------------------------------------------- targets
+
+    def _start_target(self, name: str) -> _Wait:
+        if name == "iperf":
+            port = free_port()
+            proc = self.procs.start("target-iperf", ["iperf3", "-s", "-p", str(port), "--forceflush"])
+
+            def ready() -> None:
+                proc.wait_for(r"Server listening")
+                self.targets[name] = Target(name, proc, port)
+
+            return ready
+        if name == "http":
+            return self._start_http_target()
+        argv = [sys.executable, "-m", "bench.services", name, "--tls", str(self.certs.cert), str(self.certs.key)]
+        proc = self.procs.start(f"target-{name}", argv, cwd=Path(__file__).resolve().parent.parent)
+
+        def ready_service() -> None:
+            match = proc.wait_for(r"ready tcp=(\d+) tls=(\d+)")
+            self.targets[name] = Target(name, proc, int(match[1]), int(match[2]))
+
+        return ready_service
+
+    def _start_http_target(self) -> _Wait:
+        port, tls_port = free_port(), free_port()
+        config = self.workdir / "haproxy-http.cfg"
+        config.write_text(
+            HAPROXY_GLOBAL
+            + f"""
+frontend http
+    mode http
+    bind 127.0.0.1:{port}
+    bind 127.0.0.1:{tls_port} ssl crt {self.certs.combined}
+    http-request return status 200 content-type text/plain string "hello from the burrow bench\\n"
+"""
+        )
+        proc = self.procs.start("target-http", ["haproxy", "-db", "-f", str(config)], nofile=65536)
+
+        def ready() -> None:
+            proc.wait_listening(port)
+            proc.wait_listening(tls_port)
+            self.targets["http"] = Target("http", proc, port, tls_port)
+
+        return ready
+
+    # ----------------------------------------------------------------- burrow
+
+    def _start_relay(self) -> _Wait:
+        self.relay_port = free_port()
+        argv = [sys.executable, "-m", "burrow", "relay", "--listen", f"127.0.0.1:{self.relay_port}"]
+        proc = self.relay = self.procs.start("burrow-relay", argv, env=self.burrow_env(), nofile=65536)
+
+        def ready() -> None:
+            proc.wait_for(r"burrow relay ready on \S+:(\d+)")
+
+        return ready
+
+    def _start_agent(self, target: str) -> _Wait:
+        argv = [sys.executable, "-m", "burrow", "forward", str(self.targets[target].tcp_port), "--unencrypted"]
+        proc = self.procs.start(f"burrow-agent-{target}", argv, env=self.burrow_env(relay=True), nofile=65536)
+
+        def ready() -> None:
+            url = proc.wait_for(r"^\s*url\s+https://([^:/\s]+):(\d+)")
+            tcp = proc.wait_for(r"^\s*tcp\s+\S+:(\d+)")
+            self.agents[target] = Agent(proc, url[1], int(tcp[1]))
+
+        return ready
+
+    # -------------------------------------------------------------------- ssh
+
+    def _start_sshd(self) -> _Wait:
+        directory = self.workdir / "ssh"
+        directory.mkdir(exist_ok=True)
+        for key in ("host_key", "user_key"):
+            subprocess.run(
+                ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(directory / key)],
+                check=True,
+                stdin=subprocess.DEVNULL,
+            )
+        (directory / "authorized_keys").write_bytes((directory / "user_key.pub").read_bytes())
+        os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # sshd's privilege-separation directory
+        self.sshd_port = free_port()
+        config = directory / "sshd_config"
+        config.write_text(
+            f"""Port {self.sshd_port}
+ListenAddress 127.0.0.1
+HostKey {directory / "host_key"}
+PidFile {directory / "sshd.pid"}
+AuthorizedKeysFile {directory / "authorized_keys"}
+PermitRootLogin prohibit-password
+PubkeyAuthentication yes
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+StrictModes no
+AllowTcpForwarding yes
+GatewayPorts no
+X11Forwarding no
+PrintMotd no
+UseDNS no
+MaxStartups 200:30:400
+LogLevel ERROR
+"""
+        )
+        proc = self.procs.start("sshd", [SSHD, "-D", "-e", "-f", str(config)])
+        return lambda: proc.wait_listening(self.sshd_port)
+
+    def _start_ssh(self, cipher: str, target: str) -> _Wait:
+        directory = self.workdir / "ssh"
+        remote = free_port()
+        argv = [
+            "ssh", "-F", "/dev/null", "-N", "-T",
+            "-i", str(directory / "user_key"),
+            "-p", str(self.sshd_port),
+            "-o", "BatchMode=yes",
+            "-o", "StrictHostKeyChecking=no",
+            "-o", "UserKnownHostsFile=/dev/null",
+            "-o", "ExitOnForwardFailure=yes",
+            "-o", "LogLevel=ERROR",
+            "-c", cipher,
+            "-R", f"127.0.0.1:{remote}:127.0.0.1:{self.targets[target].tcp_port}",
+            f"{getpass.getuser()}@127.0.0.1",
+        ]  # fmt: skip
+        proc = self.procs.start(f"ssh-{short_cipher(cipher)}-{target}", argv)
+
+        def ready() -> None:
+            proc.wait_listening(remote)
+            self.ssh[(cipher, target)] = remote
+
+        return ready
+
+    # ---------------------------------------------------------------- haproxy
+
+    def _start_haproxy_front(self, cipher: str, target: str) -> _Wait:
+        port = free_port()
+        config = self.workdir / f"haproxy-{short_cipher(cipher)}-{target}.cfg"
+        config.write_text(
+            HAPROXY_GLOBAL
+            + f"""
+frontend tls
+    mode tcp
+    bind 127.0.0.1:{port} ssl crt {self.certs.combined}
+    default_backend ssh_tunnel
+
+backend ssh_tunnel
+    mode tcp
+    server tunnel 127.0.0.1:{self.ssh[(cipher, target)]}
+"""
+        )
+        name = f"haproxy-{short_cipher(cipher)}-{target}"
+        proc = self.procs.start(name, ["haproxy", "-db", "-f", str(config)], nofile=65536)
+
+        def ready() -> None:
+            proc.wait_listening(port)
+            self.haproxy[(cipher, target)] = port
+
+        return ready
+
+
+HAPROXY_GLOBAL = """global
+    maxconn 9000
+
+defaults
+    timeout connect 5s
+    timeout client 5m
+    timeout server 5m
+"""
+
+
+def _finish(waits: list[_Wait]) -> None:
+    for wait in waits:
+        wait()

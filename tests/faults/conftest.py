@@ -1,0 +1,144 @@
+"""Fixtures for the fault suite: a relay with fast heartbeats and a fault proxy in front of it."""
+
+from __future__ import annotations
+
+import os
+import resource
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+import burrow
+from burrow.relay import Relay, RelayConfig
+
+from ..helpers import ServiceThread, on_runtime, recv_all, sha256, tls_connect
+from .proxy import FaultProxy
+
+#: Heartbeat timeout used by the fault tests on both sides: dead links are found fast.
+FAST_HEARTBEAT = 1.5
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _more_file_descriptors() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+@pytest.fixture
+def fast_heartbeat(monkeypatch: pytest.MonkeyPatch) -> float:
+    monkeypatch.setenv("BURROW_HEARTBEAT_TIMEOUT", str(FAST_HEARTBEAT))
+    return FAST_HEARTBEAT
+
+
+@pytest.fixture
+def fast_relay(fast_heartbeat: float) -> Iterator[Relay]:
+    """An in-process relay (on burrow's loop) with fast heartbeats."""
+    relay = on_runtime(Relay(RelayConfig(port=0, heartbeat_timeout=fast_heartbeat)).start())
+    yield relay
+
+    async def close() -> None:
+        relay.close()
+
+    on_runtime(close())
+
+
+@pytest.fixture
+def proxy(service_loop: ServiceThread, fast_relay: Relay) -> Iterator[FaultProxy]:
+    """A fault proxy in front of ``fast_relay``: agents dial ``localhost:<proxy.port>``."""
+    fault_proxy = FaultProxy(service_loop, fast_relay.port)
+    yield fault_proxy
+    fault_proxy.close()
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> float:
+    """Poll until ``condition()``; return how long it took."""
+    started = time.monotonic()
+    while not condition():
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"{what} not reached within {timeout} s")
+        time.sleep(0.01)
+    return time.monotonic() - started
+
+
+def echo_ok(tunnel: burrow.Tunnel, ca: Path, size: int = 64 * 1024) -> bool:
+    """One TLS and (if any) one raw TCP round trip through the tunnel, bytes checked."""
+    payload = os.urandom(size)
+    with tls_connect(tunnel, ca) as sock:
+        sock.sendall(payload)
+        got = bytearray()
+        while len(got) < size:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return False
+            got += chunk
+        if bytes(got) != payload:
+            return False
+    if tunnel.unencrypted_port is not None:
+        with socket.create_connection(("127.0.0.1", tunnel.unencrypted_port), timeout=10) as sock:
+            sock.sendall(payload)
+            sock.shutdown(socket.SHUT_WR)
+            if recv_all(sock) != payload:
+                return False
+    return True
+
+
+class Transfer:
+    """A bulk echo transfer in a thread; records whether it ended whole or with an error."""
+
+    def __init__(self, sock: socket.socket, total: int) -> None:
+        self.sock = sock
+        self.total = total
+        self.sent = os.urandom(1 << 20)
+        self.received = bytearray()
+        self.error: BaseException | None = None
+        self.write_error: BaseException | None = None
+        self.clean_eof = False
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        writer = threading.Thread(target=self._write, daemon=True)
+        writer.start()
+        try:
+            while True:
+                chunk = self.sock.recv(1 << 20)
+                if not chunk:
+                    self.clean_eof = True
+                    return
+                self.received += chunk
+        except (OSError, ValueError) as exc:
+            self.error = exc
+
+    def _write(self) -> None:
+        try:
+            left = self.total
+            while left > 0:
+                size = min(left, len(self.sent))
+                self.sock.sendall(self.sent[:size])
+                left -= size
+            self.sock.shutdown(socket.SHUT_WR)
+        except (OSError, ValueError) as exc:
+            # Linux reports a RST to the first call that looks: maybe this one, not recv()
+            self.write_error = exc
+
+    def expected(self) -> bytes:
+        whole, rest = divmod(self.total, len(self.sent))
+        return self.sent * whole + self.sent[:rest]
+
+    def join(self, timeout: float = 30) -> None:
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "transfer hung"
+
+    def whole_or_reset(self) -> str:
+        """'whole' if every byte came back intact, 'reset' if it ended in an error; never a silent cut."""
+        if self.error is not None or isinstance(self.write_error, ConnectionResetError):
+            assert self.received == self.expected()[: len(self.received)], "bytes corrupted before the reset"
+            return "reset"
+        assert self.clean_eof
+        assert len(self.received) == self.total, f"silently truncated at {len(self.received)} of {self.total}"
+        assert sha256(bytes(self.received)) == sha256(self.expected())
+        return "whole"

@@ -1,0 +1,136 @@
+"""The agent's link breaks (reset, blackhole, cut mid-transfer): the tunnel comes back, same URL."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import socket
+from pathlib import Path
+
+import burrow
+from burrow.agent.runtime import runtime
+from burrow.relay import Relay
+
+from ..helpers import EchoServer, on_runtime, tls_connect
+from .conftest import FAST_HEARTBEAT, Transfer, echo_ok, wait_for
+from .proxy import FaultProxy
+
+MB = 1024 * 1024
+
+
+def _forward(echo: EchoServer, proxy: FaultProxy, states: list[burrow.TunnelState]) -> burrow.Forward:
+    return burrow.forward(echo.port, unencrypted=True, relay=f"localhost:{proxy.port}", on_state=states.append)
+
+
+def _reconnected(forward: burrow.Forward, states: list[burrow.TunnelState], before: int) -> float:
+    return wait_for(
+        lambda: burrow.TunnelState.RECONNECTING in states[before:] and forward.state is burrow.TunnelState.OPEN,
+        what="reconnection",
+    )
+
+
+def test_reset_link_comes_back_with_the_same_url(
+    echo: EchoServer, proxy: FaultProxy, fast_relay: Relay, ca_file: Path
+) -> None:
+    states: list[burrow.TunnelState] = []
+    forward = _forward(echo, proxy, states)
+    with forward as tunnel:
+        assert echo_ok(tunnel, ca_file)
+        before = len(states)
+        proxy.reset()
+        recovery = _reconnected(forward, states, before)
+        assert recovery < 2.0, recovery
+        assert forward.tunnel == tunnel  # same id, URL and TCP port
+        assert echo_ok(tunnel, ca_file)
+    assert states == [
+        burrow.TunnelState.OPEN,
+        burrow.TunnelState.RECONNECTING,
+        burrow.TunnelState.OPEN,
+        burrow.TunnelState.CLOSED,
+    ]
+
+
+def test_blackholed_link_is_found_dead_and_its_streams_reset(
+    echo: EchoServer, proxy: FaultProxy, fast_relay: Relay, ca_file: Path
+) -> None:
+    states: list[burrow.TunnelState] = []
+    forward = _forward(echo, proxy, states)
+    with forward as tunnel:
+        sock = tls_connect(tunnel, ca_file, timeout=30)
+        transfer = Transfer(sock, 2000 * MB)  # far more than can pass before the blackhole
+        wait_for(lambda: len(transfer.received) > 4 * MB, what="transfer under way")
+        before = len(states)
+        proxy.blackhole()  # no FIN, no RST: only heartbeats can tell
+        detected = wait_for(lambda: forward.state is burrow.TunnelState.RECONNECTING, what="dead link noticed")
+        assert detected <= FAST_HEARTBEAT * 1.25 + 0.5, detected
+        transfer.join(FAST_HEARTBEAT * 4)  # the riding stream is reset promptly, not left hanging
+        assert transfer.whole_or_reset() == "reset"
+        sock.close()
+        _reconnected(forward, states, before)
+        assert forward.tunnel == tunnel
+        assert echo_ok(tunnel, ca_file)
+        # the relay dropped the stale session (by heartbeat or by the ticket's takeover)
+        wait_for(lambda: len(on_runtime(_sessions(fast_relay))) == 1, what="stale session gone")
+
+
+async def _sessions(relay: Relay) -> list[str]:
+    return [s.name for s in relay.sessions]
+
+
+def test_cut_in_the_middle_of_a_transfer(echo: EchoServer, proxy: FaultProxy, fast_relay: Relay, ca_file: Path) -> None:
+    states: list[burrow.TunnelState] = []
+    forward = _forward(echo, proxy, states)
+    with forward as tunnel:
+        sock = socket.create_connection(("127.0.0.1", tunnel.unencrypted_port), timeout=30)
+        transfer = Transfer(sock, 400 * MB)
+        wait_for(lambda: len(transfer.received) > MB, what="transfer under way")
+        before = len(states)
+        proxy.cut_after(3 * MB)
+        transfer.join()
+        assert transfer.whole_or_reset() == "reset"
+        sock.close()
+        _reconnected(forward, states, before)
+        assert echo_ok(forward.tunnel, ca_file)
+
+
+def test_slow_link_still_carries_every_byte(
+    echo: EchoServer, proxy: FaultProxy, fast_relay: Relay, ca_file: Path
+) -> None:
+    with _forward(echo, proxy, []) as tunnel:
+        proxy.latency(0.05)  # 50 ms each way on the agent's link
+        with socket.create_connection(("127.0.0.1", tunnel.unencrypted_port), timeout=30) as sock:
+            transfer = Transfer(sock, 20 * MB)
+            transfer.join(60)
+            assert transfer.whole_or_reset() == "whole"
+
+
+def test_no_leak_after_reconnects(echo: EchoServer, proxy: FaultProxy, fast_relay: Relay, ca_file: Path) -> None:
+    async def tasks() -> int:
+        return len(asyncio.all_tasks())
+
+    def fds() -> int:
+        # uvloop's SSL transports sit in reference cycles that only the cyclic
+        # collector frees (with their sockets); count what is really still in use
+        gc.collect()
+        return len(os.listdir("/proc/self/fd"))
+
+    states: list[burrow.TunnelState] = []
+    forward = _forward(echo, proxy, states)
+    with forward as tunnel:
+        assert echo_ok(tunnel, ca_file)
+        baseline = (fds(), on_runtime(tasks()))
+        for _ in range(5):
+            before = len(states)
+            proxy.reset()
+            _reconnected(forward, states, before)
+            assert echo_ok(tunnel, ca_file)
+
+        def settled() -> bool:
+            return fds() <= baseline[0] + 2 and on_runtime(tasks()) <= baseline[1] + 1
+
+        try:
+            wait_for(settled, what="fds and tasks back to their baseline")
+        except AssertionError:
+            raise AssertionError(f"baseline {baseline}, now {(fds(), on_runtime(tasks()))}") from None
+    assert len(runtime().links) >= 1

@@ -1,0 +1,67 @@
+"""The bench harness cannot rot: ``python -m bench.run --quick`` runs every scenario end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PROGRAMS = ["iperf3", "wrk", "haproxy", "ssh", "ssh-keygen", "/usr/sbin/sshd"]
+SCENARIOS = [str(n) for n in range(1, 9)]
+
+
+def _missing() -> list[str]:
+    def found(program: str) -> bool:
+        if program.startswith("/"):
+            return os.access(program, os.X_OK)
+        return shutil.which(program) is not None or os.access(f"/usr/sbin/{program}", os.X_OK)
+
+    return [p for p in PROGRAMS if not found(p)]
+
+
+@pytest.mark.timeout(90)
+def test_quick_bench_runs_every_scenario(tmp_path: Path) -> None:
+    missing = _missing()
+    if missing:
+        pytest.skip(f"bench needs {', '.join(missing)} (Debian: openssh-server openssh-client haproxy iperf3 wrk)")
+    pytest.importorskip("matplotlib", reason="the bench's chart needs matplotlib: pip install -e '.[bench]'")
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--quick", "--out", str(tmp_path), "--max-seconds", "80"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=85,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    outputs = {p.suffix: p for p in tmp_path.iterdir()}
+    assert set(outputs) == {".json", ".md", ".png"}, sorted(outputs)
+    assert outputs[".png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert outputs[".png"].stat().st_size > 20_000
+    table = outputs[".md"].read_text()
+    assert table in done.stdout  # printed too
+
+    results = json.loads(outputs[".json"].read_text())
+    assert results["meta"]["quick"] is True
+    assert sorted(results["scenarios"]) == SCENARIOS
+    for sid, scenario in results["scenarios"].items():
+        assert scenario["figures"], f"scenario {sid} has no figures: {scenario['notes']}"
+        assert scenario["checks"] or sid == "6", f"scenario {sid} judged no target"
+        assert f"## {sid}. {scenario['title']}" in table
+        for figure in scenario["figures"]:
+            if figure["metric"] in ("errors", "retries") or figure["metric"].startswith("added"):
+                continue  # zero is the right answer there (and added can be anything)
+            assert figure["runs"] and all(v > 0 for v in figure["runs"]), (sid, figure)
+            assert figure["min"] <= figure["median"] <= figure["max"]
+    # every path of every mode took part somewhere, and burrow is compared with a peer and direct
+    paths = {f["path"] for s in results["scenarios"].values() for f in s["figures"]}
+    assert {"direct", "direct-tls", "ssh-gcm", "haproxy+ssh-gcm", "burrow", "burrow-tls"} <= paths
+    burrow = next(f for f in results["scenarios"]["1"]["figures"] if f["path"] == "burrow")
+    assert burrow["ratio_direct"] > 0 and burrow["ratio_best_peer"] > 0
+    assert results["scenarios"]["8"]["extra"]["connections"] == results["scenarios"]["8"]["extra"]["n"]
