@@ -255,10 +255,13 @@ class SessionConnection(asyncio.Protocol):
         try:
             self.proto.receive_data(data)
         except ProtocolError as exc:
+            # the session is CLOSED: what came before the error in this read no longer
+            # matters (connection_lost resets every stream); send GOAWAY and hang up
             logger.warning("session %s: protocol error from peer: %s", self.name, exc)
-            self._handle_events()
+            self.proto.events_received()
             self.flush()
-            self.close()
+            if self.transport is not None:
+                self.transport.close()
             return
         self._handle_events()
         self.flush()

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 import resource
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -15,7 +18,7 @@ import pytest
 import burrow
 from burrow.relay import Relay, RelayConfig
 
-from ..helpers import ServiceThread, on_runtime, recv_all, sha256, tls_connect
+from ..helpers import ServiceThread, free_port, on_runtime, recv_all, sha256, tls_connect
 from .proxy import FaultProxy
 
 #: Heartbeat timeout used by the fault tests on both sides: dead links are found fast.
@@ -135,10 +138,71 @@ class Transfer:
 
     def whole_or_reset(self) -> str:
         """'whole' if every byte came back intact, 'reset' if it ended in an error; never a silent cut."""
-        if self.error is not None or isinstance(self.write_error, ConnectionResetError):
+        if self.error is not None or isinstance(self.write_error, (ConnectionResetError, BrokenPipeError)):
             assert self.received == self.expected()[: len(self.received)], "bytes corrupted before the reset"
             return "reset"
         assert self.clean_eof
         assert len(self.received) == self.total, f"silently truncated at {len(self.received)} of {self.total}"
         assert sha256(bytes(self.received)) == sha256(self.expected())
         return "whole"
+
+
+class RelayProcess:
+    """``burrow relay`` as a child process on a fixed port, to kill and restart."""
+
+    def __init__(self, port: int, *args: str) -> None:
+        self.port = port
+        self.args = args
+        self.process: subprocess.Popen[str] | None = None
+        self.log: list[str] = []
+
+    def start(self) -> float:
+        """Start and wait until it listens; returns the time it became ready."""
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "burrow", "relay", "--listen", f"127.0.0.1:{self.port}", *self.args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        assert self.process.stdout is not None
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            line = self.process.stdout.readline()
+            if not line:
+                break
+            self.log.append(line)
+            if "burrow relay ready" in line:
+                threading.Thread(target=self._drain, args=(self.process,), daemon=True).start()
+                return time.monotonic()
+        raise AssertionError(f"relay did not start: {self.log}")
+
+    def _drain(self, process: subprocess.Popen[str]) -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            self.log.append(line)
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait(10)
+
+    def terminate(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+
+    def wait(self, timeout: float) -> int:
+        assert self.process is not None
+        return self.process.wait(timeout)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+
+@pytest.fixture
+def relay_process(fast_heartbeat: float) -> Iterator[RelayProcess]:
+    relay = RelayProcess(free_port(), "--heartbeat-timeout", str(fast_heartbeat))
+    relay.start()
+    yield relay
+    relay.stop()
