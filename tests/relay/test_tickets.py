@@ -1,0 +1,81 @@
+"""Resume tickets: only the same token, on the same relay domain, within their lifetime."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+import burrow
+from burrow.agent.config import AgentSettings, RelayAddress
+from burrow.agent.session import AgentSession
+from burrow.relay import Relay, RelayConfig
+from burrow.relay.tickets import (
+    TICKET_LIFETIME,
+    Claims,
+    TicketInvalid,
+    TicketSigner,
+    load_or_create_key,
+    token_fingerprint,
+)
+
+from ..helpers import EchoServer, on_runtime
+
+CLAIMS = Claims("abcdefghijklmn", unencrypted=True, h2=False, tcp_port=23456)
+
+
+def test_ticket_round_trip_and_every_refusal(tmp_path: Path) -> None:
+    key = load_or_create_key(tmp_path / "ticket.key")
+    assert load_or_create_key(tmp_path / "ticket.key") == key  # created once, kept
+    assert (tmp_path / "ticket.key").stat().st_mode & 0o777 == 0o600
+    signer = TicketSigner(key, "r1.example.com")
+    mine = token_fingerprint("token-a")
+    ticket = signer.issue(mine, CLAIMS, now=1_000_000)
+    assert signer.verify(ticket, mine, now=1_000_000 + 60) == CLAIMS
+    with pytest.raises(TicketInvalid, match="another token"):
+        signer.verify(ticket, token_fingerprint("token-b"), now=1_000_000)
+    with pytest.raises(TicketInvalid, match="expired"):
+        signer.verify(ticket, mine, now=1_000_000 + TICKET_LIFETIME + 1)
+    with pytest.raises(TicketInvalid, match="another relay domain"):
+        TicketSigner(key, "r2.example.com").verify(ticket, mine, now=1_000_000)
+    with pytest.raises(TicketInvalid, match="not signed by this relay"):
+        TicketSigner(b"k" * 32, "r1.example.com").verify(ticket, mine, now=1_000_000)
+    body, mac = ticket.split(".")
+    tampered = body[:-2] + ("A" if body[-2] != "A" else "B") + body[-1] + "." + mac
+    with pytest.raises(TicketInvalid):
+        signer.verify(tampered, mine, now=1_000_000)
+    for junk in ("", "x", "a.b.c", "!!!.???"):
+        with pytest.raises(TicketInvalid):
+            signer.verify(junk, mine, now=1_000_000)
+
+
+def test_only_the_same_token_can_reclaim_a_tunnel(echo: EchoServer) -> None:
+    relay = on_runtime(Relay(RelayConfig(port=0, tokens=frozenset({"token-a", "token-b"}))).start())
+    address = f"localhost:{relay.port}"
+    try:
+        async def bind_with(token: str, ticket: str) -> dict[str, object]:
+            settings = AgentSettings(RelayAddress("localhost", relay.port), token=token)
+            session = await AgentSession.connect(settings)
+            try:
+                return await session.bind(echo.port, False, False, ticket)
+            finally:
+                session.close()
+
+        forward = burrow.forward(echo.port, relay=address, token="token-a")
+        tunnel = forward.open()
+        ticket = forward._state.ticket
+        assert ticket is not None
+        with pytest.raises(burrow.TunnelRefused, match="another token"):
+            on_runtime(bind_with("token-b", ticket))
+        # the rightful owner reclaims it at once from its (here: still live) session
+        info = on_runtime(bind_with("token-a", ticket))
+        assert info["id"] == tunnel.id and info["host"] == tunnel.host
+        forward.close()
+    finally:
+
+        async def close() -> None:
+            relay.close()
+            await asyncio.sleep(0)
+
+        on_runtime(close())
