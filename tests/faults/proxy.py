@@ -22,6 +22,8 @@ class _Pipe:
     blackholed: bool = False
     delay: float = 0.0
     cut_after: int | None = None
+    rate: float = 0.0  # bytes per second; 0: unlimited
+    next_free: float = 0.0  # when the throttled link is free again
     forwarded: int = 0
     pending: list[bytes] = field(default_factory=list)
 
@@ -66,8 +68,13 @@ class _Side(asyncio.Protocol):
         if pipe.cut_after is not None and pipe.forwarded >= pipe.cut_after:
             self.proxy.reset_pipe(pipe)
             return
-        if pipe.delay:
-            asyncio.get_running_loop().call_later(pipe.delay, _write, other, data)
+        loop = asyncio.get_running_loop()
+        delay = pipe.delay
+        if pipe.rate:
+            pipe.next_free = max(pipe.next_free, loop.time()) + len(data) / pipe.rate
+            delay += pipe.next_free - loop.time()
+        if delay:
+            loop.call_later(delay, _write, other, data)
         else:
             other.write(data)
 
@@ -123,6 +130,10 @@ class FaultProxy:
     def latency(self, seconds: float) -> None:
         """Delay every chunk of the open connections."""
         self._each("delay", seconds)
+
+    def throttle(self, bytes_per_second: float) -> None:
+        """Let the open connections carry at most this many bytes per second each way."""
+        self._each("rate", bytes_per_second)
 
     def cut_after(self, more_bytes: int) -> None:
         """Reset each open connection once it has forwarded ``more_bytes`` more."""

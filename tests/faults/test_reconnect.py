@@ -8,6 +8,8 @@ import os
 import socket
 from pathlib import Path
 
+import pytest
+
 import burrow
 from burrow.agent.runtime import runtime
 from burrow.relay import Relay
@@ -94,15 +96,44 @@ def test_cut_in_the_middle_of_a_transfer(echo: EchoServer, proxy: FaultProxy, fa
         assert echo_ok(forward.tunnel, ca_file)
 
 
+@pytest.mark.parametrize("fault", ["latency", "throttle"])
 def test_slow_link_still_carries_every_byte(
-    echo: EchoServer, proxy: FaultProxy, fast_relay: Relay, ca_file: Path
+    fault: str, echo: EchoServer, proxy: FaultProxy, fast_relay: Relay, ca_file: Path
 ) -> None:
     with _forward(echo, proxy, []) as tunnel:
-        proxy.latency(0.05)  # 50 ms each way on the agent's link
+        if fault == "latency":
+            proxy.latency(0.05)  # 50 ms each way on the agent's link
+            size = 20 * MB
+        else:
+            proxy.throttle(4 * MB)  # 4 MB/s each way
+            size = 6 * MB
         with socket.create_connection(("127.0.0.1", tunnel.unencrypted_port), timeout=30) as sock:
-            transfer = Transfer(sock, 20 * MB)
+            transfer = Transfer(sock, size)
             transfer.join(60)
             assert transfer.whole_or_reset() == "whole"
+        assert echo_ok(tunnel, ca_file)  # heartbeats got through the slow link: still the same session
+
+
+def test_blackhole_while_idle_and_reset_during_bulk(
+    echo: EchoServer, proxy: FaultProxy, fast_relay: Relay, ca_file: Path
+) -> None:
+    states: list[burrow.TunnelState] = []
+    forward = _forward(echo, proxy, states)
+    with forward as tunnel:
+        before = len(states)
+        proxy.blackhole()
+        _reconnected(forward, states, before)
+        assert forward.tunnel == tunnel and echo_ok(tunnel, ca_file)
+        sock = socket.create_connection(("127.0.0.1", tunnel.unencrypted_port), timeout=30)
+        transfer = Transfer(sock, 2000 * MB)
+        wait_for(lambda: len(transfer.received) > 2 * MB, what="transfer under way")
+        before = len(states)
+        proxy.reset()
+        transfer.join()
+        assert transfer.whole_or_reset() == "reset"
+        sock.close()
+        _reconnected(forward, states, before)
+        assert forward.tunnel == tunnel and echo_ok(tunnel, ca_file)
 
 
 def test_no_leak_after_reconnects(echo: EchoServer, proxy: FaultProxy, fast_relay: Relay, ca_file: Path) -> None:
