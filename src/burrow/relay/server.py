@@ -161,7 +161,7 @@ class Relay:
                 pass
         for listener in self._listeners:
             listener.setblocking(False)
-            self._spawn(self._accept_loop(listener))
+            self.spawn(self._accept_loop(listener))
         logger.info(
             "relay listening on %s:%d for *.%s (%s certificates)",
             config.host,
@@ -228,7 +228,8 @@ class Relay:
     async def __aexit__(self, *exc_info: object) -> None:
         self.close()
 
-    def _spawn(self, coro: Any) -> None:
+    def spawn(self, coro: Any) -> None:
+        """Run ``coro`` as a task the relay keeps (and cancels when it stops listening)."""
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -252,7 +253,7 @@ class Relay:
                 _reset_socket(conn)
                 self.refusals.log("pending", logging.WARNING, "refused %s: %s", format_address(address), refusal)
                 continue
-            self._spawn(self._handshake(conn, address))
+            self.spawn(self._handshake(conn, address))
 
     async def _handshake(self, conn: socket.socket, address: Any) -> None:
         peer = format_address(address)

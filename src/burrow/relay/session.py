@@ -51,7 +51,7 @@ class RelaySession(SessionConnection):
         if isinstance(event, ev.HelloReceived):
             self._on_hello(event)
         elif isinstance(event, ev.BindRequested):
-            asyncio.get_running_loop().create_task(self.relay.bind(self, event))
+            self.relay.spawn(self.relay.bind(self, event))
         elif isinstance(event, ev.UnbindRequested):
             tunnel = self.tunnels.get(event.tunnel_id)
             if tunnel is not None:
