@@ -149,7 +149,7 @@ class StreamEndpoint(asyncio.Protocol):
 
     # -------------------------------------------------------------- stream side
 
-    def deliver(self, data: bytes) -> None:
+    def deliver(self, data: bytes | bytearray | memoryview) -> None:
         """DATA from the stream: write it; grant credit unless the transport is full."""
         assert self.transport is not None
         if self.inbound:

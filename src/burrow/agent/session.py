@@ -88,11 +88,11 @@ class LocalEndpoint(StreamEndpoint):
 
     def __init__(self, session: AgentSession, stream_id: int, tunnel: AgentTunnel) -> None:
         super().__init__(session, stream_id, tunnel.stats, inbound=False)
-        self.early: list[bytes] = []
+        self.early: list[bytes | bytearray | memoryview] = []
         self.early_fin = False
         self.dial: asyncio.Task[None] | None = None
 
-    def deliver(self, data: bytes) -> None:
+    def deliver(self, data: bytes | bytearray | memoryview) -> None:
         if self.transport is None:
             self.early.append(data)
         else:

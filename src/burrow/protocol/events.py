@@ -83,7 +83,7 @@ class DataReceived:
     """Bytes for a stream; call ``consumed()`` once they have left this process."""
 
     stream_id: int
-    data: bytes
+    data: bytes | bytearray | memoryview  # often a zero-copy view of the read it came in
 
 
 @dataclass(frozen=True, slots=True)

@@ -84,6 +84,7 @@ CONTROL_JSON = frozenset(
 )
 CONTROL = CONTROL_JSON | {FrameType.PING, FrameType.PONG, FrameType.GOAWAY}
 _KNOWN = frozenset(int(t) for t in FrameType)
+_TYPES = {int(t): t for t in FrameType}  # faster than FrameType(n) on the data path
 
 
 class ErrorCode(enum.IntEnum):
@@ -117,7 +118,7 @@ class Frame:
 
     type: FrameType
     stream_id: int
-    payload: bytes
+    payload: bytes | bytearray | memoryview  # a view or bytearray only for DATA
 
 
 def encode(frame_type: FrameType, stream_id: int, payload: bytes = b"") -> bytes:
@@ -133,7 +134,7 @@ def encode_json(frame_type: FrameType, message: dict[str, Any], stream_id: int =
 def decode_json(frame: Frame) -> dict[str, Any]:
     """Parse a JSON control payload, raising :class:`ProtocolError` if it is not an object."""
     try:
-        message = json.loads(frame.payload)
+        message = json.loads(bytes(frame.payload))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # RecursionError: deeply nested JSON
         raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"{frame.type.name} payload is not JSON") from exc
     if not isinstance(message, dict):
@@ -151,7 +152,7 @@ def decode_code(frame: Frame) -> tuple[int, str]:
     if len(frame.payload) < RST_PAYLOAD.size:
         raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"{frame.type.name} payload is too short")
     (code,) = RST_PAYLOAD.unpack_from(frame.payload)
-    reason = frame.payload[RST_PAYLOAD.size :].decode("utf-8", "replace")
+    reason = bytes(frame.payload[RST_PAYLOAD.size :]).decode("utf-8", "replace")
     return code, reason
 
 
@@ -166,44 +167,71 @@ class FrameDecoder:
     def feed(self, data: bytes) -> list[Frame]:
         """Add ``data`` and return every frame it completes, in order.
 
+        DATA payloads are zero-copy views of ``data`` where a frame lies whole
+        inside one read (the common case: one read, one frame); only a frame
+        split across reads is assembled in a buffer. Other payloads are bytes.
+
         Raises :class:`ProtocolError` on an unknown type, non-zero flags, a
         control frame on a stream, a stream frame on stream 0, or an
         oversized length. Frames before the bad one are returned by the
         next call to :meth:`pending` (the caller stops reading anyway).
         """
-        buffer = self._buffer
-        buffer += data
+        if not isinstance(data, bytes):
+            data = bytes(data)  # views must not see a caller's buffer change under them
         frames: list[Frame] = []
         self._frames = frames
         offset = 0
-        size = len(buffer)
-        view = memoryview(buffer)
-        try:
-            while size - offset >= HEADER_SIZE:
-                frame_type, flags, stream_id, length = HEADER.unpack_from(buffer, offset)
-                if frame_type not in _KNOWN:
-                    raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"unknown frame type {frame_type}")
-                kind = FrameType(frame_type)
-                if flags:
-                    raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"{kind.name} frame with flags {flags:#x}")
-                if (kind in CONTROL) != (stream_id == 0):
-                    raise ProtocolError(
-                        ErrorCode.PROTOCOL_ERROR, f"{kind.name} frame on the wrong stream ({stream_id})"
-                    )
-                limit = MAX_CONTROL_PAYLOAD if kind in CONTROL else self.max_payload
-                if length > limit:
-                    raise ProtocolError(
-                        ErrorCode.FRAME_TOO_LARGE, f"{kind.name} frame of {length} bytes exceeds {limit}"
-                    )
-                end = offset + HEADER_SIZE + length
-                if end > size:
-                    break
-                frames.append(Frame(kind, stream_id, bytes(view[offset + HEADER_SIZE : end])))
-                offset = end
-        finally:
-            view.release()
-            del buffer[:offset]
+        if self._buffer:
+            offset = self._finish_buffered(data, frames)
+            if offset < 0:
+                return frames
+        size = len(data)
+        view = memoryview(data)
+        while size - offset >= HEADER_SIZE:
+            kind, stream_id, length = self._header(data, offset)
+            end = offset + HEADER_SIZE + length
+            if end > size:
+                break
+            payload = view[offset + HEADER_SIZE : end]
+            frames.append(Frame(kind, stream_id, payload if kind is FrameType.DATA else bytes(payload)))
+            offset = end
+        if offset < size:
+            self._buffer = bytearray(view[offset:])  # the start of a frame: wait for the rest
         return frames
+
+    def _finish_buffered(self, data: bytes, frames: list[Frame]) -> int:
+        """Complete the frame in the buffer from ``data``; return where ``data``'s own frames start (-1: none)."""
+        buffer = self._buffer
+        taken = 0
+        if len(buffer) < HEADER_SIZE:
+            taken = min(HEADER_SIZE - len(buffer), len(data))
+            buffer += data[:taken]
+            if len(buffer) < HEADER_SIZE:
+                return -1
+        kind, stream_id, length = self._header(buffer, 0)
+        missing = HEADER_SIZE + length - len(buffer)
+        if len(data) - taken < missing:
+            buffer += data[taken:]
+            return -1
+        buffer += memoryview(data)[taken : taken + missing]
+        del buffer[:HEADER_SIZE]  # O(1) at the front of a bytearray
+        self._buffer = bytearray()
+        frames.append(Frame(kind, stream_id, buffer if kind is FrameType.DATA else bytes(buffer)))
+        return taken + missing
+
+    def _header(self, data: bytes | bytearray, offset: int) -> tuple[FrameType, int, int]:
+        frame_type, flags, stream_id, length = HEADER.unpack_from(data, offset)
+        if frame_type not in _KNOWN:
+            raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"unknown frame type {frame_type}")
+        kind = _TYPES[frame_type]
+        if flags:
+            raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"{kind.name} frame with flags {flags:#x}")
+        if (kind in CONTROL) != (stream_id == 0):
+            raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"{kind.name} frame on the wrong stream ({stream_id})")
+        limit = MAX_CONTROL_PAYLOAD if kind in CONTROL else self.max_payload
+        if length > limit:
+            raise ProtocolError(ErrorCode.FRAME_TOO_LARGE, f"{kind.name} frame of {length} bytes exceeds {limit}")
+        return kind, stream_id, length
 
     def pending(self) -> list[Frame]:
         """Frames decoded by the last :meth:`feed` (useful after it raised)."""

@@ -551,7 +551,7 @@ class SessionProtocol:
     def _on_ping(self, frame: Frame) -> None:
         if len(frame.payload) != PING_PAYLOAD.size:
             raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "PING payload is not 8 bytes")
-        self._out.append(encode(FrameType.PONG, 0, frame.payload))
+        self._out.append(encode(FrameType.PONG, 0, bytes(frame.payload)))
 
     def _on_pong(self, frame: Frame) -> None:
         if len(frame.payload) != PING_PAYLOAD.size:
