@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 import ssl
@@ -86,17 +87,31 @@ class AgentSettings:
         return (self.relay, self.token, self.ca, self.window, self.heartbeat_timeout)
 
     def ssl_context(self) -> ssl.SSLContext:
-        """The client context: system CAs, ``BURROW_CA``, and the dev CA for loopback relays."""
+        """The client context: ``BURROW_CA``, plus the system CAs, or for a loopback relay the dev CA."""
         assert self.relay is not None
-        context = ssl.create_default_context()
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        context.set_alpn_protocols([AGENT_ALPN])
-        if self.ca is not None:
-            context.load_verify_locations(cafile=str(self.ca))
         dev_ca = dev_ca_path()
-        if is_loopback(self.relay.host) and dev_ca.exists():
-            context.load_verify_locations(cafile=str(dev_ca))
-        return context
+        loopback_dev = is_loopback(self.relay.host) and dev_ca.exists()
+        return _client_context(self.ca, dev_ca if loopback_dev else None)
+
+
+@functools.lru_cache(maxsize=16)
+def _client_context(ca: Path | None, dev_ca: Path | None) -> ssl.SSLContext:
+    """One context per trust set, shared by every session and reconnect.
+
+    A loopback relay is trusted through the dev CA (and ``BURROW_CA``) only:
+    loading the system store costs tens of milliseconds at every cold start,
+    and a relay on this machine is not vouched for by a public CA anyway.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies the chain and the host name
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_alpn_protocols([AGENT_ALPN])
+    if dev_ca is None:
+        context.load_default_certs()
+    else:
+        context.load_verify_locations(cafile=str(dev_ca))
+    if ca is not None:
+        context.load_verify_locations(cafile=str(ca))
+    return context
 
 
 def read_token() -> str:

@@ -31,15 +31,16 @@ logger = logging.getLogger("burrow")
 T = TypeVar("T")
 
 
+try:  # imported with burrow, so that the first forward() does not pay for it
+    import uvloop
+except ImportError:  # pragma: no cover (Windows, exotic platforms)
+    uvloop = None  # type: ignore[assignment]
+
+
 def new_event_loop() -> asyncio.AbstractEventLoop:
     """uvloop when installed (and not disabled with BURROW_LOOP=asyncio), else asyncio's."""
-    if os.environ.get("BURROW_LOOP", "").lower() != "asyncio":
-        try:
-            import uvloop
-        except ImportError:
-            pass
-        else:
-            return uvloop.new_event_loop()
+    if uvloop is not None and os.environ.get("BURROW_LOOP", "").lower() != "asyncio":
+        return uvloop.new_event_loop()
     return asyncio.new_event_loop()
 
 

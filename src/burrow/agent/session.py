@@ -158,13 +158,19 @@ class AgentSession(SessionConnection):
         loop = asyncio.get_running_loop()
         context = settings.ssl_context()
         host = address.connect_host or address.host
-        if host.endswith(".localhost"):  # RFC 6761: localhost names are loopback, resolver or not
-            host = "127.0.0.1"
+        # RFC 6761: localhost names are loopback whatever the resolver says (and need no lookup)
+        hosts = list(LOCAL_HOSTS) if host == "localhost" or host.endswith(".localhost") else [host]
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT):
-                _, session = await loop.create_connection(
-                    lambda: cls(settings, owner), host, address.port, ssl=context, server_hostname=address.host
-                )
+                for index, dial in enumerate(hosts):
+                    try:
+                        _, session = await loop.create_connection(
+                            lambda: cls(settings, owner), dial, address.port, ssl=context, server_hostname=address.host
+                        )
+                        break
+                    except ConnectionRefusedError:
+                        if index == len(hosts) - 1:
+                            raise
                 session.proto.hello(settings.token, AGENT_NAME)
                 session.flush()
                 await session.welcome

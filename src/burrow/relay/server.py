@@ -24,6 +24,7 @@ import random
 import socket
 import ssl
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any, cast
 
@@ -44,6 +45,10 @@ logger = logging.getLogger("burrow.relay")
 
 #: Pending connections the kernel queues per listener before refusing.
 BACKLOG = 1024
+
+#: Tunnel ids kept ready with their dev certificate (a burst of binds beyond
+#: this many pays the certificate at the first handshake instead).
+READY_CONTEXTS = 4
 
 #: A closing TLS connection waits this long for the peer's close_notify (asyncio's
 #: default, 30 s, keeps a dead peer's socket open that long).
@@ -133,6 +138,8 @@ class Relay:
         self._issued: set[str] = set()  # every id ever handed out: never reused
         self._tokens = [t.encode() for t in self.config.tokens]
         self._tunnels_per_token: dict[str, int] = {}
+        self._ready: deque[str] = deque()  # ids whose dev TLS context is made (see _top_up)
+        self._filling = False
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -162,6 +169,7 @@ class Relay:
         for listener in self._listeners:
             listener.setblocking(False)
             self.spawn(self._accept_loop(listener))
+        self._top_up()
         logger.info(
             "relay listening on %s:%d for *.%s (%s certificates)",
             config.host,
@@ -338,7 +346,6 @@ class Relay:
             return fail("shutting-down", "the relay is shutting down; try again shortly")
         if not 1 <= request.port <= 65535:
             return fail("bad-port", f"port {request.port} is outside 1-65535")
-        claims = Claims(new_tunnel_id(), request.unencrypted, request.h2, None)
         ticket = request.options.get("ticket")
         if ticket is not None:
             assert self.tickets is not None
@@ -354,8 +361,7 @@ class Relay:
                     return fail("in-use", f"tunnel {claims.tunnel_id} is already bound on this session")
                 self._take_over(holder)
         else:
-            while claims.tunnel_id in self._issued:
-                claims = Claims(new_tunnel_id(), request.unencrypted, request.h2, None)
+            claims = Claims(self._fresh_id(request.h2), request.unencrypted, request.h2, None)
         count = self._tunnels_per_token.get(session.token_fp, 0)
         if count >= self.config.max_tunnels_per_token:
             return fail("limit", f"this token has {count} tunnels at this relay (the limit); close some first")
@@ -394,6 +400,44 @@ class Relay:
             host,
             f" and tcp port {tunnel.tcp_port}" if tunnel.tcp_port else "",
         )
+
+    def _fresh_id(self, h2: bool) -> str:
+        """A never-issued id; on a dev relay, one whose TLS context is already made if any is ready."""
+        tunnel_id = self._ready.popleft() if self._ready and not h2 else self._unused_id()
+        self._top_up()
+        return tunnel_id
+
+    def _unused_id(self) -> str:
+        while True:
+            tunnel_id = new_tunnel_id()
+            if tunnel_id not in self._issued:
+                self._issued.add(tunnel_id)
+                return tunnel_id
+
+    def _top_up(self) -> None:
+        """Keep a few ids with their dev certificate ready, made off the loop thread.
+
+        Issuing a certificate and loading it into a context takes ~3.5 ms (most
+        of it OpenSSL parsing PEM, which releases the GIL); done at the first
+        handshake, it would be the bulk of a new tunnel's first request.
+        """
+        if self.certs is None or not self.certs.per_host or self._filling or len(self._ready) >= READY_CONTEXTS:
+            return
+        self._filling = True
+        self.spawn(self._fill())
+
+    async def _fill(self) -> None:
+        assert self.certs is not None
+        loop = asyncio.get_running_loop()
+        try:
+            while len(self._ready) < READY_CONTEXTS:
+                tunnel_id = self._unused_id()
+                host = f"{tunnel_id}.{self.config.domain}"
+                context = await loop.run_in_executor(None, self.certs.make_context, host, False)
+                self.certs.keep(host, False, context)
+                self._ready.append(tunnel_id)
+        finally:
+            self._filling = False
 
     def _take_over(self, holder: RelayTunnel) -> None:
         """A reconnected agent (same token, valid ticket) reclaims its tunnel from a stale session."""

@@ -57,16 +57,30 @@ class CertificateStore:
         """The dev CA certificate clients must trust, if this relay uses one."""
         return self.ca.path if self.ca is not None else None
 
+    @property
+    def per_host(self) -> bool:
+        """True when every tunnel host needs a context of its own (dev CA)."""
+        return self.ca is not None
+
     def tunnel_context(self, host: str, h2: bool) -> ssl.SSLContext:
         """The context that serves ``host`` (an ``<id>.<domain>`` name)."""
         if self.ca is None:
             return self._shared[h2]
         context = self._cache.get((host, h2))
         if context is None:
-            if len(self._cache) >= MAX_CACHED_CONTEXTS:
-                self._cache.pop(next(iter(self._cache)))
-            context = self._cache[(host, h2)] = self._dev_context(host, H2_ALPN if h2 else None)
+            context = self.make_context(host, h2)
+            self.keep(host, h2, context)
         return context
+
+    def make_context(self, host: str, h2: bool) -> ssl.SSLContext:
+        """A new dev context for ``host`` (a few ms; safe to call from a worker thread)."""
+        return self._dev_context(host, H2_ALPN if h2 else None)
+
+    def keep(self, host: str, h2: bool, context: ssl.SSLContext) -> None:
+        """Cache a context made by :meth:`make_context` (on the loop thread)."""
+        if len(self._cache) >= MAX_CACHED_CONTEXTS:
+            self._cache.pop(next(iter(self._cache)))
+        self._cache[(host, h2)] = context
 
     def forget(self, host: str) -> None:
         """Drop the cached contexts of a closed tunnel."""
