@@ -96,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--token-file", type=Path, help="file with accepted agent tokens, one per line (or set BURROW_TOKEN)"
     )
     relay.add_argument("--window", type=_size, help="per-stream flow-control window (default 1m)")
+    relay.add_argument("--max-frame", type=_size, help="largest DATA frame accepted from agents (default 256k)")
     relay.add_argument(
         "--ticket-key",
         type=Path,
@@ -195,6 +196,8 @@ def run_relay(args: argparse.Namespace) -> int:
     )
     if args.window is not None:
         config.window = args.window
+    if args.max_frame is not None:
+        config.max_frame = args.max_frame
     loop = new_event_loop()
     try:
         return loop.run_until_complete(_serve(config))

@@ -816,3 +816,23 @@ def test_byte_by_byte_delivery(small: Pair) -> None:
     assert payload_of(events, sid) == b"hello world"
     assert events[-1] == ev.StreamEnded(sid)
     assert small.send(small.agent) == [ev.PongReceived(77)]
+
+
+def test_each_side_sends_frames_no_larger_than_the_peer_accepts() -> None:
+    pair = Pair()
+    pair.relay = SessionProtocol(Role.RELAY, max_payload=4096)  # a relay run with --max-frame 4k
+    pair.handshake()
+    assert pair.agent.send_payload == 4096 and pair.relay.send_payload == 4096
+    sid = pair.open_stream()
+    payload = bytes(range(256)) * 400  # 100 KiB
+    assert pair.agent.send_data(sid, payload)
+    frames = decode_frames(pair.agent.data_to_send(), max_payload=4096)
+    assert all(len(f.payload) <= 4096 for f in frames) and len(frames) == 25
+    assert b"".join(bytes(f.payload) for f in frames) == payload
+
+
+def test_max_frame_out_of_range_is_a_protocol_error() -> None:
+    relay = SessionProtocol(Role.RELAY)
+    with pytest.raises(ProtocolError):
+        relay.receive_data(hello_frame(max_frame=10))
+    assert goaway_code(decode_frames(relay.data_to_send())) == ErrorCode.PROTOCOL_ERROR

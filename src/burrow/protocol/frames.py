@@ -33,6 +33,9 @@ HEADER_SIZE = HEADER.size
 #: asyncio hands us, so one read becomes one frame.
 MAX_FRAME_PAYLOAD = 256 * 1024
 
+#: The smallest maximum a side may announce: below it, headers would dominate.
+MIN_FRAME_PAYLOAD = 512
+
 #: Control payloads are tiny JSON objects; anything bigger is an attack or a bug.
 MAX_CONTROL_PAYLOAD = 16 * 1024
 

@@ -27,6 +27,7 @@ from .frames import (
     MAX_FRAME_PAYLOAD,
     MAX_STREAM_ID,
     MAX_WINDOW,
+    MIN_FRAME_PAYLOAD,
     PING_PAYLOAD,
     WINDOW_PAYLOAD,
     ErrorCode,
@@ -147,11 +148,16 @@ class SessionProtocol:
     def __init__(self, role: Role, window: int = DEFAULT_WINDOW, max_payload: int = MAX_FRAME_PAYLOAD) -> None:
         if not MIN_WINDOW <= window <= MAX_WINDOW:
             raise LocalProtocolError(ErrorCode.INTERNAL_ERROR, f"window {window} outside {MIN_WINDOW}..{MAX_WINDOW}")
+        if not MIN_FRAME_PAYLOAD <= max_payload <= MAX_FRAME_PAYLOAD:
+            raise LocalProtocolError(
+                ErrorCode.INTERNAL_ERROR, f"max frame {max_payload} outside {MIN_FRAME_PAYLOAD}..{MAX_FRAME_PAYLOAD}"
+            )
         self.role = role
         self.state = SessionState.HANDSHAKE
         self.window = window  # what we grant each stream
         self.peer_window = 0  # what the peer grants each stream; known after the handshake
-        self.max_payload = max_payload
+        self.max_payload = max_payload  # the largest DATA payload we accept
+        self.send_payload = max_payload  # the largest we send: min(ours, the peer's), after the handshake
         self.version = 0
         self.close_code: int | None = None  # why the session ended, once it has
         self._decoder = FrameDecoder(max_payload)
@@ -196,13 +202,25 @@ class SessionProtocol:
     def hello(self, token: str, agent: str = "burrow") -> None:
         """Agent: introduce ourselves (first thing on the connection)."""
         self._require(Role.AGENT, SessionState.HANDSHAKE)
-        hello = {"versions": list(SUPPORTED_VERSIONS), "token": token, "window": self.window, "agent": agent}
+        hello = {
+            "versions": list(SUPPORTED_VERSIONS),
+            "token": token,
+            "window": self.window,
+            "max_frame": self.max_payload,
+            "agent": agent,
+        }
         self._out.append(encode_json(FrameType.HELLO, hello))
 
     def welcome(self, session_id: str, info: dict[str, Any] | None = None) -> None:
         """Relay: accept the agent that sent HELLO."""
         self._require(Role.RELAY, SessionState.HELLO_RECEIVED)
-        message = {**(info or {}), "version": self.version, "session": session_id, "window": self.window}
+        message = {
+            **(info or {}),
+            "version": self.version,
+            "session": session_id,
+            "window": self.window,
+            "max_frame": self.max_payload,
+        }
         self._out.append(encode_json(FrameType.WELCOME, message))
         self.state = SessionState.OPEN
 
@@ -269,7 +287,7 @@ class SessionProtocol:
                 stream.pending_size += len(data)
             return False
         size = len(data)
-        if size <= stream.send_credit and size <= self.max_payload:
+        if size <= stream.send_credit and size <= self.send_payload:
             stream.send_credit -= size
             self._out.append(_DATA_HEADER(FrameType.DATA, 0, stream_id, size))
             self._out.append(data)
@@ -360,7 +378,7 @@ class SessionProtocol:
     def _send_within_credit(self, stream_id: int, stream: _Stream, view: memoryview) -> int:
         sent = 0
         size = len(view)
-        limit = self.max_payload
+        limit = self.send_payload
         while sent < size and stream.send_credit > 0:
             chunk = min(size - sent, stream.send_credit, limit)
             self._out.append(_DATA_HEADER(FrameType.DATA, 0, stream_id, chunk))
@@ -497,6 +515,7 @@ class SessionProtocol:
             )
         self.version = max(common)
         self.peer_window = window
+        self.send_payload = min(self.max_payload, self._peer_max_frame(message, frame.type))
         self.state = SessionState.HELLO_RECEIVED
         self._events.append(ev.HelloReceived(self.version, token, window, str(agent)[:200]))
 
@@ -508,8 +527,21 @@ class SessionProtocol:
         session_id = _field(message, "session", str, frame.type)
         self.version = version
         self.peer_window = self._peer_window_from(message, frame.type)
+        self.send_payload = min(self.max_payload, self._peer_max_frame(message, frame.type))
         self.state = SessionState.OPEN
         self._events.append(ev.Welcomed(version, session_id, self.peer_window, message))
+
+    @staticmethod
+    def _peer_max_frame(message: dict[str, Any], frame_type: FrameType) -> int:
+        """The peer's largest acceptable DATA payload (absent: the protocol's maximum)."""
+        if "max_frame" not in message:
+            return MAX_FRAME_PAYLOAD
+        value: int = _field(message, "max_frame", int, frame_type)
+        if not MIN_FRAME_PAYLOAD <= value <= MAX_FRAME_PAYLOAD:
+            raise ProtocolError(
+                ErrorCode.PROTOCOL_ERROR, f"max_frame {value} outside {MIN_FRAME_PAYLOAD}..{MAX_FRAME_PAYLOAD}"
+            )
+        return value
 
     @staticmethod
     def _peer_window_from(message: dict[str, Any], frame_type: FrameType) -> int:

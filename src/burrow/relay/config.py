@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..connection import HEARTBEAT_TIMEOUT
 from ..errors import ConfigurationError
+from ..protocol.frames import MAX_FRAME_PAYLOAD, MIN_FRAME_PAYLOAD
 from ..protocol.session import DEFAULT_WINDOW
 
 #: The dev relay's port: unprivileged, and one ``BURROW_RELAY=localhost:4443`` away.
@@ -68,6 +69,7 @@ class RelayConfig:
     tcp_ports: tuple[int, int] = DEFAULT_TCP_PORTS
     tokens: frozenset[str] = field(default_factory=frozenset, repr=False)
     window: int = DEFAULT_WINDOW
+    max_frame: int = MAX_FRAME_PAYLOAD  # largest DATA frame accepted from agents
     handshake_timeout: float = HANDSHAKE_TIMEOUT
     data_dir: Path | None = None  # dev CA and ticket key; default: burrow's data directory
     ticket_key: Path | None = None  # resume-ticket key file; default: <data_dir>/ticket.key
@@ -115,6 +117,10 @@ class RelayConfig:
                 raise ConfigurationError(f"{name} must be positive, not {value}")
         if self.shutdown_grace < 0:
             raise ConfigurationError(f"shutdown grace must be 0 or more seconds, not {self.shutdown_grace}")
+        if not MIN_FRAME_PAYLOAD <= self.max_frame <= MAX_FRAME_PAYLOAD:
+            raise ConfigurationError(
+                f"max frame {self.max_frame} is outside {MIN_FRAME_PAYLOAD}-{MAX_FRAME_PAYLOAD} bytes"
+            )
         exposed = [h for h in (self.host, self.tcp_host or self.host) if not is_loopback(h)]
         if exposed and not self.tokens:
             raise ConfigurationError(

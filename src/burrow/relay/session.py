@@ -27,7 +27,7 @@ class RelaySession(SessionConnection):
     def __init__(self, relay: Relay, peer: str) -> None:
         config = relay.config
         super().__init__(
-            SessionProtocol(Role.RELAY, window=config.window),
+            SessionProtocol(Role.RELAY, window=config.window, max_payload=config.max_frame),
             name=secrets.token_hex(4),
             heartbeat_timeout=config.heartbeat_timeout,
         )
