@@ -238,6 +238,7 @@ class SessionConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.endpoints: dict[int, StreamEndpoint] = {}
         self.writing_paused = False
+        self._resume_turn = 0
         self.last_received = time.monotonic()
         self.rtt: float | None = None
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -288,8 +289,14 @@ class SessionConnection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.writing_paused = False
-        for endpoint in list(self.endpoints.values()):
-            endpoint.update_reading()
+        # resume in a rotating order: the first streams resumed read first and can
+        # fill the link again before the last ones get a turn, so no stream may
+        # always come first (32 parallel streams starved one to 0.04x the median)
+        endpoints = list(self.endpoints.values())
+        if endpoints:
+            self._resume_turn = (self._resume_turn + 1) % len(endpoints)
+            for endpoint in endpoints[self._resume_turn :] + endpoints[: self._resume_turn]:
+                endpoint.update_reading()
 
     # ------------------------------------------------------------- to the peer
 
