@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test lint unit setup system-deps clean
+.PHONY: demo test lint unit setup system-deps bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -15,18 +15,33 @@ $(VENV)/.demo-installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e .
 	touch $@
 
+# the test suite runs the bench's --quick mode too (tests/test_bench.py), so it needs the bench group
 $(VENV)/.test-installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[test,bench]'
+	touch $@
+
+$(VENV)/.bench-installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[bench]'
 	touch $@
 
 setup: $(VENV)/.test-installed
 
-# the end-to-end tests drive real curl and openssl clients
+# the end-to-end tests drive real curl and openssl clients; the bench (and its quick run in
+# the test suite) drives OpenSSH (sshd and ssh -R), HAProxy, iperf3 and wrk
+SYSTEM_PACKAGES := curl openssl openssh-server openssh-client haproxy iperf3 wrk
 system-deps:
-	@if ! command -v curl >/dev/null || ! command -v openssl >/dev/null; then \
+	@if ! command -v curl >/dev/null || ! command -v openssl >/dev/null || ! command -v ssh >/dev/null \
+			|| [ ! -x /usr/sbin/sshd ] || [ ! -x /usr/sbin/haproxy ] || ! command -v iperf3 >/dev/null \
+			|| ! command -v wrk >/dev/null; then \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq curl openssl; \
+		$$SUDO apt-get update -qq && \
+		$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES); \
 	fi
+
+# the full benchmark (about 15 minutes): burrow against direct, ssh -R and HAProxy, see bench/README.md;
+# BENCH_ARGS="--quick" for a smoke run, "--scenarios 1,2 --profile" for py-spy profiles
+bench: system-deps $(VENV)/.bench-installed
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 demo: $(VENV)/.demo-installed
 	$(BIN)/burrow demo

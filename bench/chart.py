@@ -18,7 +18,13 @@ PASS_COLOR, FAIL_COLOR = "#1a7f37", "#cf222e"
 
 
 def draw(path: Path, meta: dict[str, Any], scenarios: list[Scenario]) -> None:
-    panels = [s for s in scenarios if s.chart]
+    panels = [s for s in scenarios if s.chart and s.figures]
+    if not panels:
+        fig = plt.figure(figsize=(8, 2))
+        fig.text(0.5, 0.5, "no scenario produced figures: see the Markdown table", ha="center")
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        return
     cols = 2 if len(panels) > 1 else 1
     rows = (len(panels) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(8.5 * cols, 4.4 * rows), squeeze=False)
@@ -41,18 +47,19 @@ def _panel(ax: Any, scenario: Scenario) -> None:
     metrics = scenario.chart
     labels: list[str] = []
     rows: list[list[Figure | None]] = []
-    for figure in scenario.figures:
-        if figure.metric == metrics[0]:
-            labels.append(figure.label)
-            rows.append([scenario.get(figure.path, m) for m in metrics])
+    for headline in scenario.figures:
+        if headline.metric == metrics[0]:
+            labels.append(headline.label)
+            rows.append([scenario.get(headline.path, m) for m in metrics])
     height = 0.8 / len(metrics)
     first = rows[0][0] if rows else None
     unit = first.unit if first is not None else ""
     largest = max((f.max for row in rows for f in row if f is not None), default=1.0)
     for i, row in enumerate(rows):
-        for j, figure in enumerate(row):
-            if figure is None:
+        for j, cell in enumerate(row):
+            if cell is None:
                 continue
+            figure = cell
             y = i + (j - (len(metrics) - 1) / 2) * height
             color = COLORS[figure.role]
             ax.barh(y, figure.median, height=height * 0.92, color=color, alpha=1.0 if j == 0 else 0.55)

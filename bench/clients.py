@@ -106,9 +106,12 @@ def iperf3(endpoint: Endpoint, seconds: int, omit: int = 0, parallel: int = 1) -
         except json.JSONDecodeError:
             raise BenchError(f"iperf3 through {endpoint}: {done.stdout[-400:]} {done.stderr[-400:]}") from None
         error = data.get("error", "")
-        # the server takes a moment to wind down the previous test (its connections closing)
-        if "busy" in error and time.monotonic() < deadline:
-            time.sleep(0.2)
+        # the server takes a moment to wind down the previous test (its connections closing); through a
+        # tunnel its refusal can arrive as a reset of the new control connection instead of "busy"
+        refused = "busy" in error or "control message" in error or "cookie" in error
+        if refused and time.monotonic() < deadline:
+            print(f"    (iperf3 through {endpoint.host}:{endpoint.port} refused: {error}; retrying)", flush=True)
+            time.sleep(0.3)
             continue
         if error:
             raise BenchError(f"iperf3 through {endpoint}: {error}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import random
 import re
 import resource
 import signal
@@ -228,11 +229,27 @@ def _signal_group(proc: Proc, sig: int) -> None:
         pass
 
 
+#: Ports the harness hands out: below burrow's raw TCP range (20000-32767) and Linux's
+#: ephemeral range (32768-60999), so that no port-0 bind (services, outgoing connections)
+#: can take a port between our choosing it and the server binding it.
+PORT_RANGE = (10000, 19999)
+_next_port = [PORT_RANGE[0] + random.randrange(PORT_RANGE[1] - PORT_RANGE[0])]
+
+
 def free_port() -> int:
-    """A loopback TCP port nothing uses just now (from the kernel's ephemeral range)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A loopback TCP port nothing uses just now, never the same twice in a run."""
+    low, high = PORT_RANGE
+    for _ in range(high - low):
+        port = _next_port[0]
+        _next_port[0] = low if port >= high else port + 1
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            if not is_listening(port):
+                return port
+    raise BenchError(f"no free port in {low}-{high}")
 
 
 def is_listening(port: int) -> bool:

@@ -88,6 +88,7 @@ def metadata(args: argparse.Namespace, stamp: str, runs: int) -> dict[str, Any]:
 
     return {
         "timestamp": stamp,
+        "load_average_at_start": os.getloadavg()[0],
         "command": " ".join(["python -m bench.run", *sys.argv[1:]]),
         "quick": args.quick,
         "runs": runs,
@@ -150,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     raise_nofile(65536)
     become_subreaper()
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored (`cmd &`)
     signal.signal(signal.SIGTERM, _raise_exit)
     signal.signal(signal.SIGALRM, _raise_time_limit)
     signal.alarm(args.max_seconds or (120 if args.quick else 3600))
@@ -166,13 +168,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         meta = metadata(args, stamp, settings.runs)
         log(f"burrow bench {stamp}: scenarios {','.join(args.chosen)}, {settings.runs} run(s) each, work dir {workdir}")
+        if meta["load_average_at_start"] > 0.5:
+            log(f"bench: WARNING: load average {meta['load_average_at_start']:.2f}: other work shares these cores")
         lab = Lab(workdir, procs)
         profiler = Profiler(procs, args.out, stamp) if args.profile else None
         if profiler is not None:
             args.out.mkdir(parents=True, exist_ok=True)
         ctx = Context(lab, procs, settings, workdir, log, profiler)
         for sid in args.chosen:
-            log(f"[{time.monotonic() - started:6.1f} s] scenario {sid}: {TITLES[sid]}")
+            log(f"[{time.monotonic() - started:6.1f} s] scenario {sid}: {TITLES[sid]} (load {os.getloadavg()[0]:.2f})")
             try:
                 scenario = SCENARIOS[sid](ctx)
             except (BenchError, OSError, RuntimeError, ValueError, KeyError) as exc:
@@ -184,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
             ctx.done[sid] = scenario
             done.append(scenario)
         meta["seconds"] = round(time.monotonic() - started, 1)
+        meta["load_average_at_end"] = os.getloadavg()[0]
         if profiler is not None:
             meta["profiles"] = profiler.summaries
         paths = report.write(args.out, stamp, meta, done)

@@ -63,7 +63,7 @@ async def agent(args: argparse.Namespace) -> None:
     results = await bounded(forwards, lambda f: f.aopen())
     elapsed = time.perf_counter() - start
     hosts = [r.host for r in results if not isinstance(r, BaseException)]
-    Path(args.out).write_text(json.dumps(hosts))  # small; the loop has nothing else to do yet
+    Path(args.out).write_text(json.dumps(hosts))  # noqa: ASYNC240 (small, and nothing else runs yet)
     errors = len(results) - len(hosts)
     print(f"ready tunnels={len(hosts)} seconds={elapsed:.3f} errors={errors}{first_error(results)}", flush=True)
     reader = await stdin_lines()

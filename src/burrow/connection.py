@@ -34,6 +34,9 @@ HEARTBEAT_TIMEOUT = 8.0
 HEARTBEATS_PER_TIMEOUT = 4
 
 
+#: Queued chunks smaller than this in all are joined into one write (one TLS record).
+JOIN_BELOW = 16 * 1024
+
 #: struct linger {on, 0 seconds}: close() sends RST instead of FIN.
 LINGER_RESET = struct.pack("ii", 1, 0)
 
@@ -301,9 +304,21 @@ class SessionConnection(asyncio.Protocol):
     # ------------------------------------------------------------- to the peer
 
     def flush(self) -> None:
-        """Write whatever the protocol queued."""
+        """Write whatever the protocol queued.
+
+        The TLS transport makes a record of every chunk it is handed, so small
+        chunks (a frame header and a short payload) are joined into one write:
+        one record, one encryption, one syscall. Big payloads are handed over
+        as they are (joining would copy them for the sake of one header).
+        """
         out = self.proto.data_to_send()
-        if out and self.transport is not None and not self.transport.is_closing():
+        if not out or self.transport is None or self.transport.is_closing():
+            return
+        if len(out) == 1:
+            self.transport.write(out[0])
+        elif sum(map(len, out)) <= JOIN_BELOW:
+            self.transport.write(b"".join(out))
+        else:
             self.transport.writelines(out)
 
     def send_data(self, stream_id: int, data: bytes) -> bool:
