@@ -47,7 +47,7 @@ demo: $(VENV)/.demo-installed
 	$(BIN)/burrow demo
 
 lint: $(VENV)/.test-installed
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests bench
 	$(BIN)/mypy
 
 test: system-deps lint

@@ -82,10 +82,11 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.pop(name, None)
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-    import burrow
-    from burrow.agent.runtime import runtime
     from tests.faults.proxy import FaultProxy
     from tests.helpers import ServiceThread, tls_connect
+
+    import burrow
+    from burrow.agent.runtime import runtime
 
     port = _free_port()
     relay = subprocess.Popen(
