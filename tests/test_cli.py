@@ -112,6 +112,7 @@ def test_relay_and_forward_processes(relay_process: tuple[Background, int]) -> N
     forward = Background("forward", str(app.port), "--unencrypted", env=env)
     url = forward.wait_for(r"url  (https://\S+)").group(1)
     tcp_port = int(forward.wait_for(r"tcp  localhost:(\d+)").group(1))
+    assert forward.wait_for(r"try  (curl --cacert \S+ https://\S+/)$").group(1).endswith(url + "/")
     assert url.endswith(f".localhost:{port}")
     ca = Path(os.environ["BURROW_HOME"]) / "ca.pem"
     result = subprocess.run(
@@ -145,4 +146,4 @@ def test_demo_runs_the_main_job() -> None:
     code, out, err = demo.stop()
     assert code == 0
     _no_traceback(err)
-    assert "embedded relay" in err  # the one-time hint
+    assert "no BURROW_RELAY set" in err and "curl --cacert" in err  # the hint, once per process

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -133,7 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     fwd.add_argument("--unencrypted", action="store_true", help="also give a raw TCP address on a random port")
     fwd.add_argument("--h2", action="store_true", help="negotiate HTTP/2 (ALPN h2) on the TLS address")
     fwd.add_argument("--relay", metavar="HOST:PORT", help="the relay (default: BURROW_RELAY, else embedded)")
-    fwd.add_argument("--token-file", type=Path, help="file holding the token (default: BURROW_TOKEN...)")
+    fwd.add_argument(
+        "--token-file", type=Path, help="file holding the token (default: BURROW_TOKEN, BURROW_TOKEN_FILE)"
+    )
     fwd.add_argument("--ca", type=Path, help="CA certificate to trust for the relay (default: BURROW_CA)")
 
     commands.add_parser(
@@ -263,8 +266,13 @@ def status_line(stats: TrafficStats) -> str:
 
 
 def _open_forward(args: argparse.Namespace) -> Forward:
-    token = read_token_file(args.token_file, "--token-file") if args.token_file else None
-    return Forward(args.port, unencrypted=args.unencrypted, h2=args.h2, relay=args.relay, token=token, ca=args.ca)
+    forward = Forward(args.port, unencrypted=args.unencrypted, h2=args.h2, relay=args.relay, ca=args.ca)
+    if args.token_file:
+        token = read_token_file(args.token_file, "--token-file")
+        forward.settings = dataclasses.replace(
+            forward.settings, token=token, token_source=f"--token-file ({args.token_file})"
+        )
+    return forward
 
 
 def _watch(forward: Forward) -> int:
@@ -308,6 +316,10 @@ def run_forward(args: argparse.Namespace) -> int:
         if tunnel.unencrypted_port is not None:
             host, port = tunnel.tcp_socket
             print(f"  tcp  {host}:{port}", flush=True)
+        from .demo import ca_for
+
+        cafile = ca_for(tunnel)
+        print(f"  try  curl {f'--cacert {cafile} ' if cafile else ''}{tunnel.url}/", flush=True)
         print("  Ctrl-C to stop", flush=True)
         code = _watch(forward)
     print("burrow: tunnel closed", flush=True)

@@ -142,11 +142,11 @@ def test_many_threads_forward_at_once(service_loop: ServiceThread, ca_file: Path
 
 def test_wrong_token_is_refused_with_its_cause(token_relay: Relay, echo: EchoServer, ca_file: Path) -> None:
     relay = f"localhost:{token_relay.port}"
-    with pytest.raises(burrow.AuthenticationFailed, match="rejected the token; check BURROW_TOKEN") as info:
+    with pytest.raises(burrow.AuthenticationFailed, match="rejected the token from token=; check it") as info:
         with burrow.forward(echo.port, relay=relay, token="wrong-token"):
             pass
     assert "wrong-token" not in str(info.value)
-    with pytest.raises(burrow.AuthenticationFailed):
+    with pytest.raises(burrow.AuthenticationFailed, match="requires a token; set BURROW_TOKEN or BURROW_TOKEN_FILE"):
         with burrow.forward(echo.port, relay=relay):  # no token at all
             pass
     with burrow.forward(echo.port, relay=relay, token="right-token") as tunnel:
@@ -163,6 +163,10 @@ def test_token_from_environment_file(
     monkeypatch.setenv("BURROW_TOKEN_FILE", str(token_file))
     with burrow.forward(echo.port) as tunnel:
         assert tunnel.port == token_relay.port
+    token_file.write_text("stale-token\n")
+    with pytest.raises(burrow.AuthenticationFailed, match=f"from BURROW_TOKEN_FILE \\({token_file}\\); check it"):
+        with burrow.forward(echo.port):
+            pass
 
 
 def test_unreachable_relay_says_so() -> None:

@@ -54,6 +54,7 @@ def test_only_the_same_token_can_reclaim_a_tunnel(echo: EchoServer) -> None:
     relay = on_runtime(Relay(RelayConfig(port=0, tokens=frozenset({"token-a", "token-b"}))).start())
     address = f"localhost:{relay.port}"
     try:
+
         async def bind_with(token: str, ticket: str) -> dict[str, object]:
             settings = AgentSettings(RelayAddress("localhost", relay.port), token=token)
             session = await AgentSession.connect(settings)

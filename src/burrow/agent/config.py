@@ -67,6 +67,7 @@ class AgentSettings:
 
     relay: RelayAddress | None
     token: str = field(default="", repr=False)
+    token_source: str = ""  # where the token came from, for error messages (never the token)
     ca: Path | None = None
     window: int = DEFAULT_WINDOW
     heartbeat_timeout: float = HEARTBEAT_TIMEOUT
@@ -80,11 +81,21 @@ class AgentSettings:
         address = (
             RelayAddress.parse(relay_text, "relay" if relay is not None else "BURROW_RELAY") if relay_text else None
         )
-        return cls(address, token if token is not None else read_token(), _ca_path(ca), DEFAULT_WINDOW, _heartbeat())
+        if token is not None:
+            found, source = token, "token="
+        else:
+            found, source = read_token()
+        return cls(address, found, source, _ca_path(ca), DEFAULT_WINDOW, _heartbeat())
 
     def key(self) -> tuple[object, ...]:
         """Sessions are shared by agents with equal keys."""
         return (self.relay, self.token, self.ca, self.window, self.heartbeat_timeout)
+
+    def token_problem(self) -> str:
+        """What to say when the relay refuses this agent's token."""
+        if not self.token:
+            return "requires a token; set BURROW_TOKEN or BURROW_TOKEN_FILE"
+        return f"rejected the token from {self.token_source or 'the settings'}; check it"
 
     def ssl_context(self) -> ssl.SSLContext:
         """The client context: ``BURROW_CA``, plus the system CAs, or for a loopback relay the dev CA."""
@@ -114,15 +125,15 @@ def _client_context(ca: Path | None, dev_ca: Path | None) -> ssl.SSLContext:
     return context
 
 
-def read_token() -> str:
-    """``BURROW_TOKEN``, else the contents of ``BURROW_TOKEN_FILE``, else empty."""
+def read_token() -> tuple[str, str]:
+    """``BURROW_TOKEN``, else the contents of ``BURROW_TOKEN_FILE``, else empty; and where it came from."""
     token = os.environ.get("BURROW_TOKEN")
     if token:
-        return token.strip()
+        return token.strip(), "BURROW_TOKEN"
     path = os.environ.get("BURROW_TOKEN_FILE")
     if path:
-        return read_token_file(Path(path), "BURROW_TOKEN_FILE")
-    return ""
+        return read_token_file(Path(path), "BURROW_TOKEN_FILE"), f"BURROW_TOKEN_FILE ({path})"
+    return "", ""
 
 
 def read_token_file(path: Path, source: str) -> str:

@@ -24,7 +24,7 @@ SYNC_TIMEOUT = CONNECT_TIMEOUT + 2 * REQUEST_TIMEOUT
 
 def _check_port(port: object) -> int:
     if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
-        raise ConfigurationError(f"port {port!r} is not a TCP port; give an int from 1 to 65535")
+        raise ConfigurationError(f"port {port!r} is not a TCP port; give a number from 1 to 65535")
     return port
 
 

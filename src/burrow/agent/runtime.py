@@ -132,12 +132,11 @@ class Runtime:
             self.embedded = relay
             self._embedded_starting.set_result(relay)
             logger.warning(
-                "burrow: no BURROW_RELAY set, so tunnels go through an embedded relay on this machine "
-                "(https://<id>.localhost:%d). Its CA is %s: trust it (curl --cacert %s, or your system/browser "
-                "store) to reach the URLs without warnings. For a public relay set BURROW_RELAY=host:port "
-                "and BURROW_TOKEN.",
+                "burrow: no BURROW_RELAY set: tunnels go through a relay inside this process, "
+                "https://<id>.localhost:%d\n"
+                "burrow: trust its CA to open the URLs: curl --cacert %s (or add it to your system/browser store)\n"
+                "burrow: for a public relay, set BURROW_RELAY=host:port and BURROW_TOKEN",
                 relay.port,
-                relay.ca_path,
                 relay.ca_path,
             )
         relay = await asyncio.shield(self._embedded_starting)

@@ -263,7 +263,7 @@ class AgentSession(SessionConnection):
         self.close_reason = event.reason or code_name(event.code)
         if not self.welcome.done():
             if event.code == ErrorCode.AUTH_FAILED:
-                error: Exception = AuthenticationFailed(f"relay {self.name} rejected the token; check BURROW_TOKEN")
+                error: Exception = AuthenticationFailed(f"relay {self.name} {self.settings.token_problem()}")
             else:
                 error = RelayUnavailable(f"relay {self.name} refused the session: {self.close_reason}")
             self.welcome.set_exception(error)

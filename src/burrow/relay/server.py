@@ -155,7 +155,8 @@ class Relay:
         except OSError as exc:
             self.certs.close()
             raise ConfigurationError(
-                f"cannot listen on {config.host}:{config.port} ({exc.strerror or exc}); choose another --listen"
+                f"cannot listen on {config.host}:{config.port} ({(exc.strerror or str(exc)).lower()}); "
+                "choose another --listen"
             ) from None
         self._listeners.append(first)
         self.port = first.getsockname()[1]
@@ -433,7 +434,10 @@ class Relay:
             while len(self._ready) < READY_CONTEXTS:
                 tunnel_id = self._unused_id()
                 host = f"{tunnel_id}.{self.config.domain}"
-                context = await loop.run_in_executor(None, self.certs.make_context, host, False)
+                try:
+                    context = await loop.run_in_executor(None, self.certs.make_context, host, False)
+                except RuntimeError:  # the interpreter is exiting: its thread pool is gone
+                    return
                 self.certs.keep(host, False, context)
                 self._ready.append(tunnel_id)
         finally:
