@@ -18,8 +18,8 @@ import logging
 import socket
 import struct
 import time
-from dataclasses import dataclass, field
-from typing import Any, cast
+from dataclasses import dataclass
+from typing import cast
 
 from .errors import ProtocolError
 from .protocol import events as ev
@@ -74,7 +74,6 @@ class TrafficStats:
     total_connections: int = 0
     bytes_in: int = 0  # from public clients towards the service
     bytes_out: int = 0  # from the service towards public clients
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class StreamEndpoint(asyncio.Protocol):
