@@ -37,13 +37,16 @@ def test_relay_restart_while_idle_keeps_the_url(echo: EchoServer, relay_process:
         assert echo_ok(tunnel, ca_file)
 
 
-def test_relay_killed_during_bulk_transfer(echo: EchoServer, relay_process: RelayProcess, ca_file: Path) -> None:
+def test_relay_killed_during_bulk_transfer(
+    echo: EchoServer, service_loop: ServiceThread, relay_process: RelayProcess, ca_file: Path
+) -> None:
     states: list[burrow.TunnelState] = []
     forward = _forward(echo.port, relay_process, states)
-    with forward as tunnel:
-        tls = tls_connect(tunnel, ca_file, timeout=30)
+    source = service_loop.source_server(2000 * MB)
+    with forward as tunnel, burrow.forward(source.port, relay=f"localhost:{relay_process.port}") as downloads:
+        tls = tls_connect(downloads, ca_file, timeout=30)
         raw = socket.create_connection(("127.0.0.1", tunnel.unencrypted_port), timeout=30)
-        transfers = [Transfer(tls, 2000 * MB), Transfer(raw, 2000 * MB)]
+        transfers = [Transfer(tls, 2000 * MB, echo=False), Transfer(raw, 2000 * MB)]
         wait_for(lambda: all(len(t.received) > 2 * MB for t in transfers), what="transfers under way")
         relay_process.kill()
         for transfer in transfers:
@@ -55,6 +58,7 @@ def test_relay_killed_during_bulk_transfer(echo: EchoServer, relay_process: Rela
         wait_for(lambda: forward.state is burrow.TunnelState.OPEN, what="tunnel back")
         assert forward.tunnel == tunnel
         assert echo_ok(tunnel, ca_file, size=4 * MB)
+    service_loop.close_server(source)
 
 
 class _SlowSource(asyncio.Protocol):
