@@ -23,7 +23,6 @@ from .connection import TrafficStats
 from .errors import BurrowError, ConfigurationError
 from .relay.config import DEFAULT_TCP_PORTS, DEV_DOMAIN, DEV_PORT, RelayConfig
 from .relay.server import Relay
-from .tuning import tune_allocator
 from .tunnel import TunnelState
 
 #: How often `burrow forward` redraws its status line on a terminal.
@@ -151,7 +150,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``burrow`` console script."""
     args = build_parser().parse_args(argv)
-    tune_allocator()
     commands: dict[str, Callable[[argparse.Namespace], int]] = {
         "relay": run_relay,
         "forward": run_forward,

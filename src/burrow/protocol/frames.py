@@ -188,19 +188,32 @@ class FrameDecoder:
             offset = self._finish_buffered(data, frames)
             if offset < 0:
                 return frames
-        size = len(data)
-        view = memoryview(data)
+        view = memoryview(data)[offset:]
+        offset = self.parse(view, frames)
+        if offset < len(view):
+            self._buffer = bytearray(view[offset:])  # the start of a frame: wait for the rest
+        return frames
+
+    def parse(self, view: memoryview, frames: list[Frame]) -> int:
+        """Append the whole frames at the start of ``view`` to ``frames``; return the bytes they took.
+
+        DATA payloads are slices of ``view``: the caller must not change those
+        bytes while the frames are in use. What follows the last whole frame
+        is left to the caller, to present again with the rest of it. On a
+        :class:`ProtocolError`, ``frames`` holds the frames before the bad one.
+        """
+        self._frames = frames
+        offset = 0
+        size = len(view)
         while size - offset >= HEADER_SIZE:
-            kind, stream_id, length = self._header(data, offset)
+            kind, stream_id, length = self._header(view, offset)
             end = offset + HEADER_SIZE + length
             if end > size:
                 break
             payload = view[offset + HEADER_SIZE : end]
             frames.append(Frame(kind, stream_id, payload if kind is FrameType.DATA else bytes(payload)))
             offset = end
-        if offset < size:
-            self._buffer = bytearray(view[offset:])  # the start of a frame: wait for the rest
-        return frames
+        return offset
 
     def _finish_buffered(self, data: bytes, frames: list[Frame]) -> int:
         """Complete the frame in the buffer from ``data``; return where ``data``'s own frames start (-1: none)."""
@@ -222,7 +235,7 @@ class FrameDecoder:
         frames.append(Frame(kind, stream_id, buffer if kind is FrameType.DATA else bytes(buffer)))
         return taken + missing
 
-    def _header(self, data: bytes | bytearray, offset: int) -> tuple[FrameType, int, int]:
+    def _header(self, data: bytes | bytearray | memoryview, offset: int) -> tuple[FrameType, int, int]:
         frame_type, flags, stream_id, length = HEADER.unpack_from(data, offset)
         if frame_type not in _KNOWN:
             raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"unknown frame type {frame_type}")

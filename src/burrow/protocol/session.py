@@ -3,7 +3,7 @@
 One :class:`SessionProtocol` is one agent–relay connection. It owns the
 session state, every stream's state and both directions of per-stream flow
 control. The asyncio adapter (``burrow.connection``) feeds it with
-:meth:`~SessionProtocol.receive_data`, drains :meth:`~SessionProtocol.events_received`
+:meth:`~SessionProtocol.receive_view` (or ``receive_data``), drains :meth:`~SessionProtocol.events_received`
 and :meth:`~SessionProtocol.data_to_send`, and calls the API methods.
 
 Flow control: each side announces its per-stream receive window in the
@@ -180,10 +180,35 @@ class SessionProtocol:
         try:
             frames = self._decoder.feed(data)
         except ProtocolError as exc:
-            for frame in self._decoder.pending():
-                self._dispatch_or_fail(frame)
+            self._dispatch_all(self._decoder.pending())
             self._fail(exc)
             raise
+        self._dispatch_all(frames)
+
+    def receive_view(self, view: memoryview) -> int:
+        """Feed the unread bytes of the caller's read buffer; return how many it may drop.
+
+        The zero-copy twin of :meth:`receive_data`, for a caller that keeps
+        its own buffer: the whole frames at the start of ``view`` are handled
+        and their size returned; the start of a frame after them stays in the
+        caller's buffer, to come back at the start of the next ``view``. DATA
+        events carry slices of ``view``, so the caller must not write over
+        those bytes while a slice is alive. Use one of the two methods per
+        session, not both. Errors as :meth:`receive_data`.
+        """
+        if self.state is SessionState.CLOSED:
+            return len(view)
+        frames: list[Frame] = []
+        try:
+            consumed = self._decoder.parse(view, frames)
+        except ProtocolError as exc:
+            self._dispatch_all(frames)
+            self._fail(exc)
+            raise
+        self._dispatch_all(frames)
+        return consumed
+
+    def _dispatch_all(self, frames: list[Frame]) -> None:
         for frame in frames:
             self._dispatch_or_fail(frame)  # a no-op once the session is CLOSED
 
@@ -279,11 +304,15 @@ class SessionProtocol:
         Returns True when everything went out, False when some of it waits
         for credit: the caller should stop reading its source until
         :class:`~burrow.protocol.events.StreamWritable` arrives.
+
+        What goes out is queued as it is (a view of ``data``): write
+        :meth:`data_to_send` before changing ``data``'s bytes. What waits for
+        credit is copied, so a caller may lend its read buffer.
         """
         stream = self._sendable(stream_id)
         if stream.pending_size:
             if len(data):  # an empty view left queued would hold back StreamWritable
-                stream.pending.append(memoryview(data))
+                stream.pending.append(memoryview(bytes(data)))
                 stream.pending_size += len(data)
             return False
         size = len(data)
@@ -295,7 +324,7 @@ class SessionProtocol:
         view = memoryview(data)
         sent = self._send_within_credit(stream_id, stream, view)
         if sent < size:
-            stream.pending.append(view[sent:])
+            stream.pending.append(memoryview(bytes(view[sent:])))
             stream.pending_size = size - sent
             return False
         return True

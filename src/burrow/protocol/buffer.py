@@ -1,0 +1,103 @@
+"""A read buffer for :meth:`SessionProtocol.receive_view`: reads land in place, views stay valid.
+
+The session link is the data path's busiest reader. Reading into a fresh
+``bytes`` per read costs an allocation and, for every frame that straddles
+two reads, a copy into a reassembly buffer. :class:`ReceiveBuffer` instead
+lends the transport room at the end of one ``bytearray``
+(``asyncio.BufferedProtocol.get_buffer``) and hands the unread bytes to the
+protocol as a view; DATA payloads are slices of it, written to their
+destination without a copy.
+
+One rule keeps the slices valid: a byte that a view can still see is never
+written over. Reads only ever append. When the room runs out, the start of a
+frame still unread moves to the front of the same buffer if nothing views it
+any more, and to a new buffer otherwise (the old one lives on while a slice
+of it is queued in some transport, then is freed).
+"""
+
+from __future__ import annotations
+
+import sys
+
+#: The room lent for one read when the transport gives no hint (plain sockets).
+DEFAULT_READ = 64 * 1024
+
+#: The most room lent for one read: a TLS transport asks for what it holds
+#: encrypted, which can be more.
+MAX_READ = 256 * 1024
+
+#: Buffers grow (doubling) to this size when frames outgrow them: the start of
+#: a frame is then moved about once per MAX_BUFFER read. Two per busy session
+#: (the current one and a spare), 64 KiB for a session that carries small messages.
+MAX_BUFFER = 1024 * 1024
+
+
+class ReceiveBuffer:
+    """Room to read into, and the bytes read but not yet consumed."""
+
+    def __init__(self, size: int = DEFAULT_READ) -> None:
+        self._buffer = bytearray(size)
+        self._start = 0  # the first byte not consumed
+        self._end = 0  # the end of what was read
+        self._spare: bytearray | None = None  # the previous buffer, for when its views are gone
+        self._unviewed = sys.getrefcount(self._buffer)  # held by this object only
+
+    def room(self, hint: int = -1) -> memoryview:
+        """Writable room after the bytes read: about ``hint`` bytes, at least one."""
+        want = min(hint, MAX_READ) if hint > 0 else DEFAULT_READ
+        if self._start == self._end and self._end and not self._viewed():
+            self._start = self._end = 0  # all consumed, nothing views it: start over
+        if len(self._buffer) - self._end < want:
+            self._make_room(want)
+        return memoryview(self._buffer)[self._end :]
+
+    def filled(self, size: int) -> None:
+        """``size`` bytes were read into the room."""
+        self._end += size
+
+    def unread(self) -> memoryview:
+        """The bytes read and not consumed (valid until :meth:`consume` moves past them)."""
+        return memoryview(self._buffer)[self._start : self._end]
+
+    def consume(self, size: int) -> None:
+        """The first ``size`` unread bytes are handled (their views may still live)."""
+        self._start += size
+
+    @property
+    def pending(self) -> int:
+        """Bytes read and not consumed."""
+        return self._end - self._start
+
+    @property
+    def capacity(self) -> int:
+        return len(self._buffer)
+
+    def _make_room(self, want: int) -> None:
+        """Move the unread bytes to the front of a buffer with ``want`` bytes of room after them."""
+        pending = self._end - self._start
+        needed = pending + want
+        if needed <= len(self._buffer) and not self._viewed():
+            self._buffer[:pending] = self._buffer[self._start : self._end]
+        else:
+            old = self._buffer
+            if self._spare is not None and needed <= len(self._spare) and not self._spare_viewed():
+                self._buffer, self._spare = self._spare, None
+            else:
+                # grow geometrically: a frame bigger than the reads would otherwise be
+                # copied once per read until it is whole
+                size = len(old) if needed <= len(old) else max(needed, min(2 * len(old), MAX_BUFFER))
+                self._buffer = bytearray(size)
+            self._buffer[:pending] = old[self._start : self._end]
+            if self._spare is None or len(old) >= len(self._spare):
+                self._spare = old  # reused once its views are gone (bulk: by the next turn)
+            del old
+        self._start, self._end = 0, pending
+
+    def _viewed(self) -> bool:
+        # a memoryview (and every slice of it) holds a reference to the bytearray it
+        # views: more references than an unviewed buffer has means views are alive
+        return sys.getrefcount(self._buffer) > self._unviewed
+
+    def _spare_viewed(self) -> bool:
+        return sys.getrefcount(self._spare) > self._unviewed
+
