@@ -108,12 +108,13 @@ class Transfer:
         self.error: BaseException | None = None
         self.write_error: BaseException | None = None
         self.clean_eof = False
+        self.writer = threading.Thread(target=self._write, daemon=True) if echo else None
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
     def _run(self) -> None:
-        if self.echo:
-            threading.Thread(target=self._write, daemon=True).start()
+        if self.writer is not None:
+            self.writer.start()
         try:
             while True:
                 chunk = self.sock.recv(1 << 20)
@@ -141,8 +142,14 @@ class Transfer:
         return self.sent * whole + self.sent[:rest]
 
     def join(self, timeout: float = 30) -> None:
-        self.thread.join(timeout)
-        assert not self.thread.is_alive(), "transfer hung"
+        # the writer too: when a RST arrives, the writer's send may be the call that
+        # reports it (the reader then sees a plain EOF), and its error must be recorded
+        # before whole_or_reset() looks, or a reset would pass for a silent cut
+        deadline = time.monotonic() + timeout
+        for thread in (self.thread, self.writer):
+            if thread is not None:
+                thread.join(max(0.0, deadline - time.monotonic()))
+                assert not thread.is_alive(), "transfer hung"
 
     def whole_or_reset(self) -> str:
         """'whole' if every byte came back intact, 'reset' if it ended in an error; never a silent cut."""

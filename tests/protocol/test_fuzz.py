@@ -532,3 +532,76 @@ HonestPeers.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
 )
 TestHonestPeers = HonestPeers.TestCase
+
+
+# ------------------------------------------------- the DATA fast path
+
+
+def _general_path(proto: SessionProtocol, decoder: FrameDecoder, chunk: bytes) -> None:
+    """What receive_view does without its DATA fast path: decode, then the state tables."""
+    if proto.state is SessionState.CLOSED:
+        return
+    try:
+        frames = decoder.feed(chunk)
+    except ProtocolError as exc:
+        frames, error = decoder.pending(), exc
+    else:
+        error = None
+    try:
+        for frame in frames:
+            proto._dispatch(frame)
+            if proto.state is SessionState.CLOSED:
+                return
+        if error is not None:
+            raise error
+    except ProtocolError as exc:
+        proto._fail(exc)
+        raise
+
+
+def _run(proto: SessionProtocol, chunks: list[bytes], feed: Callable[[bytes], None]) -> list[Any]:
+    trace: list[Any] = []
+    for chunk in chunks:
+        try:
+            feed(chunk)
+        except ProtocolError as exc:
+            trace.append(("error", exc.code))
+        trace.append(
+            [
+                (type(e).__name__, *(bytes(v) if isinstance(v, memoryview) else v for v in vars_of(e)))
+                for e in proto.events_received()
+            ]
+        )
+        trace.append(wire_bytes(proto.data_to_send()))
+        streams = sorted((i, s.state, s.recv_credit, s.send_credit) for i, s in proto._streams.items())
+        trace.append((proto.state, streams))
+    return trace
+
+
+def vars_of(event: Any) -> tuple[Any, ...]:
+    return tuple(getattr(event, name) for name in event.__slots__)
+
+
+# mostly DATA the fast path takes (stream 2 has credit), mixed with DATA it must leave to the
+# state tables (stream 1 has none left, stream 3 was never opened) and anything else
+good_data = st.binary(max_size=300).map(lambda payload: encode(FrameType.DATA, 2, payload))
+odd_data = st.tuples(st.sampled_from([0, 1, 3, 2**32 - 1]), st.binary(max_size=20)).map(
+    lambda sp: encode(FrameType.DATA, sp[0], sp[1])
+)
+flagged_data = st.integers(1, 255).map(lambda flags: HEADER.pack(FrameType.DATA, flags, 2, 3) + b"abc")
+data_storms = st.lists(
+    st.one_of(good_data, good_data, good_data, odd_data, flagged_data, frames(), st.binary(max_size=12)),
+    min_size=1,
+    max_size=20,
+).map(b"".join)
+
+
+@pytest.mark.parametrize("setup", ["agent-open", "relay-open", "agent-handshake"])
+@settings(FUZZ, max_examples=150)
+@given(data=data_storms, cuts=cut_lists)
+def test_the_data_fast_path_does_what_the_state_tables_do(setup: str, data: bytes, cuts: list[int]) -> None:
+    chunks = split(data, cuts)
+    fast = SETUPS[setup]()
+    slow = SETUPS[setup]()
+    decoder = FrameDecoder(slow.max_payload)
+    assert _run(fast, chunks, fast.receive_data) == _run(slow, chunks, lambda c: _general_path(slow, decoder, c))

@@ -169,4 +169,5 @@ def test_importing_the_protocol_loads_no_io_module() -> None:
         "burrow.protocol.frames",
         "burrow.protocol.events",
         "burrow.protocol.session",
+        "burrow.protocol.buffer",
     }

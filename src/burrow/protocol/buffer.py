@@ -18,6 +18,7 @@ of it is queued in some transport, then is freed).
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 
 #: The room lent for one read when the transport gives no hint (plain sockets).
 DEFAULT_READ = 64 * 1024
@@ -63,6 +64,23 @@ class ReceiveBuffer:
         """The first ``size`` unread bytes are handled (their views may still live)."""
         self._start += size
 
+    def feed(self, data: bytes | bytearray | memoryview, take: Callable[[memoryview], int]) -> None:
+        """Copy ``data`` in, and after each part hand the unread bytes to ``take``, which returns how many it used.
+
+        For callers given bytes rather than a transport to lend room to.
+        """
+        rest = memoryview(data)
+        while True:
+            room = self.room(len(rest))
+            size = min(len(room), len(rest))
+            room[:size] = rest[:size]
+            del room  # a live view would keep this buffer from being reused
+            self.filled(size)
+            self.consume(take(self.unread()))
+            rest = rest[size:]
+            if not rest:
+                return
+
     @property
     def pending(self) -> int:
         """Bytes read and not consumed."""
@@ -100,4 +118,3 @@ class ReceiveBuffer:
 
     def _spare_viewed(self) -> bool:
         return sys.getrefcount(self._spare) > self._unviewed
-

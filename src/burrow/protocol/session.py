@@ -21,9 +21,11 @@ from typing import Any
 
 from ..errors import LocalProtocolError, ProtocolError
 from . import events as ev
+from .buffer import ReceiveBuffer
 from .frames import (
     GOAWAY_PAYLOAD,
     HEADER,
+    HEADER_SIZE,
     MAX_FRAME_PAYLOAD,
     MAX_STREAM_ID,
     MAX_WINDOW,
@@ -39,6 +41,7 @@ from .frames import (
     encode,
     encode_code,
     encode_json,
+    fast_hash,
 )
 
 PROTOCOL_VERSION = 1
@@ -52,6 +55,7 @@ DEFAULT_WINDOW = 1024 * 1024
 MIN_WINDOW = 16 * 1024
 
 
+@fast_hash
 class Role(enum.Enum):
     """Which end of the session this protocol object plays."""
 
@@ -59,6 +63,7 @@ class Role(enum.Enum):
     RELAY = "relay"
 
 
+@fast_hash
 class SessionState(enum.Enum):
     """Session states; transitions are in ``_SESSION_ACCEPTS`` and the methods below."""
 
@@ -69,6 +74,7 @@ class SessionState(enum.Enum):
     CLOSED = "closed"
 
 
+@fast_hash
 class StreamState(enum.Enum):
     """Stream states; the transitions are in ``_STREAM_TRANSITIONS``."""
 
@@ -78,6 +84,7 @@ class StreamState(enum.Enum):
     CLOSED = "closed"
 
 
+@fast_hash
 class _Fin(enum.Enum):
     SEND = "send"
     RECEIVE = "receive"
@@ -161,6 +168,7 @@ class SessionProtocol:
         self.version = 0
         self.close_code: int | None = None  # why the session ended, once it has
         self._decoder = FrameDecoder(max_payload)
+        self._received: ReceiveBuffer | None = None  # receive_data's copy of the bytes
         self._streams: dict[int, _Stream] = {}
         self._last_stream_id = 0  # relay: last id allocated; agent: last id seen
         self._events: list[ev.Event] = []
@@ -168,22 +176,19 @@ class SessionProtocol:
 
     # ---------------------------------------------------------------- I/O side
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Feed bytes read from the connection.
 
         Raises :class:`ProtocolError` if the peer broke the protocol; the
         session is then CLOSED and a GOAWAY with the error's code is queued.
         Events decoded before the error stay available.
+
+        ``data`` is copied into a buffer of the protocol's own and handed to
+        :meth:`receive_view`, the one way in.
         """
-        if self.state is SessionState.CLOSED:
-            return
-        try:
-            frames = self._decoder.feed(data)
-        except ProtocolError as exc:
-            self._dispatch_all(self._decoder.pending())
-            self._fail(exc)
-            raise
-        self._dispatch_all(frames)
+        if self._received is None:
+            self._received = ReceiveBuffer()
+        self._received.feed(data, self.receive_view)
 
     def receive_view(self, view: memoryview) -> int:
         """Feed the unread bytes of the caller's read buffer; return how many it may drop.
@@ -195,22 +200,45 @@ class SessionProtocol:
         events carry slices of ``view``, so the caller must not write over
         those bytes while a slice is alive. Use one of the two methods per
         session, not both. Errors as :meth:`receive_data`.
+
+        DATA that keeps every rule on an open stream takes a fast path (no
+        frame object, no dispatch): one such frame per read is the common case
+        of interactive traffic. Anything else goes through the decoder and
+        the state tables, which also raise the errors.
         """
-        if self.state is SessionState.CLOSED:
+        if self.state is _CLOSED:
             return len(view)
-        frames: list[Frame] = []
+        size = len(view)
+        offset = 0
+        fast = self.state in _DATA_STATES
+        streams = self._streams
+        events = self._events
+        max_payload = self.max_payload
         try:
-            consumed = self._decoder.parse(view, frames)
+            while size - offset >= HEADER_SIZE:
+                kind, flags, stream_id, length = _unpack_header(view, offset)
+                end = offset + HEADER_SIZE + length
+                if kind == _DATA and fast and not flags and length <= max_payload:
+                    stream = streams.get(stream_id)
+                    if stream is not None and stream.recv_credit >= length and stream.state in _CAN_RECEIVE:
+                        if end > size:
+                            break
+                        stream.recv_credit -= length
+                        events.append(ev.DataReceived(stream_id, view[offset + HEADER_SIZE : end]))
+                        offset = end
+                        continue
+                frame, end = self._decoder.parse_one(view, offset)
+                if frame is None:
+                    break
+                self._dispatch(frame)
+                offset = end
+                if self.state is _CLOSED:
+                    return size
+                fast = self.state in _DATA_STATES
         except ProtocolError as exc:
-            self._dispatch_all(frames)
             self._fail(exc)
             raise
-        self._dispatch_all(frames)
-        return consumed
-
-    def _dispatch_all(self, frames: list[Frame]) -> None:
-        for frame in frames:
-            self._dispatch_or_fail(frame)  # a no-op once the session is CLOSED
+        return offset
 
     def events_received(self) -> list[ev.Event]:
         """Return and forget the events produced so far."""
@@ -449,15 +477,6 @@ class SessionProtocol:
             self.close_code = code
         self._streams.clear()
 
-    def _dispatch_or_fail(self, frame: Frame) -> None:
-        if self.state is SessionState.CLOSED:
-            return
-        try:
-            self._dispatch(frame)
-        except ProtocolError as exc:
-            self._fail(exc)
-            raise
-
     def _dispatch(self, frame: Frame) -> None:
         kind = frame.type
         if kind not in _SESSION_ACCEPTS[(self.role, self.state)]:
@@ -631,6 +650,12 @@ class SessionProtocol:
 
 
 _DATA_HEADER = HEADER.pack
+_unpack_header = HEADER.unpack_from
+# enum members looked up once: a class attribute lookup on an Enum is slow (3.11)
+_DATA = int(FrameType.DATA)
+_CLOSED = SessionState.CLOSED
+#: the session states in which both roles accept DATA
+_DATA_STATES = frozenset({SessionState.OPEN, SessionState.CLOSING})
 
 _HANDLERS = {
     FrameType.HELLO: SessionProtocol._on_hello,
