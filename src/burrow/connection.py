@@ -17,6 +17,7 @@ import asyncio
 import logging
 import socket
 import struct
+import threading
 import time
 from dataclasses import dataclass
 from typing import cast
@@ -67,6 +68,23 @@ def reset_transport(transport: asyncio.BaseTransport | None) -> None:
     transport.abort()  # type: ignore[attr-defined]
 
 
+_per_thread = threading.local()
+
+
+def stream_reads() -> ReceiveBuffer:
+    """The read buffer of this thread's event loop, lent to one endpoint's read at a time.
+
+    uvloop and asyncio call ``get_buffer`` and then ``buffer_updated`` for the
+    same read with nothing in between, and each read leaves as DATA before the
+    next starts, so one buffer per loop serves every connection of every session.
+    """
+    try:
+        return _per_thread.stream_reads  # type: ignore[no-any-return]
+    except AttributeError:
+        _per_thread.stream_reads = ReceiveBuffer()
+        return _per_thread.stream_reads  # type: ignore[no-any-return]
+
+
 @dataclass
 class TrafficStats:
     """Counters a tunnel keeps: open connections and bytes each way."""
@@ -80,9 +98,9 @@ class TrafficStats:
 class StreamEndpoint(asyncio.BufferedProtocol):
     """One TCP connection peered with one stream of a :class:`SessionConnection`.
 
-    Reads land in the session's shared :attr:`~SessionConnection.stream_reads`
-    buffer and go out as DATA at once (a read is consumed before the next
-    one starts), so 10,000 idle connections cost no read buffer each.
+    Reads land in a buffer shared by every endpoint of this thread's event
+    loop and go out as DATA at once (a read is consumed before the next one
+    starts), so 10,000 idle connections cost no read buffer each.
 
     ``inbound`` says which way this endpoint's reads travel in the stats:
     True for the relay's public connections (bytes_in), False for the agent's
@@ -101,6 +119,7 @@ class StreamEndpoint(asyncio.BufferedProtocol):
         self.sent_fin = False
         self.got_fin = False
         self.done = False
+        self._reads = stream_reads()  # made in the loop's thread, read only there
         stats.open_connections += 1
         stats.total_connections += 1
         session.endpoints[stream_id] = self
@@ -115,10 +134,10 @@ class StreamEndpoint(asyncio.BufferedProtocol):
     def get_buffer(self, sizehint: int) -> memoryview:
         # ask for the most, not for the transport's hint (uvloop: 64 KiB): a read is
         # a frame, and fewer, bigger frames cost less Python per byte
-        return self.session.stream_reads.room(MAX_READ)
+        return self._reads.room(MAX_READ)
 
     def buffer_updated(self, nbytes: int) -> None:
-        reads = self.session.stream_reads
+        reads = self._reads
         reads.filled(nbytes)
         data = reads.unread()
         reads.consume(nbytes)
@@ -259,7 +278,6 @@ class SessionConnection(asyncio.BufferedProtocol):
         self.endpoints: dict[int, StreamEndpoint] = {}
         self.writing_paused = False
         self._received = ReceiveBuffer()
-        self.stream_reads = ReceiveBuffer()  # lent to the endpoints' reads, one at a time
         self._resume_turn = 0
         self.last_received = time.monotonic()
         self.rtt: float | None = None

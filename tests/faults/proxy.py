@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
-from dataclasses import dataclass, field
+from collections import deque
+from dataclasses import dataclass
 
 from ..helpers import ServiceThread
 
@@ -22,10 +23,8 @@ class _Pipe:
     blackholed: bool = False
     delay: float = 0.0
     cut_after: int | None = None
-    rate: float = 0.0  # bytes per second; 0: unlimited
-    next_free: float = 0.0  # when the throttled link is free again
+    rate: float = 0.0  # bytes per second each way; 0: unlimited
     forwarded: int = 0
-    pending: list[bytes] = field(default_factory=list)
 
 
 class _Side(asyncio.Protocol):
@@ -33,6 +32,13 @@ class _Side(asyncio.Protocol):
         self.proxy = proxy
         self.pipe = pipe
         self.upstream = upstream
+        # delayed chunks of this direction, in order: one timer for the head. (A
+        # call_later per chunk reorders bytes: two chunks whose release times
+        # are a few µs apart can swap when the loop reads its clock late for
+        # the first; a reordered TLS stream fails its MAC.)
+        self.queue: deque[tuple[float, bytes]] = deque()
+        self.timer: asyncio.TimerHandle | None = None
+        self.next_free = 0.0  # when this direction of a throttled link is free again
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self.pipe is None:  # a client arrived: dial the relay
@@ -69,14 +75,26 @@ class _Side(asyncio.Protocol):
             self.proxy.reset_pipe(pipe)
             return
         loop = asyncio.get_running_loop()
-        delay = pipe.delay
+        now = loop.time()
+        release = now + pipe.delay
         if pipe.rate:
-            pipe.next_free = max(pipe.next_free, loop.time()) + len(data) / pipe.rate
-            delay += pipe.next_free - loop.time()
-        if delay:
-            loop.call_later(delay, _write, other, data)
-        else:
+            self.next_free = max(self.next_free, now) + len(data) / pipe.rate
+            release = self.next_free + pipe.delay
+        if release <= now and not self.queue:
             other.write(data)
+            return
+        self.queue.append((release, data))
+        if self.timer is None:
+            self.timer = loop.call_at(release, self._release, other)
+
+    def _release(self, other: asyncio.Transport) -> None:
+        self.timer = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        while self.queue and self.queue[0][0] <= now:
+            _write(other, self.queue.popleft()[1])
+        if self.queue:
+            self.timer = loop.call_at(self.queue[0][0], self._release, other)
 
     def connection_lost(self, exc: Exception | None) -> None:
         pipe = self.pipe

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from burrow.protocol import events as ev
-from burrow.protocol.buffer import DEFAULT_READ, MAX_READ, ReceiveBuffer
+from burrow.protocol.buffer import DEFAULT_READ, MAX_BUFFER, MAX_READ, SHRINK_AFTER, ReceiveBuffer
 from burrow.protocol.frames import FrameType, encode
 from burrow.protocol.session import Role, SessionProtocol
 
@@ -88,6 +88,32 @@ def test_a_frame_bigger_than_the_reads_grows_the_buffer_geometrically() -> None:
         capacities.append(buffer.capacity)
     assert buffer.pending == 40_000
     assert len(set(capacities)) <= 7  # 1 KiB doubling to 64 KiB, not a new size per read
+
+
+def test_a_buffer_grown_by_bulk_shrinks_once_reads_stay_small() -> None:
+    buffer = ReceiveBuffer()
+
+    def read(hint: int, size: int) -> None:
+        room = buffer.room(hint)
+        buffer.filled(min(size, len(room)))
+        del room
+        buffer.consume(buffer.pending)
+
+    for _ in range(40):  # bulk: reads of up to 256 KiB, with part of a frame left each time
+        room = buffer.room(MAX_READ)
+        buffer.filled(min(len(room), MAX_READ))
+        del room
+        buffer.consume(max(0, buffer.pending - 200_000))
+    grown = buffer.capacity
+    assert MAX_READ < grown <= MAX_BUFFER
+    buffer.consume(buffer.pending)
+    for _ in range(SHRINK_AFTER - 1):
+        read(300, 100)
+    assert buffer.capacity == grown  # a lull between bursts keeps it
+    read(300, 100)
+    assert buffer.capacity == DEFAULT_READ
+    read(MAX_READ, MAX_READ)  # and bulk grows it again
+    assert buffer.capacity >= MAX_READ
 
 
 def _session_pair() -> tuple[SessionProtocol, SessionProtocol]:

@@ -29,25 +29,43 @@ MAX_READ = 256 * 1024
 
 #: Buffers grow (doubling) to this size when frames outgrow them: the start of
 #: a frame is then moved about once per MAX_BUFFER read. Two per busy session
-#: (the current one and a spare), 64 KiB for a session that carries small messages.
+#: (the current one and a spare).
 MAX_BUFFER = 1024 * 1024
+
+#: A new buffer's size: a session link that carries no bulk stays this small
+#: (a bytearray is zero-filled, so all of it is resident from the start).
+INITIAL_SIZE = 16 * 1024
+
+#: After this many reads in a row that wanted little, a grown buffer goes back
+#: to DEFAULT_READ bytes and the spare is dropped: a session that once carried
+#: bulk does not keep 2 MiB for the rest of its life.
+SHRINK_AFTER = 64
 
 
 class ReceiveBuffer:
     """Room to read into, and the bytes read but not yet consumed."""
 
-    def __init__(self, size: int = DEFAULT_READ) -> None:
+    def __init__(self, size: int = INITIAL_SIZE) -> None:
         self._buffer = bytearray(size)
         self._start = 0  # the first byte not consumed
         self._end = 0  # the end of what was read
         self._spare: bytearray | None = None  # the previous buffer, for when its views are gone
         self._unviewed = sys.getrefcount(self._buffer)  # held by this object only
+        self._small_reads = 0  # reads in a row that wanted at most DEFAULT_READ
 
     def room(self, hint: int = -1) -> memoryview:
         """Writable room after the bytes read: about ``hint`` bytes, at least one."""
         want = min(hint, MAX_READ) if hint > 0 else DEFAULT_READ
         if self._start == self._end and self._end and not self._viewed():
             self._start = self._end = 0  # all consumed, nothing views it: start over
+            if want > DEFAULT_READ or len(self._buffer) <= DEFAULT_READ:
+                self._small_reads = 0
+            else:
+                self._small_reads += 1
+                if self._small_reads >= SHRINK_AFTER:
+                    self._buffer = bytearray(DEFAULT_READ)
+                    self._spare = None
+                    self._small_reads = 0
         if len(self._buffer) - self._end < want:
             self._make_room(want)
         return memoryview(self._buffer)[self._end :]
