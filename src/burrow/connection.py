@@ -39,6 +39,10 @@ HEARTBEATS_PER_TIMEOUT = 4
 #: Queued chunks smaller than this in all are joined into one write (one TLS record).
 JOIN_BELOW = 16 * 1024
 
+#: DATA payloads smaller than this are copied before they are written, rather
+#: than handed over as views that could keep a whole read buffer alive.
+COPY_BELOW = 16 * 1024
+
 #: struct linger {on, 0 seconds}: close() sends RST instead of FIN.
 LINGER_RESET = struct.pack("ii", 1, 0)
 
@@ -119,7 +123,7 @@ class StreamEndpoint(asyncio.BufferedProtocol):
         self.sent_fin = False
         self.got_fin = False
         self.done = False
-        self._reads = stream_reads()  # made in the loop's thread, read only there
+        self._reads = stream_reads()  # the buffer of the thread that reads: set again per read
         stats.open_connections += 1
         stats.total_connections += 1
         session.endpoints[stream_id] = self
@@ -134,6 +138,7 @@ class StreamEndpoint(asyncio.BufferedProtocol):
     def get_buffer(self, sizehint: int) -> memoryview:
         # ask for the most, not for the transport's hint (uvloop: 64 KiB): a read is
         # a frame, and fewer, bigger frames cost less Python per byte
+        self._reads = stream_reads()
         return self._reads.room(MAX_READ)
 
     def buffer_updated(self, nbytes: int) -> None:
@@ -185,13 +190,22 @@ class StreamEndpoint(asyncio.BufferedProtocol):
     # -------------------------------------------------------------- stream side
 
     def deliver(self, data: bytes | bytearray | memoryview) -> None:
-        """DATA from the stream: write it; grant credit unless the transport is full."""
-        assert self.transport is not None
+        """DATA from the stream: write it; grant credit unless the transport is full.
+
+        ``data`` is a view of the session's read buffer; a transport that
+        cannot send it at once keeps the view, and with it the whole buffer.
+        So a small payload, or one for a transport that is already behind, is
+        copied: a slow reader then holds its own bytes, not 1 MiB buffers.
+        """
+        transport = self.transport
+        assert transport is not None
         if self.inbound:
             self.stats.bytes_out += len(data)
         else:
             self.stats.bytes_in += len(data)
-        self.transport.write(data)
+        if len(data) < COPY_BELOW or self.writing_paused or transport.get_write_buffer_size():
+            data = bytes(data)
+        transport.write(data)
         if self.writing_paused:
             self.held += len(data)
         else:

@@ -94,7 +94,7 @@ class LocalEndpoint(StreamEndpoint):
 
     def deliver(self, data: bytes | bytearray | memoryview) -> None:
         if self.transport is None:
-            self.early.append(data)
+            self.early.append(bytes(data))  # not a view: it may wait a while
         else:
             super().deliver(data)
 

@@ -9,7 +9,9 @@ protocol as a view; DATA payloads are slices of it, written to their
 destination without a copy.
 
 One rule keeps the slices valid: a byte that a view can still see is never
-written over. Reads only ever append. When the room runs out, the start of a
+written over. Whether a view is alive is asked of the bytearray itself: it
+refuses to change size while any buffer export (any memoryview, a slice of a
+slice included) is alive. Reads only ever append. When the room runs out, the start of a
 frame still unread moves to the front of the same buffer if nothing views it
 any more, and to a new buffer otherwise (the old one lives on while a slice
 of it is queued in some transport, then is freed).
@@ -17,7 +19,6 @@ of it is queued in some transport, then is freed).
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 
 #: The room lent for one read when the transport gives no hint (plain sockets).
@@ -50,13 +51,12 @@ class ReceiveBuffer:
         self._start = 0  # the first byte not consumed
         self._end = 0  # the end of what was read
         self._spare: bytearray | None = None  # the previous buffer, for when its views are gone
-        self._unviewed = sys.getrefcount(self._buffer)  # held by this object only
         self._small_reads = 0  # reads in a row that wanted at most DEFAULT_READ
 
     def room(self, hint: int = -1) -> memoryview:
         """Writable room after the bytes read: about ``hint`` bytes, at least one."""
         want = min(hint, MAX_READ) if hint > 0 else DEFAULT_READ
-        if self._start == self._end and self._end and not self._viewed():
+        if self._start == self._end and self._end and not _viewed(self._buffer):
             self._start = self._end = 0  # all consumed, nothing views it: start over
             if want > DEFAULT_READ or len(self._buffer) <= DEFAULT_READ:
                 self._small_reads = 0
@@ -87,7 +87,7 @@ class ReceiveBuffer:
 
         For callers given bytes rather than a transport to lend room to.
         """
-        rest = memoryview(data)
+        rest = memoryview(data).cast("B")
         while True:
             room = self.room(len(rest))
             size = min(len(room), len(rest))
@@ -112,11 +112,11 @@ class ReceiveBuffer:
         """Move the unread bytes to the front of a buffer with ``want`` bytes of room after them."""
         pending = self._end - self._start
         needed = pending + want
-        if needed <= len(self._buffer) and not self._viewed():
+        if needed <= len(self._buffer) and not _viewed(self._buffer):
             self._buffer[:pending] = self._buffer[self._start : self._end]
         else:
             old = self._buffer
-            if self._spare is not None and needed <= len(self._spare) and not self._spare_viewed():
+            if self._spare is not None and needed <= len(self._spare) and not _viewed(self._spare):
                 self._buffer, self._spare = self._spare, None
             else:
                 # grow geometrically: a frame bigger than the reads would otherwise be
@@ -126,13 +126,14 @@ class ReceiveBuffer:
             self._buffer[:pending] = old[self._start : self._end]
             if self._spare is None or len(old) >= len(self._spare):
                 self._spare = old  # reused once its views are gone (bulk: by the next turn)
-            del old
         self._start, self._end = 0, pending
 
-    def _viewed(self) -> bool:
-        # a memoryview (and every slice of it) holds a reference to the bytearray it
-        # views: more references than an unviewed buffer has means views are alive
-        return sys.getrefcount(self._buffer) > self._unviewed
 
-    def _spare_viewed(self) -> bool:
-        return sys.getrefcount(self._spare) > self._unviewed
+def _viewed(buffer: bytearray) -> bool:
+    """Whether a view of ``buffer`` is alive: a bytearray will not resize while one is."""
+    try:
+        buffer.append(0)
+    except BufferError:
+        return True
+    del buffer[-1]  # (no shrink: the spare byte stays allocated, so this costs no copy next time)
+    return False
