@@ -297,6 +297,7 @@ class SessionConnection(asyncio.BufferedProtocol):
         self.rtt: float | None = None
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._heartbeat: asyncio.TimerHandle | None = None
+        self._beat_due = 0.0
 
     # ----------------------------------------------------------- asyncio side
 
@@ -447,13 +448,21 @@ class SessionConnection(asyncio.BufferedProtocol):
     # -------------------------------------------------------------- heartbeats
 
     def _schedule_heartbeat(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._heartbeat = loop.call_later(self.heartbeat_timeout / HEARTBEATS_PER_TIMEOUT, self._beat)
+        interval = self.heartbeat_timeout / HEARTBEATS_PER_TIMEOUT
+        self._beat_due = time.monotonic() + interval
+        self._heartbeat = asyncio.get_running_loop().call_later(interval, self._beat)
 
     def _beat(self) -> None:
         if self.transport is None or self.transport.is_closing():
             return
-        silent = time.monotonic() - self.last_received
+        now = time.monotonic()
+        if now - self._beat_due > self.heartbeat_timeout / HEARTBEATS_PER_TIMEOUT:
+            # this beat is late: our own loop was stalled (a C call holding the GIL,
+            # a suspended process). The peer's pings may be sitting unread (uvloop
+            # runs due timers before it polls the sockets), or were never sent if the
+            # peer shares this process: silence counts from when we can hear again
+            self.last_received = max(self.last_received, now)
+        silent = now - self.last_received
         if silent > self.heartbeat_timeout:
             logger.warning("session %s: no answer for %.0f s; closing the link", self.name, silent)
             self.proto.goaway(ErrorCode.TIMEOUT, "heartbeat timeout")

@@ -6,6 +6,7 @@ import asyncio
 import gc
 import os
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -75,6 +76,26 @@ def test_blackholed_link_is_found_dead_and_its_streams_reset(
         assert echo_ok(tunnel, ca_file)
         # the relay dropped the stale session (by heartbeat or by the ticket's takeover)
         wait_for(lambda: len(on_runtime(_sessions(fast_relay))) == 1, what="stale session gone")
+
+
+def test_a_stalled_process_keeps_its_session(
+    echo: EchoServer, proxy: FaultProxy, fast_relay: Relay, ca_file: Path
+) -> None:
+    """The loop stops for longer than the heartbeat timeout (a C call holding the GIL
+    in a notebook, a suspended process): not the peer's fault, so no reconnect."""
+    states: list[burrow.TunnelState] = []
+    with _forward(echo, proxy, states) as tunnel:
+        assert echo_ok(tunnel, ca_file)
+        sessions = on_runtime(_sessions(fast_relay))
+
+        async def stall() -> None:
+            time.sleep(FAST_HEARTBEAT * 1.5)  # noqa: ASYNC251 (the point: agent and relay share this loop)
+
+        on_runtime(stall())
+        time.sleep(FAST_HEARTBEAT / 2)  # two more beats each side, on time now
+        assert states == [burrow.TunnelState.OPEN]
+        assert on_runtime(_sessions(fast_relay)) == sessions
+        assert echo_ok(tunnel, ca_file)
 
 
 async def _sessions(relay: Relay) -> list[str]:
