@@ -47,16 +47,6 @@ COPY_BELOW = 16 * 1024
 LINGER_RESET = struct.pack("ii", 1, 0)
 
 
-def set_nodelay(transport: asyncio.BaseTransport) -> None:
-    """Disable Nagle: the tunnel forwards what it reads at once, small writes included."""
-    sock = transport.get_extra_info("socket")
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass
-
-
 def reset_transport(transport: asyncio.BaseTransport | None) -> None:
     """Close with a TCP RST (SO_LINGER 0), so the peer cannot take it for a clean end."""
     if transport is None or transport.is_closing():
@@ -132,7 +122,6 @@ class StreamEndpoint(asyncio.BufferedProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
-        set_nodelay(transport)
         self.update_reading()
 
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -303,7 +292,6 @@ class SessionConnection(asyncio.BufferedProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
-        set_nodelay(transport)
         self._schedule_heartbeat()
 
     def get_buffer(self, sizehint: int) -> memoryview:

@@ -269,6 +269,10 @@ class Relay:
         loop = asyncio.get_running_loop()
         assert self.certs is not None
         try:
+            # Nagle off: the tunnel forwards what it reads at once. Every other socket
+            # comes from create_server or create_connection, which set it (asyncio and
+            # uvloop alike); asyncio's connect_accepted_socket does not (proto is 0)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             await loop.connect_accepted_socket(
                 lambda: _Dispatcher(self, peer),
                 conn,
