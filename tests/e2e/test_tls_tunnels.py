@@ -96,8 +96,11 @@ def _openssl(port: int, *args: str) -> subprocess.CompletedProcess[str]:
 @needs_openssl
 def test_openssl_unknown_id_and_missing_sni_are_refused(echo: EchoServer, ca_file: Path) -> None:
     with burrow.forward(echo.port) as tunnel:
-        good = _openssl(tunnel.port, "-servername", tunnel.host, "-CAfile", str(ca_file))
+        good = _openssl(tunnel.port, "-servername", tunnel.host, "-CAfile", str(ca_file), "-showcerts")
         assert good.returncode == 0 and "Verify return code: 0 (ok)" in good.stdout
+        # the dev relay sends its leaf alone (the CA is the client's trust anchor)
+        assert good.stdout.count("BEGIN CERTIFICATE") == 1
+        assert "depth=1 O = burrow development CA" in good.stderr  # the client found the CA itself
         # asyncio drops the unrecognized_name alert on a failed handshake (its SSL
         # protocol does not flush outgoing bytes then), so clients see an EOF; what
         # matters is that no certificate is sent and nothing is routed
