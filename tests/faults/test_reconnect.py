@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import os
 import socket
 import time
@@ -34,16 +35,17 @@ def _reconnected(forward: burrow.Forward, states: list[burrow.TunnelState], befo
 
 
 def test_reset_link_comes_back_with_the_same_url(
-    echo: EchoServer, proxy: FaultProxy, fast_relay: Relay, ca_file: Path
+    echo: EchoServer, proxy: FaultProxy, fast_relay: Relay, ca_file: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     states: list[burrow.TunnelState] = []
     forward = _forward(echo, proxy, states)
-    with forward as tunnel:
+    with forward as tunnel, caplog.at_level(logging.WARNING, logger="burrow"):
         assert echo_ok(tunnel, ca_file)
         before = len(states)
         proxy.reset()
         recovery = _reconnected(forward, states, before)
         assert recovery < 2.0, recovery
+        wait_for(lambda: "reconnected to relay" in caplog.text, what="the reconnect reported")
         assert forward.tunnel == tunnel  # same id, URL and TCP port
         assert echo_ok(tunnel, ca_file)
     assert states == [
@@ -96,6 +98,22 @@ def test_a_stalled_process_keeps_its_session(
         assert states == [burrow.TunnelState.OPEN]
         assert on_runtime(_sessions(fast_relay)) == sessions
         assert echo_ok(tunnel, ca_file)
+
+
+def test_closing_while_reconnecting_is_not_called_a_reconnect(
+    echo: EchoServer, proxy: FaultProxy, fast_relay: Relay, caplog: pytest.LogCaptureFixture
+) -> None:
+    states: list[burrow.TunnelState] = []
+    with caplog.at_level(logging.WARNING, logger="burrow"):
+        with _forward(echo, proxy, states):
+            proxy.refuse_new = True  # every reconnect attempt fails
+            proxy.reset()
+            wait_for(lambda: burrow.TunnelState.RECONNECTING in states, what="reconnecting")
+            wait_for(lambda: "still reconnecting" in caplog.text, what="a failed attempt")
+        wait_for(lambda: burrow.TunnelState.CLOSED in states, what="closed")
+        time.sleep(0.3)  # the reconnect loop notices the tunnel is gone
+    assert states[-1] is burrow.TunnelState.CLOSED
+    assert "reconnected" not in caplog.text
 
 
 async def _sessions(relay: Relay) -> list[str]:

@@ -161,7 +161,9 @@ class RelayLink:
                     logger.warning("burrow: still reconnecting to relay %s: %s", self.settings.relay, message)
                     warned.add(message)
                 continue
-        logger.warning("burrow: reconnected to relay %s after %d attempt(s)", self.settings.relay, attempt)
+        # the loop also ends when the owners closed every reconnecting tunnel: no reconnect then
+        if not self._stopped and any(t.state is TunnelState.OPEN for t in self.tunnels):
+            logger.warning("burrow: reconnected to relay %s after %d attempt(s)", self.settings.relay, attempt)
 
     async def _resume(self, session: AgentSession, tunnel: AgentTunnel) -> None:
         old_id, old_url = tunnel.id, _url(tunnel.info)
