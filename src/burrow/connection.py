@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import struct
 import threading
@@ -114,6 +115,7 @@ class StreamEndpoint(asyncio.BufferedProtocol):
         self.got_fin = False
         self.done = False
         self._reads = stream_reads()  # the buffer of the thread that reads: set again per read
+        self._fd = -1  # a plain TCP transport's socket, written to directly by deliver()
         stats.open_connections += 1
         stats.total_connections += 1
         session.endpoints[stream_id] = self
@@ -122,6 +124,9 @@ class StreamEndpoint(asyncio.BufferedProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and transport.get_extra_info("sslcontext") is None:
+            self._fd = sock.fileno()  # TLS encrypts what it is given at once: no view kept
         self.update_reading()
 
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -182,9 +187,12 @@ class StreamEndpoint(asyncio.BufferedProtocol):
         """DATA from the stream: write it; grant credit unless the transport is full.
 
         ``data`` is a view of the session's read buffer; a transport that
-        cannot send it at once keeps the view, and with it the whole buffer.
-        So a small payload, or one for a transport that is already behind, is
-        copied: a slow reader then holds its own bytes, not 1 MiB buffers.
+        cannot send it at once would keep the view, and with it the whole
+        buffer (up to 1 MiB) for as long as its reader stalls. So a small
+        payload, or one for a transport that is already behind, is copied;
+        a big one for an idle plain TCP transport goes to its socket at once,
+        and only what the socket does not take is copied into the transport.
+        A slow reader then holds its own bytes, never a read buffer.
         """
         transport = self.transport
         assert transport is not None
@@ -193,8 +201,17 @@ class StreamEndpoint(asyncio.BufferedProtocol):
         else:
             self.stats.bytes_in += len(data)
         if len(data) < COPY_BELOW or self.writing_paused or transport.get_write_buffer_size():
-            data = bytes(data)
-        transport.write(data)
+            transport.write(bytes(data))
+        elif self._fd < 0 or transport.is_closing():  # (closing: the descriptor may be reused)
+            transport.write(data)
+        else:
+            # the transport holds nothing, so writing its socket first keeps the order
+            try:
+                sent = os.write(self._fd, data)
+            except OSError:  # full, or broken: the transport meets the error and reports it
+                sent = 0
+            if sent < len(data):
+                transport.write(bytes(data[sent:]))
         if self.writing_paused:
             self.held += len(data)
         else:
