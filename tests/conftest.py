@@ -16,7 +16,7 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-from burrow.certs import dev_ca_path  # noqa: E402
+from burrow.paths import dev_ca_path  # noqa: E402
 
 from .helpers import EchoServer, ServiceThread  # noqa: E402
 

@@ -104,6 +104,14 @@ def test_forward_to_unreachable_relay() -> None:
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+def test_agents_do_not_import_cryptography() -> None:
+    """``cryptography`` costs ~70 ms to import; only a dev relay needs it (its CA)."""
+    code = "import sys, burrow, burrow.cli; print(sorted(m for m in sys.modules if m.startswith('cryptography')))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 def test_relay_and_forward_processes(relay_process: tuple[Background, int]) -> None:
     relay, port = relay_process

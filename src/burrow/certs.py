@@ -5,15 +5,16 @@ needs a certificate for every tunnel host ``<id>.localhost``. burrow creates
 one CA per user, once, in its data directory, and issues a short-lived leaf
 certificate per host on demand. Trust that CA once (curl ``--cacert``, the
 system store, a browser) and every tunnel URL is accepted.
+
+``cryptography`` takes ~70 ms to import: only a dev relay imports this module
+(when it starts), so agents and ``import burrow`` do not pay for it.
 """
 
 from __future__ import annotations
 
 import datetime
 import fcntl
-import os
 import socket
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,8 +23,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-CA_CERT_NAME = "ca.pem"
-CA_KEY_NAME = "ca-key.pem"
+from .paths import CA_CERT_NAME, CA_KEY_NAME, data_dir, write_private
 
 #: The CA outlives many relays; ten years means users trust it once.
 CA_LIFETIME = datetime.timedelta(days=3650)
@@ -31,21 +31,6 @@ CA_LIFETIME = datetime.timedelta(days=3650)
 LEAF_LIFETIME = datetime.timedelta(days=90)
 #: Tolerate clocks a little behind ours.
 CLOCK_SKEW = datetime.timedelta(hours=1)
-
-
-def data_dir() -> Path:
-    """Where burrow keeps its files: ``$BURROW_HOME``, else the XDG data directory."""
-    home = os.environ.get("BURROW_HOME")
-    if home:
-        return Path(home)
-    xdg = os.environ.get("XDG_DATA_HOME")
-    base = Path(xdg) if xdg else Path.home() / ".local" / "share"
-    return base / "burrow"
-
-
-def dev_ca_path() -> Path:
-    """The dev CA certificate users trust (it may not exist yet)."""
-    return data_dir() / CA_CERT_NAME
 
 
 @dataclass(frozen=True)
@@ -152,16 +137,3 @@ def _key_usage(*, ca: bool) -> x509.KeyUsage:
         encipher_only=False,
         decipher_only=False,
     )
-
-
-def write_private(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Write ``data`` to ``path`` atomically with ``mode`` from the start (a key is never world-readable)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise

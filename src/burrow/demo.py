@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .agent.config import AgentSettings
-from .certs import dev_ca_path
+from .paths import dev_ca_path
 from .relay.config import is_loopback
 from .tunnel import Tunnel
 

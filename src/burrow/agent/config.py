@@ -9,9 +9,9 @@ import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..certs import dev_ca_path
 from ..connection import HEARTBEAT_TIMEOUT
 from ..errors import ConfigurationError
+from ..paths import dev_ca_path
 from ..protocol.session import DEFAULT_WINDOW
 from ..relay.config import is_loopback
 from ..relay.tls import AGENT_ALPN

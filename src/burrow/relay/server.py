@@ -28,9 +28,9 @@ from collections import deque
 from pathlib import Path
 from typing import Any, cast
 
-from ..certs import data_dir
 from ..connection import LINGER_RESET
 from ..errors import ConfigurationError
+from ..paths import data_dir
 from ..protocol import events as ev
 from ..protocol.frames import ErrorCode
 from ..protocol.session import SessionState

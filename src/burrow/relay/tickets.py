@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..certs import write_private
+from ..paths import write_private
 
 #: A ticket older than this is refused: a day covers a laptop's night asleep.
 TICKET_LIFETIME = 24 * 3600

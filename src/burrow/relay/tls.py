@@ -6,9 +6,12 @@ import shutil
 import ssl
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ..certs import DevCA
 from .config import RelayConfig
+
+if TYPE_CHECKING:
+    from ..certs import DevCA
 
 #: ALPN protocol id of the agent endpoint: agents and browsers share port 443.
 AGENT_ALPN = "burrow/1"
@@ -46,6 +49,8 @@ class CertificateStore:
                 self._shared[h2] = _server_context(H2_ALPN if h2 else None)
                 self._shared[h2].load_cert_chain(cert, key)
         else:
+            from ..certs import DevCA  # only a dev relay needs cryptography (~70 ms to import)
+
             self.ca = DevCA.load_or_create(config.data_dir)
             # load_cert_chain reads files only: keep the leaves in a private directory
             self._dir = Path(tempfile.mkdtemp(prefix="burrow-relay-"))
