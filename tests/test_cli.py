@@ -104,12 +104,19 @@ def test_forward_to_unreachable_relay() -> None:
     assert len(result.stderr.strip().splitlines()) == 1
 
 
-def test_agents_do_not_import_cryptography() -> None:
-    """``cryptography`` costs ~70 ms to import; only a dev relay needs it (its CA)."""
-    code = "import sys, burrow, burrow.cli; print(sorted(m for m in sys.modules if m.startswith('cryptography')))"
+def test_agents_do_not_import_the_relay() -> None:
+    """``cryptography`` (~70 ms to import) and the relay's server (~20 ms): only relays need them."""
+    code = (
+        "import sys, burrow, burrow.cli; "
+        "print(sorted(m for m in sys.modules if m.startswith(('cryptography', 'burrow.relay.server'))))"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+    # and the public name still works
+    code = "from burrow.relay import Relay, RelayConfig; print(Relay.__module__, RelayConfig.__module__)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.stdout.split() == ["burrow.relay.server", "burrow.relay.config"], result.stderr
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")

@@ -17,16 +17,18 @@ import logging
 import os
 import threading
 from collections.abc import Coroutine
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..errors import PortAlreadyForwarded
 from ..relay.config import RelayConfig
-from ..relay.server import Relay
 from .config import AgentSettings, RelayAddress
 from .link import RelayLink
 from .session import AgentSession, AgentTunnel
 
 logger = logging.getLogger("burrow")
+
+if TYPE_CHECKING:
+    from ..relay.server import Relay
 
 T = TypeVar("T")
 
@@ -122,6 +124,8 @@ class Runtime:
     async def _embedded_address(self) -> RelayAddress:
         if self._embedded_starting is None:
             self._embedded_starting = asyncio.get_running_loop().create_future()
+            from ..relay.server import Relay  # ~20 ms to import: only for the embedded relay
+
             try:
                 relay = await Relay(RelayConfig(port=0)).start()
             except BaseException as exc:
