@@ -7,16 +7,21 @@ import hashlib
 import socket
 import ssl
 import threading
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
+
+import uvloop
 
 from burrow import Tunnel
 from burrow.agent.runtime import runtime
 from burrow.demo import connect
 
 T = TypeVar("T")
+
+#: Both event loops burrow runs on, for tests that must hold on each.
+RUNNERS: dict[str, Callable[[Coroutine[Any, Any, None]], None]] = {"asyncio": asyncio.run, "uvloop": uvloop.run}
 
 
 class EchoProtocol(asyncio.Protocol):

@@ -12,17 +12,16 @@ import asyncio
 import gc
 import socket
 import tracemalloc
-from collections.abc import Callable, Coroutine
 from typing import Any
 
 import pytest
-import uvloop
 
 from burrow.connection import SessionConnection, StreamEndpoint, TrafficStats
 from burrow.protocol.frames import HEADER, ErrorCode, FrameType
 from burrow.protocol.session import Role, SessionProtocol
 
-RUNNERS: dict[str, Callable[[Coroutine[Any, Any, None]], None]] = {"asyncio": asyncio.run, "uvloop": uvloop.run}
+from ..helpers import RUNNERS
+
 WINDOW = 1024 * 1024
 STALLED = 20
 MiB = 1024 * 1024

@@ -11,20 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Callable, Coroutine
-from typing import Any
 
 import pytest
-import uvloop
 
 from burrow.agent.config import AgentSettings, RelayAddress
 from burrow.agent.session import AgentSession, AgentTunnel
 from burrow.demo import client_context
 from burrow.relay import Relay, RelayConfig
 
-from ..helpers import EchoServer
-
-RUNNERS: dict[str, Callable[[Coroutine[Any, Any, None]], None]] = {"asyncio": asyncio.run, "uvloop": uvloop.run}
+from ..helpers import RUNNERS, EchoServer
 
 
 def _nodelay(transport: asyncio.BaseTransport | None) -> int:
