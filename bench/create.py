@@ -8,10 +8,19 @@ object per sample (seconds): ``{"total", "open", "first_request", "retries"}``.
   relay=...)``, ``open()``, then a TLS connection to the new URL (SNI
   ``<id>.localhost``, verified against the dev CA) sending one byte and reading
   its echo. ``close()`` happens after the clock stops.
-- ``cold``: the same, but each sample runs in a fresh process forked from one
-  that has imported burrow and nothing more: no loop thread, no session, so the
-  clock includes starting burrow's loop thread, TCP + TLS to the relay, HELLO,
-  BIND and the request.
+- ``cold``: from nothing: each sample is a new Python process that imports
+  burrow and makes its client context, then starts the clock: no loop
+  thread, no session, so the clock includes starting burrow's loop thread,
+  TCP + TLS to the relay, HELLO, BIND and the request. The process also
+  reports how long ``import burrow`` took (outside the clock).
+- ``fork``: the same in a child forked from a process that has imported
+  burrow (a pre-fork server's worker opening its first tunnel). A forked child
+  pays for its first writes to the parent's pages (copy-on-write faults, ~1,100
+  during ``open()``, and a garbage-collector pass over the parent's young
+  objects): 3–4 ms more than a new process on this machine.
+- ``direct-tls``: no tunnel: the same client's TLS connection straight to the
+  echo service's own TLS listener (``--tls-port``, SNI ``--sni``), the floor
+  under every burrow figure: the client's handshake alone costs this much.
 - ``ssh-cold``: the peer: a new ``ssh -N -R`` process per sample, until one
   byte echoes through its remote port (plain TCP: ssh -R has no TLS URL).
 - ``ssh-warm``: a ControlMaster connection is up; each sample is ``ssh -O
@@ -32,6 +41,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 clock = time.perf_counter
 RETRY_FOR = 5.0  # s a sample may retry its first request before it counts as an error
@@ -55,9 +65,16 @@ def echo_once(connect: Callable[[], socket.socket]) -> int:
         time.sleep(0.0005)
 
 
+#: The client's names go to ``socket`` and ``ssl`` as ASCII bytes: given a str, both
+#: run the IDNA codec, whose first use imports ``encodings.idna`` (2.5-5 ms), and the
+#: measuring client would pay that lazy import of its own inside the clock, or not,
+#: depending on whether burrow happened to import it first.
+LOOPBACK: Any = b"127.0.0.1"
+
+
 def tcp_connect(port: int) -> Callable[[], socket.socket]:
     def connect() -> socket.socket:
-        sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        sock = socket.create_connection((LOOPBACK, port), timeout=5)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock
 
@@ -65,10 +82,13 @@ def tcp_connect(port: int) -> Callable[[], socket.socket]:
 
 
 def tls_connect(context: ssl.SSLContext, host: str, port: int) -> Callable[[], socket.socket]:
+    # ASCII names as bytes (see LOOPBACK)
+    name: Any = host.encode("ascii")
+
     def connect() -> socket.socket:
         sock = tcp_connect(port)()
         try:
-            return context.wrap_socket(sock, server_hostname=host)
+            return context.wrap_socket(sock, server_hostname=name)
         except BaseException:
             sock.close()
             raise
@@ -93,6 +113,15 @@ def burrow_sample(relay: str, port: int, context: ssl.SSLContext) -> dict[str, f
     return {"total": done - start, "open": opened - start, "first_request": done - opened, "retries": retries}
 
 
+def run_direct_tls(args: argparse.Namespace, context: ssl.SSLContext, emit: Callable[[dict[str, float]], None]) -> None:
+    connect = tls_connect(context, args.sni, args.tls_port)
+    for _ in range(args.count):
+        start = clock()
+        retries = echo_once(connect)
+        done = clock()
+        emit({"total": done - start, "open": 0.0, "first_request": done - start, "retries": retries})
+
+
 def run_warm(args: argparse.Namespace, context: ssl.SSLContext, emit: Callable[[dict[str, float]], None]) -> None:
     import burrow
 
@@ -105,13 +134,35 @@ def run_warm(args: argparse.Namespace, context: ssl.SSLContext, emit: Callable[[
         keeper.close()
 
 
-def run_cold(args: argparse.Namespace, context: ssl.SSLContext, emit: Callable[[dict[str, float]], None]) -> None:
+def run_cold(args: argparse.Namespace, emit: Callable[[dict[str, float]], None]) -> None:
+    argv = [sys.executable, "-m", "bench.create", "cold-sample", "--count", "1", "--port", str(args.port)]
+    argv += ["--relay", args.relay, "--ca", args.ca]
+    for _ in range(args.count):
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+        if done.returncode != 0 or not lines:
+            raise RuntimeError(f"cold sample failed: {(done.stderr or done.stdout)[-500:]}")
+        emit(json.loads(lines[-1]))
+
+
+def run_cold_sample(args: argparse.Namespace, emit: Callable[[dict[str, float]], None]) -> None:
+    """One cold sample in this new process (``run_cold`` starts one per sample)."""
+    started = clock()
+    import burrow  # noqa: F401  (the clock below starts after the import, as a user's forward() would)
+
+    imported = clock()
+    context = ssl.create_default_context(cafile=args.ca)
+    sample = burrow_sample(args.relay, args.port, context)
+    emit({**sample, "import": imported - started})
+
+
+def run_fork(args: argparse.Namespace, context: ssl.SSLContext, emit: Callable[[dict[str, float]], None]) -> None:
     import burrow  # noqa: F401  (imported once here; each child starts from this state)
 
     for _ in range(args.count):
         read_end, write_end = os.pipe()
         pid = os.fork()
-        if pid == 0:  # the child: one cold sample, then exit without running the parent's cleanup
+        if pid == 0:  # the child: one sample, then exit without running the parent's cleanup
             os.close(read_end)
             code = 0
             try:
@@ -130,7 +181,7 @@ def run_cold(args: argparse.Namespace, context: ssl.SSLContext, emit: Callable[[
         os.waitpid(pid, 0)
         result = json.loads(data or b'{"error": "timeout"}')
         if "error" in result:
-            raise RuntimeError(f"cold sample failed: {result['error']}")
+            raise RuntimeError(f"forked sample failed: {result['error']}")
         emit(result)
 
 
@@ -197,11 +248,13 @@ def run_ssh_warm(args: argparse.Namespace, emit: Callable[[dict[str, float]], No
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.create")
-    parser.add_argument("mode", choices=["warm", "cold", "ssh-cold", "ssh-warm"])
+    parser.add_argument("mode", choices=["warm", "cold", "cold-sample", "fork", "direct-tls", "ssh-cold", "ssh-warm"])
     parser.add_argument("--count", type=int, required=True)
     parser.add_argument("--port", type=int, required=True, help="the local echo service")
     parser.add_argument("--relay", help="burrow relay host:port")
     parser.add_argument("--ca", help="CA to verify the relay's tunnel certificates")
+    parser.add_argument("--tls-port", type=int, help="direct-tls: the echo service's TLS listener")
+    parser.add_argument("--sni", help="direct-tls: the name its certificate is for")
     parser.add_argument("--keeper-port", type=int, default=1, help="warm: port of the tunnel holding the session")
     parser.add_argument("--sshd-port", type=int)
     parser.add_argument("--ssh-key")
@@ -212,9 +265,13 @@ def main(argv: list[str] | None = None) -> int:
     def emit(sample: dict[str, float]) -> None:
         print(json.dumps(sample), flush=True)
 
-    if args.mode in ("warm", "cold"):
+    if args.mode == "cold":
+        run_cold(args, emit)
+    elif args.mode == "cold-sample":
+        run_cold_sample(args, emit)
+    elif args.mode in ("warm", "fork", "direct-tls"):
         context = ssl.create_default_context(cafile=args.ca)
-        (run_warm if args.mode == "warm" else run_cold)(args, context, emit)
+        {"warm": run_warm, "fork": run_fork, "direct-tls": run_direct_tls}[args.mode](args, context, emit)
     elif args.mode == "ssh-cold":
         run_ssh_cold(args, emit)
     else:
