@@ -9,18 +9,21 @@ object per sample (seconds): ``{"total", "open", "first_request", "retries"}``.
   ``<id>.localhost``, verified against the dev CA) sending one byte and reading
   its echo. ``close()`` happens after the clock stops.
 - ``cold``: from nothing: each sample is a new Python process that imports
-  burrow and makes its client context, then starts the clock: no loop
-  thread, no session, so the clock includes starting burrow's loop thread,
-  TCP + TLS to the relay, HELLO, BIND and the request. The process also
-  reports how long ``import burrow`` took (outside the clock).
+  burrow (timed, reported beside the figures, outside the clock) and nothing
+  else, then starts the clock: no loop thread, no session, no TLS context
+  yet, so the clock includes starting burrow's loop thread, OpenSSL's
+  once-per-process set-up, TCP + TLS to the relay, HELLO, BIND and the
+  request. The measuring client makes its own context after ``open()``, and
+  that step is left out.
 - ``fork``: the same in a child forked from a process that has imported
-  burrow (a pre-fork server's worker opening its first tunnel). A forked child
+  burrow and nothing more (a pre-fork server's worker opening its first
+  tunnel). A forked child
   pays for its first writes to the parent's pages (copy-on-write faults, ~1,100
   during ``open()``, and a garbage-collector pass over the parent's young
   objects): 3–4 ms more than a new process on this machine.
 - ``direct-tls``: no tunnel: the same client's TLS connection straight to the
   echo service's own TLS listener (``--tls-port``, SNI ``--sni``), the floor
-  under every burrow figure: the client's handshake alone costs this much.
+  under the warm figure: the client's connection alone costs this much.
 - ``ssh-cold``: the peer: a new ``ssh -N -R`` process per sample, until one
   byte echoes through its remote port (plain TCP: ssh -R has no TLS URL).
 - ``ssh-warm``: a ControlMaster connection is up; each sample is ``ssh -O
@@ -99,18 +102,34 @@ def tls_connect(context: ssl.SSLContext, host: str, port: int) -> Callable[[], s
 # ------------------------------------------------------------------- burrow
 
 
-def burrow_sample(relay: str, port: int, context: ssl.SSLContext) -> dict[str, float]:
+def burrow_sample(relay: str, port: int, context: ssl.SSLContext | None, ca: str) -> dict[str, float]:
+    """One tunnel: forward(), open(), then the client's first request.
+
+    ``context`` None (cold): the client makes its context after ``open()`` and
+    that step is left out of the figures. Made before the clock, it would pay
+    OpenSSL's once-per-process set-up (the first ``SSLContext()`` of a process
+    costs ~2.6 ms, a later one ~0.4) that a process running only burrow pays
+    in ``open()``.
+    """
     import burrow
 
     start = clock()
     forward = burrow.forward(port, relay=relay)
     tunnel = forward.open()
     opened = clock()
+    if context is None:
+        context = ssl.create_default_context(cafile=ca)
+    ready = clock()
     host, tls_port = tunnel.tls_socket
     retries = echo_once(tls_connect(context, host, tls_port))
     done = clock()
     forward.close()
-    return {"total": done - start, "open": opened - start, "first_request": done - opened, "retries": retries}
+    return {
+        "total": (opened - start) + (done - ready),
+        "open": opened - start,
+        "first_request": done - ready,
+        "retries": retries,
+    }
 
 
 def run_direct_tls(args: argparse.Namespace, context: ssl.SSLContext, emit: Callable[[dict[str, float]], None]) -> None:
@@ -129,16 +148,27 @@ def run_warm(args: argparse.Namespace, context: ssl.SSLContext, emit: Callable[[
     keeper.open()  # the session is up from here on
     try:
         for _ in range(args.count):
-            emit(burrow_sample(args.relay, args.port, context))
+            emit(burrow_sample(args.relay, args.port, context, args.ca))
     finally:
         keeper.close()
 
 
+#: A cold sample's process: ``import burrow`` first (timed, reported beside the
+#: figures), then :func:`run_cold_sample` by way of :func:`main`.
+COLD_SAMPLE = (
+    "import time; t = time.perf_counter(); import burrow; t = time.perf_counter() - t; import sys; "
+    "from bench.create import main; sys.exit(main([*sys.argv[1:], '--import-seconds', repr(t)]))"
+)
+
+
 def run_cold(args: argparse.Namespace, emit: Callable[[dict[str, float]], None]) -> None:
-    argv = [sys.executable, "-m", "bench.create", "cold-sample", "--count", "1", "--port", str(args.port)]
+    argv = [sys.executable, "-c", COLD_SAMPLE, "cold-sample", "--count", "1", "--port", str(args.port)]
     argv += ["--relay", args.relay, "--ca", args.ca]
     for _ in range(args.count):
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError("cold sample failed: no answer within 60 s") from None
         lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
         if done.returncode != 0 or not lines:
             raise RuntimeError(f"cold sample failed: {(done.stderr or done.stdout)[-500:]}")
@@ -147,16 +177,11 @@ def run_cold(args: argparse.Namespace, emit: Callable[[dict[str, float]], None])
 
 def run_cold_sample(args: argparse.Namespace, emit: Callable[[dict[str, float]], None]) -> None:
     """One cold sample in this new process (``run_cold`` starts one per sample)."""
-    started = clock()
-    import burrow  # noqa: F401  (the clock below starts after the import, as a user's forward() would)
-
-    imported = clock()
-    context = ssl.create_default_context(cafile=args.ca)
-    sample = burrow_sample(args.relay, args.port, context)
-    emit({**sample, "import": imported - started})
+    sample = burrow_sample(args.relay, args.port, None, args.ca)
+    emit({**sample, "import": args.import_seconds})
 
 
-def run_fork(args: argparse.Namespace, context: ssl.SSLContext, emit: Callable[[dict[str, float]], None]) -> None:
+def run_fork(args: argparse.Namespace, emit: Callable[[dict[str, float]], None]) -> None:
     import burrow  # noqa: F401  (imported once here; each child starts from this state)
 
     for _ in range(args.count):
@@ -166,7 +191,7 @@ def run_fork(args: argparse.Namespace, context: ssl.SSLContext, emit: Callable[[
             os.close(read_end)
             code = 0
             try:
-                result = burrow_sample(args.relay, args.port, context)
+                result = burrow_sample(args.relay, args.port, None, args.ca)
                 os.write(write_end, json.dumps(result).encode())
             except BaseException as exc:  # noqa: BLE001
                 os.write(write_end, json.dumps({"error": repr(exc)}).encode())
@@ -260,7 +285,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ssh-key")
     parser.add_argument("--user", default="root")
     parser.add_argument("--control-dir", default="/tmp")
+    parser.add_argument("--import-seconds", type=float, default=0.0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    needs = {"direct-tls": ("tls_port", "sni", "ca"), "ssh-cold": ("sshd_port", "ssh_key")}
+    needs["ssh-warm"] = needs["ssh-cold"]
+    for name in needs.get(args.mode, ("relay", "ca")):
+        if getattr(args, name) is None:
+            parser.error(f"mode {args.mode} needs --{name.replace('_', '-')}")
 
     def emit(sample: dict[str, float]) -> None:
         print(json.dumps(sample), flush=True)
@@ -269,9 +300,11 @@ def main(argv: list[str] | None = None) -> int:
         run_cold(args, emit)
     elif args.mode == "cold-sample":
         run_cold_sample(args, emit)
-    elif args.mode in ("warm", "fork", "direct-tls"):
+    elif args.mode == "fork":
+        run_fork(args, emit)
+    elif args.mode in ("warm", "direct-tls"):
         context = ssl.create_default_context(cafile=args.ca)
-        {"warm": run_warm, "fork": run_fork, "direct-tls": run_direct_tls}[args.mode](args, context, emit)
+        (run_warm if args.mode == "warm" else run_direct_tls)(args, context, emit)
     elif args.mode == "ssh-cold":
         run_ssh_cold(args, emit)
     else:

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 import ssl
 import subprocess
 import sys
+import threading
+from pathlib import Path
 
 import pytest
 import trustme
@@ -29,6 +33,62 @@ def test_an_ascii_name_does_not_import_the_idna_codec() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["relay.example", "False", "xn--bcher-kva.example"]
+
+
+#: The client of the test below: one TLS echo through ClientContext, then one through a plain
+#: SSLContext (the control: it must import the codec), each time saying whether the codec is loaded.
+CLIENT = """
+import asyncio, ssl, sys
+from burrow.agent.config import ClientContext
+from burrow.agent.runtime import new_event_loop
+
+async def echo(context):
+    reader, writer = await asyncio.open_connection("127.0.0.1", int(sys.argv[2]), ssl=context,
+                                                   server_hostname="relay.example")
+    writer.write(b"ping")
+    assert await reader.readexactly(4) == b"ping"
+    writer.close()
+    return "encodings.idna" in sys.modules
+
+async def main():
+    for kind in (ClientContext, ssl.SSLContext):
+        context = kind(ssl.PROTOCOL_TLS_CLIENT)
+        context.load_verify_locations(sys.argv[1])
+        print(kind.__name__, await echo(context))
+
+new_event_loop().run_until_complete(main())
+"""
+
+
+@pytest.mark.parametrize("loop", sorted(RUNNERS))
+def test_a_connection_on_either_loop_leaves_the_codec_unloaded(loop: str, tmp_path: Path) -> None:
+    """The loops (not just wrap_bio called by hand) go through the override: asyncio and uvloop."""
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ca.issue_cert("relay.example").configure_cert(server_context)
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def serve() -> None:  # the server lives here, not in the client's process
+        for _ in range(2):
+            conn, _ = listener.accept()
+            with server_context.wrap_socket(conn, server_side=True) as tls:
+                tls.sendall(tls.recv(4))
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    env = {**os.environ, "BURROW_LOOP": loop}
+    result = subprocess.run(
+        [sys.executable, "-c", CLIENT, str(tmp_path / "ca.pem"), str(port)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    listener.close()
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["ClientContext", "False", "SSLContext", "True"]
 
 
 @pytest.mark.parametrize("loop", sorted(RUNNERS))
