@@ -249,9 +249,22 @@ class Lab:
 
     # ---------------------------------------------------------------- targets
 
-    def _start_target(self, name: str) -> _Wait:
+    def revive_iperf(self) -> None:
+        """Restart the iperf3 server on its port if it exited (every path forwards to that port).
+
+        iperf3 3.12's server has been seen to exit between the tests of a run
+        (scenario 3, once in ~10 full runs), which refused every later test.
+        """
+        target = self.targets.get("iperf")
+        if target is None or target.proc.popen.poll() is None:
+            return
+        print(f"    (the iperf3 server exited with code {target.proc.popen.returncode}; restarting it)", flush=True)
+        print("\n".join(f"      | {line}" for line in target.proc.tail(6).splitlines()), flush=True)
+        self._start_target("iperf", target.tcp_port)()
+
+    def _start_target(self, name: str, port: int = 0) -> _Wait:
         if name == "iperf":
-            port = free_port()
+            port = port or free_port()
             proc = self.procs.start("target-iperf", ["iperf3", "-s", "-p", str(port), "--forceflush"])
 
             def ready() -> None:
