@@ -15,6 +15,7 @@ import socket
 import ssl
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,11 +92,19 @@ class IperfResult:
     retransmits: int
 
 
-def iperf3(endpoint: Endpoint, seconds: int, omit: int = 0, parallel: int = 1) -> IperfResult:
-    """iperf3 in reverse mode (the service sends, the public client receives) through ``endpoint``."""
+def iperf3(
+    endpoint: Endpoint, seconds: int, omit: int = 0, parallel: int = 1, revive: Callable[[], bool] | None = None
+) -> IperfResult:
+    """iperf3 in reverse mode (the service sends, the public client receives) through ``endpoint``.
+
+    ``revive``: the lab's restart of an iperf3 server that exited (True when it did); a test that
+    failed because the server was gone is then run again.
+    """
     argv = ["iperf3", "-c", endpoint.host, "-p", str(endpoint.port), "-R", "--json"]
     argv += ["-t", str(max(1, int(seconds))), "-O", str(omit), "-P", str(parallel)]
     deadline = time.monotonic() + 15
+    if revive is not None:
+        revive()
     while True:
         try:
             done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + omit + 30)
@@ -109,7 +118,9 @@ def iperf3(endpoint: Endpoint, seconds: int, omit: int = 0, parallel: int = 1) -
         # the server takes a moment to wind down the previous test (its connections closing); through a
         # tunnel its refusal can arrive as a reset of the new control connection instead of "busy"
         refused = "busy" in error or "control message" in error or "cookie" in error
-        if refused and time.monotonic() < deadline:
+        # a closed or refused control connection counts against the path, unless the server itself was gone
+        gone = ("control socket" in error or "Connection refused" in error) and revive is not None and revive()
+        if (refused or gone) and time.monotonic() < deadline:
             print(f"    (iperf3 through {endpoint.host}:{endpoint.port} refused: {error}; retrying)", flush=True)
             time.sleep(0.3)
             continue

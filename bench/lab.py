@@ -249,18 +249,19 @@ class Lab:
 
     # ---------------------------------------------------------------- targets
 
-    def revive_iperf(self) -> None:
+    def revive_iperf(self) -> bool:
         """Restart the iperf3 server on its port if it exited (every path forwards to that port).
 
-        iperf3 3.12's server has been seen to exit between the tests of a run
-        (scenario 3, once in ~10 full runs), which refused every later test.
+        iperf3 3.12's server has been seen to go away during scenario 3 (twice in
+        one afternoon), which refused every later test. True when it was restarted.
         """
         target = self.targets.get("iperf")
         if target is None or target.proc.popen.poll() is None:
-            return
+            return False
         print(f"    (the iperf3 server exited with code {target.proc.popen.returncode}; restarting it)", flush=True)
         print("\n".join(f"      | {line}" for line in target.proc.tail(6).splitlines()), flush=True)
         self._start_target("iperf", target.tcp_port)()
+        return True
 
     def _start_target(self, name: str, port: int = 0) -> _Wait:
         if name == "iperf":

@@ -189,8 +189,8 @@ def s1_tcp_throughput(ctx: Context) -> Scenario:
     ctx.lab.prepare((key, "iperf") for key in keys)
 
     def measure(_: str, ep: Endpoint) -> dict[str, float]:
-        ctx.lab.revive_iperf()
-        return {"throughput": clients.iperf3(ep, st.bulk_seconds, st.bulk_omit).bits_per_second / 1e9}
+        result = clients.iperf3(ep, st.bulk_seconds, st.bulk_omit, revive=ctx.lab.revive_iperf)
+        return {"throughput": result.bits_per_second / 1e9}
 
     data = run_paths(ctx, keys, "iperf", measure)
     add_figures(ctx, s, data, [("throughput", "Gbit/s", "higher")])
@@ -258,8 +258,7 @@ def s3_parallel(ctx: Context) -> Scenario:
     per_stream: dict[str, list[list[float]]] = {key: [] for key in keys}
 
     def measure(key: str, ep: Endpoint) -> dict[str, float]:
-        ctx.lab.revive_iperf()
-        result = clients.iperf3(ep, st.bulk_seconds, st.bulk_omit, parallel=streams)
+        result = clients.iperf3(ep, st.bulk_seconds, st.bulk_omit, parallel=streams, revive=ctx.lab.revive_iperf)
         per_stream[key].append([b / 1e9 for b in result.streams])
         middle = statistics.median(result.streams)
         return {
