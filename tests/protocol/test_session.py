@@ -608,6 +608,32 @@ def test_ping_pong(pair: Pair) -> None:
     assert agent_events == [] and relay_events == [ev.PongReceived(2**64 - 1)]
 
 
+def test_an_early_bind_rides_behind_hello_and_is_answered_after_welcome() -> None:
+    """ALPN burrow/1+early: the agent's first BIND goes in the same flight as HELLO."""
+    p = Pair()
+    p.agent.hello("t")
+    with pytest.raises(LocalProtocolError, match="handshake"):
+        p.agent.bind(1, 8000)  # not without the relay's word
+    p.agent.early_requests = True
+    p.agent.bind(1, 8000, h2=True)
+    assert p.agent.state is SessionState.HANDSHAKE
+    hello, bind = p.send(p.agent)  # one read at the relay: both frames, in order
+    assert isinstance(hello, ev.HelloReceived) and isinstance(bind, ev.BindRequested)
+    assert (bind.request_id, bind.port, bind.h2) == (1, 8000, True)
+    p.relay.welcome("s")
+    p.relay.bound(1, {"id": "abc"})
+    welcomed, bound = p.send(p.relay)
+    assert isinstance(welcomed, ev.Welcomed) and bound == ev.Bound(1, {"id": "abc", "request": 1})
+    assert p.agent.state is SessionState.OPEN
+
+
+def test_a_bind_before_hello_is_still_a_protocol_error() -> None:
+    p = Pair()
+    p.agent.early_requests = True
+    p.agent.bind(1, 8000)
+    expect_protocol_error(p.relay, b"".join(bytes(b) for b in p.agent.data_to_send()), ErrorCode.PROTOCOL_ERROR)
+
+
 def test_ping_during_the_handshake() -> None:
     p = Pair()
     p.agent.hello("t")

@@ -14,7 +14,7 @@ from ..errors import ConfigurationError
 from ..paths import dev_ca_path
 from ..protocol.session import DEFAULT_WINDOW
 from ..relay.config import is_loopback
-from ..relay.tls import AGENT_ALPN
+from ..relay.tls import AGENT_ALPNS
 
 DEFAULT_RELAY_PORT = 443
 
@@ -138,7 +138,7 @@ def _client_context(ca: Path | None, dev_ca: Path | None) -> ssl.SSLContext:
     """
     context = ClientContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies the chain and the host name
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.set_alpn_protocols([AGENT_ALPN])
+    context.set_alpn_protocols(AGENT_ALPNS)
     if dev_ca is None:
         context.load_default_certs()
     else:

@@ -17,7 +17,6 @@ import random
 from typing import Any
 
 from ..errors import AuthenticationFailed, BurrowError, TunnelRefused
-from ..protocol.session import SessionState
 from ..tunnel import TunnelState
 from .config import AgentSettings
 from .session import AgentSession, AgentTunnel
@@ -52,7 +51,7 @@ class RelayLink:
 
     async def current_session(self) -> AgentSession:
         """The open session, connecting once for all concurrent callers."""
-        if self.session is not None and self.session.proto.state is SessionState.OPEN:
+        if self.session is not None and self.session.usable:
             return self.session
         if self._connecting is None:
             self._connecting = asyncio.get_running_loop().create_future()

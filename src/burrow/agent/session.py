@@ -16,6 +16,7 @@ from ..errors import AuthenticationFailed, RelayUnavailable, SessionClosed, Tunn
 from ..protocol import events as ev
 from ..protocol.frames import ErrorCode, code_name
 from ..protocol.session import Role, SessionProtocol, SessionState
+from ..relay.tls import EARLY_ALPN
 from ..tunnel import TunnelState
 from .config import AgentSettings
 
@@ -173,7 +174,13 @@ class AgentSession(SessionConnection):
                             raise
                 session.proto.hello(settings.token, AGENT_NAME)
                 session.flush()
-                await session.welcome
+                sslobj = session.transport.get_extra_info("ssl_object") if session.transport else None
+                if sslobj is not None and sslobj.selected_alpn_protocol() == EARLY_ALPN:
+                    # the relay takes requests right behind HELLO: the first BIND saves a
+                    # round trip, and its answer (or the token's refusal) comes after WELCOME
+                    session.proto.early_requests = True
+                else:
+                    await session.welcome
         except ssl.SSLCertVerificationError as exc:
             raise RelayUnavailable(
                 f"cannot trust relay {address} ({exc.verify_message}); set BURROW_CA to its CA certificate"
@@ -190,8 +197,14 @@ class AgentSession(SessionConnection):
         except OSError as exc:
             reason = (exc.strerror or str(exc)).lower()
             raise RelayUnavailable(f"cannot reach relay {address} ({reason}); check BURROW_RELAY") from None
-        logger.debug("session %s: connected to relay %s", session.welcome.result().session_id, address)
+        logger.debug("session to relay %s: HELLO sent%s", address, "" if session.welcome.done() else " (early)")
         return session
+
+    @property
+    def usable(self) -> bool:
+        """Requests may go out: the session is OPEN, or early requests are allowed before WELCOME."""
+        state = self.proto.state
+        return state is SessionState.OPEN or (state is SessionState.HANDSHAKE and self.proto.early_requests)
 
     # ------------------------------------------------------------------ tunnels
 
@@ -208,6 +221,11 @@ class AgentSession(SessionConnection):
                 return await future
         except TimeoutError:
             raise RelayUnavailable(f"relay {self.name} did not answer within {REQUEST_TIMEOUT:.0f} s") from None
+        except SessionClosed:
+            # an early request: the session may have ended on its HELLO (a refused token), say why
+            if self.welcome.done() and not self.welcome.cancelled() and self.welcome.exception() is not None:
+                raise self.welcome.exception() from None  # type: ignore[misc]
+            raise
         finally:
             self._requests.pop(request_id, None)
 
@@ -230,7 +248,7 @@ class AgentSession(SessionConnection):
             self._unbinds.pop(tunnel_id, None)
 
     def _check_open(self) -> None:
-        if self.proto.state is not SessionState.OPEN:
+        if not self.usable:
             raise SessionClosed(f"session to relay {self.name} is closed ({self.close_reason or 'link lost'})")
 
     # ------------------------------------------------------------------- events
@@ -241,6 +259,7 @@ class AgentSession(SessionConnection):
         elif isinstance(event, ev.Welcomed):
             if not self.welcome.done():
                 self.welcome.set_result(event)
+            logger.debug("session %s: welcomed by relay %s", event.session_id, self.name)
         elif isinstance(event, ev.Bound):
             self._resolve(event.request_id, event.tunnel, None)
         elif isinstance(event, ev.BindFailed):
@@ -267,6 +286,7 @@ class AgentSession(SessionConnection):
             else:
                 error = RelayUnavailable(f"relay {self.name} refused the session: {self.close_reason}")
             self.welcome.set_exception(error)
+            self.welcome.exception()  # early requests report it; nobody else must be warned
         if self.proto.state is SessionState.CLOSED:
             if self.transport is not None:
                 self.transport.close()

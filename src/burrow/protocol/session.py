@@ -119,7 +119,11 @@ _SESSION_ACCEPTS: dict[tuple[Role, SessionState], frozenset[FrameType]] = {
     (Role.AGENT, SessionState.OPEN): _AGENT_RUNNING,
     (Role.AGENT, SessionState.CLOSING): _AGENT_RUNNING,
     (Role.RELAY, SessionState.HANDSHAKE): frozenset({FrameType.HELLO, FrameType.GOAWAY}),
-    (Role.RELAY, SessionState.HELLO_RECEIVED): frozenset({FrameType.GOAWAY, FrameType.PING, FrameType.PONG}),
+    # an agent told it may (``early_requests``) sends its first BINDs right behind HELLO; the
+    # application hears them after HelloReceived, so its verdict on the token comes first
+    (Role.RELAY, SessionState.HELLO_RECEIVED): frozenset(
+        {FrameType.GOAWAY, FrameType.PING, FrameType.PONG, FrameType.BIND}
+    ),
     (Role.RELAY, SessionState.OPEN): _RELAY_RUNNING,
     (Role.RELAY, SessionState.CLOSING): _RELAY_RUNNING,
 }
@@ -166,6 +170,8 @@ class SessionProtocol:
         self.max_payload = max_payload  # the largest DATA payload we accept
         self.send_payload = max_payload  # the largest we send: min(ours, the peer's), after the handshake
         self.version = 0
+        #: Agent: BIND may go out before WELCOME (the relay said it takes them, by ALPN)
+        self.early_requests = False
         self.close_code: int | None = None  # why the session ended, once it has
         self._decoder = FrameDecoder(max_payload)
         self._received: ReceiveBuffer | None = None  # receive_data's copy of the bytes
@@ -286,8 +292,14 @@ class SessionProtocol:
     def bind(
         self, request_id: int, port: int, *, unencrypted: bool = False, h2: bool = False, ticket: str | None = None
     ) -> None:
-        """Agent: ask for a tunnel to local ``port`` (resuming one with ``ticket``); answered by Bound or BindFailed."""
-        self._require(Role.AGENT, SessionState.OPEN)
+        """Agent: ask for a tunnel to local ``port`` (resuming one with ``ticket``); answered by Bound or BindFailed.
+
+        Before WELCOME only with ``early_requests``: the answer then comes after WELCOME.
+        """
+        if self.early_requests:
+            self._require(Role.AGENT, SessionState.HANDSHAKE, SessionState.OPEN)
+        else:
+            self._require(Role.AGENT, SessionState.OPEN)
         message: dict[str, Any] = {"request": request_id, "port": port, "unencrypted": unencrypted, "h2": h2}
         if ticket is not None:
             message["ticket"] = ticket

@@ -39,7 +39,7 @@ from .limits import LogLimiter, PendingHandshakes
 from .registry import PublicEndpoint, RelayTunnel, new_tunnel_id
 from .session import RelaySession
 from .tickets import Claims, TicketInvalid, TicketSigner, default_key_path, load_or_create_key
-from .tls import AGENT_ALPN, CertificateStore
+from .tls import AGENT_ALPN, AGENT_ALPNS, CertificateStore
 
 logger = logging.getLogger("burrow.relay")
 
@@ -91,7 +91,7 @@ class _Dispatcher(asyncio.Protocol):
         host = getattr(sslobj, "burrow_host", None)
         relay = self.relay
         if host == relay.config.domain:
-            if sslobj.selected_alpn_protocol() != AGENT_ALPN:
+            if sslobj.selected_alpn_protocol() not in AGENT_ALPNS:
                 logger.info("refused %s: connected to %s without ALPN %s", self.peer, host, AGENT_ALPN)
                 transport.close()
                 return

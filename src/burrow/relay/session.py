@@ -51,7 +51,8 @@ class RelaySession(SessionConnection):
         if isinstance(event, ev.HelloReceived):
             self._on_hello(event)
         elif isinstance(event, ev.BindRequested):
-            self.relay.spawn(self.relay.bind(self, event))
+            if self.proto.state is not SessionState.CLOSED:  # (an early BIND behind a refused HELLO: dropped)
+                self.relay.spawn(self.relay.bind(self, event))
         elif isinstance(event, ev.UnbindRequested):
             tunnel = self.tunnels.get(event.tunnel_id)
             if tunnel is not None:

@@ -16,6 +16,14 @@ if TYPE_CHECKING:
 #: ALPN protocol id of the agent endpoint: agents and browsers share port 443.
 AGENT_ALPN = "burrow/1"
 
+#: The same protocol, and the relay takes BINDs right behind HELLO (before its
+#: WELCOME): an agent offered it saves a round trip when it connects. Offered
+#: first by relays and agents that can; either end may still speak plain burrow/1.
+EARLY_ALPN = "burrow/1+early"
+
+#: What the agent endpoint offers (and an agent asks for), most wanted first.
+AGENT_ALPNS = [EARLY_ALPN, AGENT_ALPN]
+
 #: ALPN offered for tunnels opened with h2=True (the service speaks HTTP/2).
 H2_ALPN = ["h2", "http/1.1"]
 
@@ -42,7 +50,7 @@ class CertificateStore:
         self._cache: dict[tuple[str, bool], ssl.SSLContext] = {}
         if config.cert is not None and config.key is not None:
             cert, key = str(config.cert), str(config.key)
-            self.agent_context = _server_context([AGENT_ALPN])
+            self.agent_context = _server_context(AGENT_ALPNS)
             self.agent_context.load_cert_chain(cert, key)
             self._shared = {}
             for h2 in (False, True):
@@ -55,7 +63,7 @@ class CertificateStore:
             # load_cert_chain reads files only: keep the leaves in a private directory
             self._dir = Path(tempfile.mkdtemp(prefix="burrow-relay-"))
             (self._dir / "key.pem").write_bytes(self.ca.leaf_key_pem)
-            self.agent_context = self._dev_context(config.domain, [AGENT_ALPN])
+            self.agent_context = self._dev_context(config.domain, AGENT_ALPNS)
 
     @property
     def ca_path(self) -> Path | None:
