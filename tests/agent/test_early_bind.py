@@ -32,61 +32,42 @@ async def _bind_and_echo(relay: Relay, session: AgentSession, port: int) -> None
     writer.close()
 
 
+async def _tunnel_through(port: int, expect_alpn: str, relay_alpns: list[str] | None = None) -> None:
+    """Connect to a new relay (offering ``relay_alpns`` if given), check the handshake, then bind and echo."""
+    relay = await Relay(RelayConfig(port=0)).start()
+    if relay_alpns is not None:
+        assert relay.certs is not None
+        relay.certs.agent_context.set_alpn_protocols(relay_alpns)
+    try:
+        session = await AgentSession.connect(AgentSettings(RelayAddress("localhost", relay.port), token=""))
+        sslobj = session.transport.get_extra_info("ssl_object") if session.transport else None
+        assert sslobj is not None and sslobj.selected_alpn_protocol() == expect_alpn
+        early = expect_alpn == EARLY_ALPN
+        # early: HELLO is on its way and connect() did not wait for WELCOME; else it did
+        assert session.proto.early_requests is early and session.welcome.done() is not early
+        await _bind_and_echo(relay, session, port)
+        assert session.welcome.done()
+        session.close()
+    finally:
+        relay.close()
+
+
 @pytest.mark.parametrize("loop", sorted(RUNNERS))
 def test_the_first_bind_goes_before_welcome(loop: str, echo: EchoServer) -> None:
-    async def main() -> None:
-        relay = await Relay(RelayConfig(port=0)).start()
-        try:
-            session = await AgentSession.connect(AgentSettings(RelayAddress("localhost", relay.port), token=""))
-            sslobj = session.transport.get_extra_info("ssl_object") if session.transport else None
-            assert sslobj is not None and sslobj.selected_alpn_protocol() == EARLY_ALPN
-            assert session.proto.early_requests and not session.welcome.done()  # HELLO is on its way
-            await _bind_and_echo(relay, session, echo.port)
-            assert session.welcome.done()
-            session.close()
-        finally:
-            relay.close()
-
-    RUNNERS[loop](main())
+    RUNNERS[loop](_tunnel_through(echo.port, EARLY_ALPN))
 
 
 def test_a_relay_without_early_requests_gets_hello_first(echo: EchoServer) -> None:
     """A relay that offers only burrow/1 (an older one): the agent waits for WELCOME, as before."""
-
-    async def main() -> None:
-        relay = await Relay(RelayConfig(port=0)).start()
-        assert relay.certs is not None
-        relay.certs.agent_context.set_alpn_protocols([AGENT_ALPN])
-        try:
-            session = await AgentSession.connect(AgentSettings(RelayAddress("localhost", relay.port), token=""))
-            assert not session.proto.early_requests and session.welcome.done()
-            await _bind_and_echo(relay, session, echo.port)
-            session.close()
-        finally:
-            relay.close()
-
-    RUNNERS["uvloop"](main())
+    RUNNERS["uvloop"](_tunnel_through(echo.port, AGENT_ALPN, relay_alpns=[AGENT_ALPN]))
 
 
 def test_an_agent_without_early_requests_is_served(echo: EchoServer, monkeypatch: pytest.MonkeyPatch) -> None:
     """An agent that offers only burrow/1 (an older one) gets burrow/1 from a relay that knows both."""
     monkeypatch.setattr(config, "AGENT_ALPNS", [AGENT_ALPN])
     config._client_context.cache_clear()
-
-    async def main() -> None:
-        relay = await Relay(RelayConfig(port=0)).start()
-        try:
-            session = await AgentSession.connect(AgentSettings(RelayAddress("localhost", relay.port), token=""))
-            sslobj = session.transport.get_extra_info("ssl_object") if session.transport else None
-            assert sslobj is not None and sslobj.selected_alpn_protocol() == AGENT_ALPN
-            assert not session.proto.early_requests and session.welcome.done()
-            await _bind_and_echo(relay, session, echo.port)
-            session.close()
-        finally:
-            relay.close()
-
     try:
-        RUNNERS["uvloop"](main())
+        RUNNERS["uvloop"](_tunnel_through(echo.port, AGENT_ALPN))
     finally:
         config._client_context.cache_clear()
 
