@@ -50,6 +50,11 @@ BACKLOG = 1024
 #: this many pays the certificate at the first handshake instead).
 READY_CONTEXTS = 4
 
+#: While a spare context is ready, the pool is refilled only once binds have
+#: paused this long: a tunnel just bound usually takes its first connection
+#: at once, and making a certificate beside it slows that connection down.
+REFILL_DELAY = 0.05
+
 #: A closing TLS connection waits this long for the peer's close_notify (asyncio's
 #: default, 30 s, keeps a dead peer's socket open that long).
 TLS_SHUTDOWN_TIMEOUT = 5.0
@@ -140,6 +145,8 @@ class Relay:
         self._tunnels_per_token: dict[str, int] = {}
         self._ready: deque[str] = deque()  # ids whose dev TLS context is made (see _top_up)
         self._filling = False
+        self._last_bind = 0.0  # time.monotonic() when the last id was handed out
+        self._refill_timer: asyncio.TimerHandle | None = None
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -192,6 +199,8 @@ class Relay:
 
     def stop_listening(self) -> None:
         """Accept no new connection: TLS listener and every TCP tunnel listener."""
+        if self._refill_timer is not None:
+            self._refill_timer.cancel()
         for task in list(self._tasks):
             task.cancel()
         for listener in self._listeners:
@@ -409,6 +418,7 @@ class Relay:
     def _fresh_id(self, h2: bool) -> str:
         """A never-issued id; on a dev relay, one whose TLS context is already made if any is ready."""
         tunnel_id = self._ready.popleft() if self._ready and not h2 else self._unused_id()
+        self._last_bind = time.monotonic()
         self._top_up()
         return tunnel_id
 
@@ -425,17 +435,30 @@ class Relay:
         Issuing a certificate and loading it into a context takes ~3.5 ms (most
         of it OpenSSL parsing PEM, which releases the GIL); done at the first
         handshake, it would be the bulk of a new tunnel's first request.
+        While another is ready, the refill waits for a pause in binds.
         """
-        if self.certs is None or not self.certs.per_host or self._filling or len(self._ready) >= READY_CONTEXTS:
+        if self._refill_timer is not None:
+            self._refill_timer.cancel()
+            self._refill_timer = None
+        if self.certs is None or not self.certs.per_host or not self._listeners or self._filling:
+            return
+        if len(self._ready) >= READY_CONTEXTS:
+            return
+        if self._refill_waits():
+            delay = self._last_bind + REFILL_DELAY - time.monotonic()
+            self._refill_timer = asyncio.get_running_loop().call_later(delay, self._top_up)
             return
         self._filling = True
         self.spawn(self._fill())
+
+    def _refill_waits(self) -> bool:
+        return len(self._ready) > 1 and time.monotonic() - self._last_bind < REFILL_DELAY
 
     async def _fill(self) -> None:
         assert self.certs is not None
         loop = asyncio.get_running_loop()
         try:
-            while len(self._ready) < READY_CONTEXTS:
+            while len(self._ready) < READY_CONTEXTS and not self._refill_waits():
                 tunnel_id = self._unused_id()
                 host = f"{tunnel_id}.{self.config.domain}"
                 try:
@@ -446,6 +469,7 @@ class Relay:
                 self._ready.append(tunnel_id)
         finally:
             self._filling = False
+        self._top_up()  # binds came meanwhile: wait for their pause
 
     def _take_over(self, holder: RelayTunnel) -> None:
         """A reconnected agent (same token, valid ticket) reclaims its tunnel from a stale session."""

@@ -1,0 +1,98 @@
+"""The dev relay's pool of ready certificates: refilled in a pause between binds, at once when low.
+
+A new tunnel's first request usually follows its bind at once. Making the
+next certificate beside it (2–3 ms of CPU) slowed that request and a cold
+``forward()``; so while another context is ready, the refill waits until
+binds pause for ``REFILL_DELAY``. With one or none left, it starts at once,
+so a burst of binds does not run the pool dry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+import burrow
+from burrow.relay import Relay, RelayConfig
+from burrow.relay import server as relay_server
+
+from ..helpers import EchoServer, ServiceThread, on_runtime, tls_connect
+
+DELAY = 1.0  # REFILL_DELAY in this test: long enough to tell "waited" from "at once" on a busy machine
+
+
+def _wait_for(condition: Callable[[], bool], timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def _echo_through(tunnel: burrow.Tunnel, ca: Path) -> bytes:
+    with tls_connect(tunnel, ca) as sock:
+        sock.sendall(b"first request")
+        return sock.recv(100)
+
+
+def test_refill_waits_for_a_pause_in_binds_and_never_runs_dry(
+    service_loop: ServiceThread, ca_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(relay_server, "REFILL_DELAY", DELAY)
+    relay = on_runtime(Relay(RelayConfig(port=0)).start())
+    full = relay_server.READY_CONTEXTS
+    made: list[float] = []  # when each context was started (monotonic)
+    lock = threading.Lock()
+    forwards: list[burrow.Forward] = []
+    services: list[EchoServer] = []
+    try:
+        _wait_for(lambda: len(relay._ready) == full)
+        assert relay.certs is not None
+        make = relay.certs.make_context
+
+        def counted(host: str, h2: bool) -> object:
+            with lock:
+                made.append(time.monotonic())
+            return make(host, h2)
+
+        monkeypatch.setattr(relay.certs, "make_context", counted)
+
+        def open_one() -> tuple[burrow.Tunnel, float]:
+            services.append(service_loop.echo_server())  # a port is forwarded once per process
+            forward = burrow.forward(services[-1].port, relay=f"localhost:{relay.port}")
+            forwards.append(forward)
+            tunnel = forward.open()
+            return tunnel, time.monotonic()
+
+        # one bind: the pool keeps spares, so no certificate is made while the
+        # new tunnel takes its first request, nor until binds have paused
+        tunnel, bound = open_one()
+        assert _echo_through(tunnel, ca_file) == b"first request"
+        time.sleep(DELAY / 2)
+        assert made == [] and len(relay._ready) == full - 1
+        _wait_for(lambda: len(relay._ready) == full)
+        assert len(made) == 1 and made[0] >= bound + DELAY * 0.9
+
+        # a burst that leaves one or none ready refills at once, not after the pause
+        made.clear()
+        tunnels = [open_one() for _ in range(full)]
+        last_bind = tunnels[-1][1]
+        assert made and made[0] < last_bind + DELAY / 2
+        for tunnel, _ in tunnels:  # every one of them, pool or no pool, serves its URL
+            assert _echo_through(tunnel, ca_file) == b"first request"
+        _wait_for(lambda: len(relay._ready) == full)
+    finally:
+        for forward in forwards:
+            forward.close()
+        for service in services:
+            service_loop.close_server(service)
+
+        async def close() -> None:
+            relay.close()
+            await asyncio.sleep(0)
+
+        on_runtime(close())
