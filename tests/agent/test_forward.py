@@ -6,6 +6,8 @@ import asyncio
 import os
 import socket
 import ssl
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -219,3 +221,32 @@ def test_operator_certificate_relay(echo: EchoServer, tmp_path: Path) -> None:
 def test_relay_beyond_loopback_requires_a_token() -> None:
     with pytest.raises(burrow.ConfigurationError, match="without a token; set BURROW_TOKEN"):
         Relay(RelayConfig(host="0.0.0.0", port=0))
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_relay_refusing_the_name_says_which_setting_to_check(
+    loop: str, echo: EchoServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a relay for *.localhost hangs up on an agent that asks for another name of its own domain
+    # in SNI; both loops report that as a ConnectionResetError with no message at all
+    monkeypatch.setenv("BURROW_LOOP", loop)
+    code = (
+        "import burrow, sys\n"
+        "try:\n"
+        f"    burrow.forward({echo.port}, relay='nosuch.localhost:' + sys.argv[1]).open()\n"
+        "except burrow.RelayUnavailable as exc:\n"
+        "    print(exc)\n"
+    )
+    relay = on_runtime(Relay(RelayConfig(port=0)).start())
+    try:
+        done = subprocess.run([sys.executable, "-c", code, str(relay.port)], capture_output=True, text=True, timeout=60)
+    finally:
+
+        async def close() -> None:
+            relay.close()
+
+        on_runtime(close())
+    assert done.stdout == (
+        f"relay nosuch.localhost:{relay.port} closed the connection during the TLS handshake (a relay refuses "
+        "names it does not serve); check that BURROW_RELAY names the relay's domain\n"
+    ), done.stderr

@@ -196,6 +196,11 @@ class AgentSession(SessionConnection):
             raise RelayUnavailable(f"relay {address} did not answer within {CONNECT_TIMEOUT:.0f} s") from None
         except OSError as exc:
             reason = (exc.strerror or str(exc)).lower()
+            if not reason:  # a bare ConnectionResetError: the relay hung up inside the TLS handshake
+                raise RelayUnavailable(
+                    f"relay {address} closed the connection during the TLS handshake (a relay refuses names it "
+                    "does not serve); check that BURROW_RELAY names the relay's domain"
+                ) from None
             raise RelayUnavailable(f"cannot reach relay {address} ({reason}); check BURROW_RELAY") from None
         logger.debug("session to relay %s: HELLO sent%s", address, "" if session.welcome.done() else " (early)")
         return session
