@@ -247,6 +247,29 @@ def test_relay_refusing_the_name_says_which_setting_to_check(
 
         on_runtime(close())
     assert done.stdout == (
-        f"relay nosuch.localhost:{relay.port} closed the connection during the TLS handshake (a relay refuses "
-        "names it does not serve); check that BURROW_RELAY names the relay's domain\n"
+        f"relay nosuch.localhost:{relay.port} closed the connection during the TLS handshake; check that "
+        "BURROW_RELAY names the relay's domain and TLS port (a relay hangs up on names it does not serve)\n"
     ), done.stderr
+
+
+@pytest.mark.parametrize("greeting", [b"SSH-2.0-OpenSSH_9.2p1\r\n", b"HTTP/1.1 400 Bad Request\r\n\r\n"])
+def test_relay_setting_naming_another_service_says_so(greeting: bytes) -> None:
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def answer() -> None:  # what sshd or a web server says to a TLS ClientHello
+        conn, _ = listener.accept()
+        with conn:
+            conn.sendall(greeting)
+            conn.recv(4096)
+
+    threading.Thread(target=answer, daemon=True).start()
+    port = listener.getsockname()[1]
+    try:
+        with pytest.raises(burrow.RelayUnavailable) as caught:
+            burrow.forward(8000, relay=f"localhost:{port}").open()
+    finally:
+        listener.close()
+    assert str(caught.value) == (
+        f"relay localhost:{port} answered in another protocol than TLS (WRONG_VERSION_NUMBER); check that "
+        "BURROW_RELAY names the relay's TLS port, not another service's"
+    )

@@ -32,6 +32,10 @@ LOCAL_HOSTS = ("127.0.0.1", "::1")
 
 AGENT_NAME = "burrow-python"
 
+#: OpenSSL's reasons for a handshake answered with bytes that are not TLS (an SSH
+#: banner, an HTTP reply): BURROW_RELAY names some other service's port.
+NOT_TLS = frozenset({"WRONG_VERSION_NUMBER", "PACKET_LENGTH_TOO_LONG"})
+
 
 @dataclass(eq=False)
 class AgentTunnel:
@@ -186,6 +190,11 @@ class AgentSession(SessionConnection):
                 f"cannot trust relay {address} ({exc.verify_message}); set BURROW_CA to its CA certificate"
             ) from None
         except ssl.SSLError as exc:
+            if exc.reason in NOT_TLS:
+                raise RelayUnavailable(
+                    f"relay {address} answered in another protocol than TLS ({exc.reason}); check that "
+                    "BURROW_RELAY names the relay's TLS port, not another service's"
+                ) from None
             raise RelayUnavailable(
                 f"relay {address} refused the TLS handshake ({exc.reason}); check that BURROW_RELAY names "
                 "the relay's domain"
@@ -198,8 +207,8 @@ class AgentSession(SessionConnection):
             reason = (exc.strerror or str(exc)).lower()
             if not reason:  # a bare ConnectionResetError: the relay hung up inside the TLS handshake
                 raise RelayUnavailable(
-                    f"relay {address} closed the connection during the TLS handshake (a relay refuses names it "
-                    "does not serve); check that BURROW_RELAY names the relay's domain"
+                    f"relay {address} closed the connection during the TLS handshake; check that BURROW_RELAY "
+                    "names the relay's domain and TLS port (a relay hangs up on names it does not serve)"
                 ) from None
             raise RelayUnavailable(f"cannot reach relay {address} ({reason}); check BURROW_RELAY") from None
         logger.debug("session to relay %s: HELLO sent%s", address, "" if session.welcome.done() else " (early)")
