@@ -150,6 +150,28 @@ class StreamEndpoint(asyncio.BufferedProtocol):
             self.credit_blocked = True
             self.update_reading()
 
+    def read_now(self) -> None:
+        """Take at once what a plain TCP peer has already sent, without waiting for the loop to poll.
+
+        A client that speaks first (HTTP, most databases) sends right after
+        connecting. Read here, at accept, its first bytes leave with the
+        stream's OPEN in one record, and the agent has them when its dial to
+        the service completes, instead of a poll of the relay's loop later
+        (which, on a busy machine, may come only after the agent has run).
+        """
+        if self._fd < 0 or self.transport is None or self.transport.is_closing() or self.credit_blocked:
+            return
+        buffer = self.get_buffer(MAX_READ)
+        try:
+            size = os.readv(self._fd, [buffer])
+        except (BlockingIOError, InterruptedError):
+            return  # nothing yet: the transport reads it when it comes
+        except OSError as exc:  # reset already: what the transport would have reported
+            self.abort(ErrorCode.CANCELLED, f"connection lost ({exc.strerror or exc})")
+            return
+        if size:  # (0: an immediate EOF, which the transport's own read meets again)
+            self.buffer_updated(size)
+
     def eof_received(self) -> bool:
         if self.done:
             return False

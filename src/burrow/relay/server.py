@@ -340,10 +340,11 @@ class Relay:
             self.refusals.log("streams", logging.WARNING, "refused %s: %s", peer, refusal)
             return
         stream_id = session.proto.open_stream(tunnel.id, peer)
-        session.flush()
         endpoint = PublicEndpoint(tunnel, stream_id)
         transport.set_protocol(endpoint)
         endpoint.connection_made(transport)
+        endpoint.read_now()  # a raw TCP client's first bytes go out with the OPEN
+        session.flush()
 
     # ------------------------------------------------------------------ tunnels
 
