@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     relay.add_argument(
         "--token-file", type=Path, help="file with accepted agent tokens, one per line (or set BURROW_TOKEN)"
     )
-    relay.add_argument("--window", type=_size, help="per-stream flow-control window (default 1m)")
+    relay.add_argument("--window", type=_size, help="per-stream flow-control window (default 2m)")
     relay.add_argument("--max-frame", type=_size, help="largest DATA frame accepted from agents (default 256k)")
     relay.add_argument(
         "--ticket-key",
