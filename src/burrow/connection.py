@@ -159,7 +159,9 @@ class StreamEndpoint(asyncio.BufferedProtocol):
         the service completes, instead of a poll of the relay's loop later
         (which, on a busy machine, may come only after the agent has run).
         """
-        if self._fd < 0 or self.transport is None or self.transport.is_closing() or self.credit_blocked:
+        if self._fd < 0 or self.transport is None or self.transport.is_closing():
+            return
+        if self.credit_blocked or self.session.writing_paused:
             return
         buffer = self.get_buffer(MAX_READ)
         try:
@@ -171,6 +173,8 @@ class StreamEndpoint(asyncio.BufferedProtocol):
             return
         if size:  # (0: an immediate EOF, which the transport's own read meets again)
             self.buffer_updated(size)
+            if self.credit_blocked:  # (a window below one read) pause again once uvloop has
+                asyncio.get_running_loop().call_soon(self.update_reading)  # started reading
 
     def eof_received(self) -> bool:
         if self.done:

@@ -33,8 +33,9 @@ LOCAL_HOSTS = ("127.0.0.1", "::1")
 AGENT_NAME = "burrow-python"
 
 #: OpenSSL's reasons for a handshake answered with bytes that are not TLS (an SSH
-#: banner, an HTTP reply): BURROW_RELAY names some other service's port.
-NOT_TLS = frozenset({"WRONG_VERSION_NUMBER", "PACKET_LENGTH_TOO_LONG"})
+#: banner, an HTTP reply): BURROW_RELAY names some other service's port. (OpenSSL
+#: 3.2 and later say RECORD_LAYER_FAILURE where 3.0 says WRONG_VERSION_NUMBER.)
+NOT_TLS = frozenset({"WRONG_VERSION_NUMBER", "PACKET_LENGTH_TOO_LONG", "RECORD_LAYER_FAILURE"})
 
 
 @dataclass(eq=False)

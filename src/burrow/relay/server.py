@@ -50,10 +50,13 @@ BACKLOG = 1024
 #: this many pays the certificate at the first handshake instead).
 READY_CONTEXTS = 4
 
-#: While a spare context is ready, the pool is refilled only once binds have
-#: paused this long: a tunnel just bound usually takes its first connection
-#: at once, and making a certificate beside it slows that connection down.
+#: While all contexts but one are ready, the pool is refilled only once binds
+#: have paused this long: a tunnel just bound usually takes its first
+#: connection at once, and making a certificate beside it slows that down.
 REFILL_DELAY = 0.05
+
+#: uvloop's timers have millisecond resolution and may fire this much early.
+TIMER_SLACK = 0.002
 
 #: A closing TLS connection waits this long for the peer's close_notify (asyncio's
 #: default, 30 s, keeps a dead peer's socket open that long).
@@ -146,7 +149,7 @@ class Relay:
         self._ready: deque[str] = deque()  # ids whose dev TLS context is made (see _top_up)
         self._filling = False
         self._last_bind = 0.0  # time.monotonic() when the last id was handed out
-        self._refill_timer: asyncio.TimerHandle | None = None
+        self._refill_timer: asyncio.Handle | None = None
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -436,7 +439,8 @@ class Relay:
         Issuing a certificate and loading it into a context takes ~3.5 ms (most
         of it OpenSSL parsing PEM, which releases the GIL); done at the first
         handshake, it would be the bulk of a new tunnel's first request.
-        While another is ready, the refill waits for a pause in binds.
+        While all but one are ready, the refill waits for a pause in binds;
+        below that it starts at once, so a burst finds two or more ready.
         """
         if self._refill_timer is not None:
             self._refill_timer.cancel()
@@ -453,7 +457,9 @@ class Relay:
         self.spawn(self._fill())
 
     def _refill_waits(self) -> bool:
-        return len(self._ready) > 1 and time.monotonic() - self._last_bind < REFILL_DELAY
+        """All contexts but one are ready, and the last bind was less than REFILL_DELAY ago."""
+        recent = time.monotonic() - self._last_bind < REFILL_DELAY - TIMER_SLACK
+        return len(self._ready) >= READY_CONTEXTS - 1 and recent
 
     async def _fill(self) -> None:
         assert self.certs is not None
