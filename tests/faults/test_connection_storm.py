@@ -50,7 +50,7 @@ def plain_echo() -> Iterator[int]:
                     conn.sendall(data)
                 conn.shutdown(socket.SHUT_WR)
             except OSError:
-                pass
+                pass  # clients reset on purpose
 
     def serve() -> None:
         while True:

@@ -39,7 +39,7 @@ def _echo_through(tunnel: burrow.Tunnel, ca: Path) -> bytes:
         return sock.recv(100)
 
 
-def test_refill_waits_for_a_pause_in_binds_and_never_runs_dry(
+def test_refill_waits_for_a_pause_in_binds_and_starts_at_once_when_low(
     service_loop: ServiceThread, ca_file: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(relay_server, "REFILL_DELAY", DELAY)
