@@ -93,19 +93,20 @@ class IperfResult:
 
 
 def iperf3(
-    endpoint: Endpoint, seconds: int, omit: int = 0, parallel: int = 1, revive: Callable[[], bool] | None = None
+    endpoint: Endpoint, seconds: int, omit: int = 0, parallel: int = 1, ready: Callable[[], bool] | None = None
 ) -> IperfResult:
     """iperf3 in reverse mode (the service sends, the public client receives) through ``endpoint``.
 
-    ``revive``: the lab's restart of an iperf3 server that exited (True when it did); a test that
+    ``ready``: the lab's :meth:`~bench.lab.Lab.iperf_ready`, called before each try: it waits until
+    the server is between tests, and restarts one that exited (True when it did); a test that
     failed because the server was gone is then run again.
     """
     argv = ["iperf3", "-c", endpoint.host, "-p", str(endpoint.port), "-R", "--json"]
     argv += ["-t", str(max(1, int(seconds))), "-O", str(omit), "-P", str(parallel)]
     deadline = time.monotonic() + 15
-    if revive is not None:
-        revive()
     while True:
+        if ready is not None:
+            ready()
         try:
             done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + omit + 30)
         except subprocess.TimeoutExpired:
@@ -119,7 +120,7 @@ def iperf3(
         # tunnel its refusal can arrive as a reset of the new control connection instead of "busy"
         refused = "busy" in error or "control message" in error or "cookie" in error
         # a closed or refused control connection counts against the path, unless the server itself was gone
-        gone = ("control socket" in error or "Connection refused" in error) and revive is not None and revive()
+        gone = ("control socket" in error or "Connection refused" in error) and ready is not None and ready()
         if (refused or gone) and time.monotonic() < deadline:
             print(f"    (iperf3 through {endpoint.host}:{endpoint.port} refused: {error}; retrying)", flush=True)
             time.sleep(0.3)

@@ -189,7 +189,7 @@ def s1_tcp_throughput(ctx: Context) -> Scenario:
     ctx.lab.prepare((key, "iperf") for key in keys)
 
     def measure(_: str, ep: Endpoint) -> dict[str, float]:
-        result = clients.iperf3(ep, st.bulk_seconds, st.bulk_omit, revive=ctx.lab.revive_iperf)
+        result = clients.iperf3(ep, st.bulk_seconds, st.bulk_omit, ready=ctx.lab.iperf_ready)
         return {"throughput": result.bits_per_second / 1e9}
 
     data = run_paths(ctx, keys, "iperf", measure)
@@ -258,7 +258,7 @@ def s3_parallel(ctx: Context) -> Scenario:
     per_stream: dict[str, list[list[float]]] = {key: [] for key in keys}
 
     def measure(key: str, ep: Endpoint) -> dict[str, float]:
-        result = clients.iperf3(ep, st.bulk_seconds, st.bulk_omit, parallel=streams, revive=ctx.lab.revive_iperf)
+        result = clients.iperf3(ep, st.bulk_seconds, st.bulk_omit, parallel=streams, ready=ctx.lab.iperf_ready)
         per_stream[key].append([b / 1e9 for b in result.streams])
         middle = statistics.median(result.streams)
         return {
@@ -279,7 +279,8 @@ def s3_parallel(ctx: Context) -> Scenario:
     if single_fig is not None:
         single = single_fig.median
     else:
-        single = clients.iperf3(ctx.lab.endpoint("burrow", "iperf"), st.bulk_seconds, st.bulk_omit).bits_per_second
+        endpoint = ctx.lab.endpoint("burrow", "iperf")
+        single = clients.iperf3(endpoint, st.bulk_seconds, st.bulk_omit, ready=ctx.lab.iperf_ready).bits_per_second
         single /= 1e9
         s.notes.append(f"burrow single-stream reference measured here (scenario 1 not run): {single:.2f} Gbit/s")
     ours = s.value("burrow", "aggregate")
