@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.client
+import logging
 import os
 import shutil
 import socket
@@ -139,11 +140,16 @@ def test_websocket_echo_through_tls_tunnel(ca_file: Path) -> None:
         server.shutdown()
 
 
-def test_connection_while_nothing_listens_closes_and_tunnel_stays(ca_file: Path) -> None:
+def test_connection_while_nothing_listens_closes_and_tunnel_stays(
+    ca_file: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     port = free_port()
     with burrow.forward(port) as tunnel:  # opened first, the service starts later
-        with tls_connect(tunnel, ca_file) as sock:
-            assert recv_all(sock) == b""  # closed cleanly (close_notify), nothing invented
+        with caplog.at_level(logging.WARNING, logger="burrow"):
+            with tls_connect(tunnel, ca_file) as sock:
+                assert recv_all(sock) == b""  # closed cleanly (close_notify), nothing invented
+        # whoever runs the agent learns why (once a second per port, not once per connection)
+        assert f"nothing accepts on local port {port} (connection refused)" in caplog.text
         listener = socket.create_server(("127.0.0.1", port))
 
         def serve_one() -> None:

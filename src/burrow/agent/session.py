@@ -16,11 +16,15 @@ from ..errors import AuthenticationFailed, RelayUnavailable, SessionClosed, Tunn
 from ..protocol import events as ev
 from ..protocol.frames import ErrorCode, code_name
 from ..protocol.session import Role, SessionProtocol, SessionState
+from ..relay.limits import LogLimiter
 from ..relay.tls import EARLY_ALPN
 from ..tunnel import TunnelState
 from .config import AgentSettings
 
 logger = logging.getLogger(__name__)
+
+#: A dead local service is said once a second per port, not once per connection.
+_refused = LogLimiter(logger, rate=1)
 
 #: How long connecting (TCP, TLS and HELLO) to a relay may take.
 CONNECT_TIMEOUT = 10.0
@@ -134,7 +138,15 @@ class LocalEndpoint(StreamEndpoint):
             except OSError as exc:
                 error = exc
         if not self.done:
-            logger.info("stream %d: nothing accepts on local port %d (%s)", self.stream_id, port, error)
+            reason = (error.strerror or str(error)).lower() if error is not None else "refused"
+            _refused.log(
+                f"port {port}",
+                logging.WARNING,
+                "burrow: nothing accepts on local port %d (%s): a public connection was closed; "
+                "start the service there, or forward the port it listens on",
+                port,
+                reason,
+            )
             self.abort(ErrorCode.REFUSED, f"local port {port} refused the connection")
 
 
