@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
+import ssl
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -65,3 +68,47 @@ def test_quick_bench_runs_every_scenario(tmp_path: Path) -> None:
     burrow = next(f for f in results["scenarios"]["1"]["figures"] if f["path"] == "burrow")
     assert burrow["ratio_direct"] > 0 and burrow["ratio_best_peer"] > 0
     assert results["scenarios"]["8"]["extra"]["connections"] == results["scenarios"]["8"]["extra"]["n"]
+
+
+def _echo_through(sock: socket.socket, payload: bytes) -> bytes:
+    """Send ``payload`` from a thread while reading its echo here; return what came back."""
+    sender = threading.Thread(target=sock.sendall, args=(payload,))
+    sender.start()
+    got = bytearray()
+    while len(got) < len(payload):
+        chunk = sock.recv(1 << 20)
+        if not chunk:
+            break
+        got += chunk
+    sender.join()
+    return bytes(got)
+
+
+@pytest.mark.timeout(60)
+def test_floor_pair_forwards_bytes_both_ways(tmp_path: Path) -> None:
+    """``bench.floor``'s pair (the yardstick of bench/README.md) carries bytes whole, plain and TLS."""
+    from bench.lab import BENCH_SNI, make_certs
+    from bench.procs import Procs, free_port
+
+    from .helpers import ServiceThread
+
+    certs = make_certs(tmp_path / "certs")
+    services = ServiceThread()
+    procs = Procs(tmp_path)
+    try:
+        echo = services.echo_server()
+        public, public_tls, link = free_port(), free_port(), free_port()
+        near = [str(public), str(public_tls), str(link), str(certs.cert), str(certs.key)]
+        procs.start("near", [sys.executable, "-m", "bench.floor", "near", *near], cwd=ROOT).wait_for("ready")
+        far = [str(link), str(echo.port), str(certs.ca), BENCH_SNI]
+        procs.start("far", [sys.executable, "-m", "bench.floor", "far", *far], cwd=ROOT).wait_for("ready")
+        payload = os.urandom(3 * 1024 * 1024)
+        with socket.create_connection(("127.0.0.1", public), timeout=20) as sock:
+            assert _echo_through(sock, payload) == payload
+        context = ssl.create_default_context(cafile=str(certs.ca))
+        with socket.create_connection(("127.0.0.1", public_tls), timeout=20) as raw:
+            with context.wrap_socket(raw, server_hostname=BENCH_SNI) as sock:
+                assert _echo_through(sock, payload) == payload
+    finally:
+        procs.stop_all()
+        services.stop()
