@@ -44,6 +44,9 @@ JOIN_BELOW = 16 * 1024
 #: than handed over as views that could keep a whole read buffer alive.
 COPY_BELOW = 16 * 1024
 
+#: (an enum member is a slow attribute lookup on Python 3.11: ~0.2 µs, on every DATA)
+_SESSION_CLOSED = SessionState.CLOSED
+
 #: struct linger {on, 0 seconds}: close() sends RST instead of FIN.
 LINGER_RESET = struct.pack("ii", 1, 0)
 
@@ -136,10 +139,7 @@ class StreamEndpoint(asyncio.BufferedProtocol):
         return self._reads.room(MAX_READ)
 
     def buffer_updated(self, nbytes: int) -> None:
-        reads = self._reads
-        reads.filled(nbytes)
-        data = reads.unread()
-        reads.consume(nbytes)
+        data = self._reads.take(nbytes)
         if self.done or self.sent_fin:
             return
         if self.inbound:
@@ -411,15 +411,23 @@ class SessionConnection(asyncio.BufferedProtocol):
 
     def send_data(self, stream_id: int, data: bytes | memoryview) -> bool:
         """Send on a stream; False when the stream ran out of credit."""
-        if self.proto.state is SessionState.CLOSED:
+        proto = self.proto
+        if proto.state is _SESSION_CLOSED:
             return True
-        sent_all = self.proto.send_data(stream_id, data)
+        if len(data) <= JOIN_BELOW:
+            record = proto.data_record(stream_id, data)
+            if record is not None:  # (one TLS record, as flush would have made it)
+                transport = self.transport
+                if transport is not None and not transport.is_closing():
+                    transport.write(record)
+                return True
+        sent_all = proto.send_data(stream_id, data)
         self.flush()
         return sent_all
 
     def send_fin(self, stream_id: int) -> None:
         """Half-close a stream."""
-        if self.proto.state is not SessionState.CLOSED:
+        if self.proto.state is not _SESSION_CLOSED:
             self.proto.send_fin(stream_id)
             self.flush()
 

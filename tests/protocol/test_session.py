@@ -467,6 +467,28 @@ def test_sender_stops_at_the_window_and_resumes_on_credit(small: Pair) -> None:
     assert small.relay.send_data(sid, b"more") is True
 
 
+def test_data_record_is_send_data_in_one_piece_only_when_nothing_waits(small: Pair) -> None:
+    sid, ended = small.open_stream(), small.open_stream()
+    small.relay.send_fin(ended)
+    small.send(small.relay)
+    assert small.relay.data_record(ended, b"z") is None  # after FIN: send_data raises
+    assert small.relay.data_record(99, b"z") is None  # unknown stream
+
+    record = small.relay.data_record(sid, memoryview(b"hello"))
+    assert record == data_frame(sid, b"hello")
+    small.agent.receive_data(record)
+    assert payload_of(small.agent.events_received(), sid) == b"hello"
+    # it spends credit like send_data: W - 5 left, so W bytes do not fit
+    assert small.relay.data_record(sid, bytes(W)) is None
+    assert small.relay.data_record(sid, bytes(W - 5)) == data_frame(sid, bytes(W - 5))
+    assert small.relay.data_record(sid, b"x") is None  # no credit left
+    assert small.relay.send_data(sid, b"x") is False  # which send_data queues
+    small.agent.consumed(sid, W)
+    small.send(small.agent)  # the WINDOW frame: the pending byte goes out, queued
+    assert small.relay.data_record(sid, b"y") is None  # behind what is queued, not before it
+    assert decode_frames(small.relay.data_to_send())[-1].payload == b"x"
+
+
 def test_empty_write_while_blocked(small: Pair) -> None:
     sid = small.open_stream()
     assert small.relay.send_data(sid, b"e" * (2 * W)) is False

@@ -360,7 +360,7 @@ class SessionProtocol:
         size = len(data)
         if size <= stream.send_credit and size <= self.send_payload:
             stream.send_credit -= size
-            self._out.append(_DATA_HEADER(FrameType.DATA, 0, stream_id, size))
+            self._out.append(_DATA_HEADER(_DATA, 0, stream_id, size))
             self._out.append(data)
             return True
         view = memoryview(data)
@@ -370,6 +370,32 @@ class SessionProtocol:
             stream.pending_size = size - sent
             return False
         return True
+
+    def data_record(self, stream_id: int, data: bytes | memoryview) -> bytes | None:
+        """``data`` as one whole DATA frame, when it may go out now and nothing else waits.
+
+        The shortcut of :meth:`send_data` for the common case of interactive
+        traffic (a small read on an open stream with credit): the frame comes
+        back as one ``bytes`` for the caller to write, instead of going
+        through :meth:`data_to_send`. None when anything is queued, or the
+        stream cannot take ``data`` at once: then call :meth:`send_data`,
+        which also raises the errors.
+        """
+        stream = self._streams.get(stream_id)
+        size = len(data)
+        if (
+            self._out
+            or stream is None
+            or stream.pending_size
+            or stream.fin_pending
+            or size > stream.send_credit
+            or size > self.send_payload
+            or stream.state not in _CAN_SEND
+            or self.state is _CLOSED
+        ):
+            return None
+        stream.send_credit -= size
+        return _DATA_HEADER(_DATA, 0, stream_id, size) + data
 
     def send_fin(self, stream_id: int) -> None:
         """Half-close our direction of the stream (after any buffered data)."""
@@ -381,14 +407,14 @@ class SessionProtocol:
 
     def send_rst(self, stream_id: int, code: int = ErrorCode.CANCELLED, reason: str = "") -> None:
         """Abort the stream both ways; unknown or finished streams are ignored."""
-        if self._streams.pop(stream_id, None) is None or self.state is SessionState.CLOSED:
+        if self._streams.pop(stream_id, None) is None or self.state is _CLOSED:
             return
         self._out.append(encode_code(FrameType.RST, stream_id, code, reason))
 
     def consumed(self, stream_id: int, size: int) -> None:
         """Report that ``size`` received bytes left this process; may grant credit."""
         stream = self._streams.get(stream_id)
-        if stream is None or self.state is SessionState.CLOSED:
+        if stream is None or self.state is _CLOSED:
             return
         stream.unacked += size
         if stream.unacked >= self.window // 2 and stream.state in _CAN_RECEIVE:
@@ -442,7 +468,7 @@ class SessionProtocol:
 
     def _sendable(self, stream_id: int) -> _Stream:
         stream = self._streams.get(stream_id)
-        if stream is None or stream.state not in _CAN_SEND or stream.fin_pending or self.state is SessionState.CLOSED:
+        if stream is None or stream.state not in _CAN_SEND or stream.fin_pending or self.state is _CLOSED:
             raise LocalProtocolError(ErrorCode.INTERNAL_ERROR, f"stream {stream_id} cannot send")
         return stream
 
@@ -452,7 +478,7 @@ class SessionProtocol:
         limit = self.send_payload
         while sent < size and stream.send_credit > 0:
             chunk = min(size - sent, stream.send_credit, limit)
-            self._out.append(_DATA_HEADER(FrameType.DATA, 0, stream_id, chunk))
+            self._out.append(_DATA_HEADER(_DATA, 0, stream_id, chunk))
             self._out.append(view[sent : sent + chunk])
             stream.send_credit -= chunk
             sent += chunk
