@@ -214,11 +214,11 @@ class StreamEndpoint(asyncio.BufferedProtocol):
 
         ``data`` is a view of the session's read buffer; a transport that
         cannot send it at once would keep the view, and with it the whole
-        buffer (up to 1 MiB) for as long as its reader stalls. So a small
-        payload, or one for a transport that is already behind, is copied;
-        a big one for an idle plain TCP transport goes to its socket at once,
-        and only what the socket does not take is copied into the transport.
-        A slow reader then holds its own bytes, never a read buffer.
+        buffer (up to 1 MiB) for as long as its reader stalls. So for an idle
+        plain TCP transport the payload goes to its socket at once, and only
+        what the socket does not take is copied into the transport; for TLS,
+        a small payload, or one for a transport that is already behind, is
+        copied. A slow reader then holds its own bytes, never a read buffer.
         """
         transport = self.transport
         assert transport is not None
@@ -226,11 +226,8 @@ class StreamEndpoint(asyncio.BufferedProtocol):
             self.stats.bytes_out += len(data)
         else:
             self.stats.bytes_in += len(data)
-        if len(data) < COPY_BELOW or self.writing_paused or transport.get_write_buffer_size():
-            transport.write(bytes(data))
-        elif self._fd < 0 or transport.is_closing():  # (closing: the descriptor may be reused)
-            transport.write(data)
-        else:
+        idle = not self.writing_paused and not transport.get_write_buffer_size()
+        if self._fd >= 0 and idle and not transport.is_closing():  # (closing: the descriptor may be reused)
             # the transport holds nothing, so writing its socket first keeps the order
             try:
                 sent = os.write(self._fd, data)
@@ -238,6 +235,10 @@ class StreamEndpoint(asyncio.BufferedProtocol):
                 sent = 0
             if sent < len(data):
                 transport.write(bytes(data[sent:]))
+        elif len(data) < COPY_BELOW or not idle:
+            transport.write(bytes(data))
+        else:
+            transport.write(data)
         if self.writing_paused:
             self.held += len(data)
         else:
