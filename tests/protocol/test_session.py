@@ -489,6 +489,39 @@ def test_data_record_is_send_data_in_one_piece_only_when_nothing_waits(small: Pa
     assert decode_frames(small.relay.data_to_send())[-1].payload == b"x"
 
 
+def test_a_cut_data_frame_is_handed_over_as_its_bytes_come(pair: Pair) -> None:
+    """A reader's buffer never keeps (nor moves) the start of a bulk frame: only a cut header stays."""
+    sid, other = pair.open_stream(), pair.open_stream()
+    payload = bytes(i % 251 for i in range(200_000))
+    wire = data_frame(sid, payload) + data_frame(other, b"next")
+    agent = pair.agent
+    kept, got, sizes = b"", [], []
+    for start, end in ((0, 5), (5, 70_000), (70_000, 70_000), (70_000, 150_000), (150_000, len(wire))):
+        view = kept + wire[start:end]  # what a caller's buffer holds: what it kept, then the new read
+        kept = view[agent.receive_view(memoryview(view)) :]
+        assert len(kept) == (5 if end == 5 else 0)
+        events = agent.events_received()
+        sizes.append(len(payload_of(events, sid)))
+        got += events
+    assert sizes == [0, 70_000 - 10, 0, 80_000, 200_000 - 149_990]
+    assert payload_of(got, sid) == payload
+    assert payload_of(got, other) == b"next"
+    assert agent._streams[sid].recv_credit == DEFAULT_WINDOW - len(payload)  # charged once, for the frame
+
+
+def test_a_stream_reset_in_the_middle_of_a_data_frame_drops_the_rest(pair: Pair) -> None:
+    sid, other = pair.open_stream(), pair.open_stream()
+    wire = data_frame(sid, bytes(1000)) + data_frame(other, b"after")
+    agent = pair.agent
+    assert agent.receive_view(memoryview(wire)[:400]) == 400
+    assert payload_of(agent.events_received(), sid) == bytes(390)
+    agent.send_rst(sid)
+    assert agent.receive_view(memoryview(wire)[400:]) == len(wire) - 400
+    events = agent.events_received()
+    assert payload_of(events, sid) == b""
+    assert payload_of(events, other) == b"after"
+
+
 def test_empty_write_while_blocked(small: Pair) -> None:
     sid = small.open_stream()
     assert small.relay.send_data(sid, b"e" * (2 * W)) is False

@@ -29,7 +29,9 @@ DEFAULT_READ = 64 * 1024
 MAX_READ = 256 * 1024
 
 #: Buffers grow (doubling) to this size when frames outgrow them: the start of
-#: a frame is then moved about once per MAX_BUFFER read. Two per busy session
+#: a frame is then moved about once per MAX_BUFFER read. (DATA never waits here
+#: whole: the session hands its payload over as it comes; what is kept is a cut
+#: header or a control frame, a few bytes to a few KiB.) Two per busy session
 #: (the current one and a spare).
 MAX_BUFFER = 1024 * 1024
 

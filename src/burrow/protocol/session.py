@@ -181,6 +181,8 @@ class SessionProtocol:
         self._last_stream_id = 0  # relay: last id allocated; agent: last id seen
         self._events: list[ev.Event] = []
         self._out: list[bytes | memoryview] = []
+        self._data_left = 0  # payload bytes still to come of a DATA frame whose start was handed over
+        self._data_stream = 0  # ... and its stream
 
     # ---------------------------------------------------------------- I/O side
 
@@ -211,16 +213,28 @@ class SessionProtocol:
 
         DATA that keeps every rule on an open stream takes a fast path (no
         frame object, no dispatch): one such frame per read is the common case
-        of interactive traffic. Anything else goes through the decoder and
-        the state tables, which also raise the errors.
+        of interactive traffic. Its payload is handed over as it arrives: a
+        frame that the end of ``view`` cuts short gives a DataReceived for
+        what is there, and the rest comes from the next views, so a caller
+        never keeps (nor moves) a partial bulk frame in its buffer. Anything
+        else goes through the decoder and the state tables, which also raise
+        the errors, whole frames only.
         """
         if self.state is _CLOSED:
             return len(view)
         size = len(view)
         offset = 0
-        fast = self.state in _DATA_STATES
         streams = self._streams
         events = self._events
+        if self._data_left:  # the rest of a DATA frame whose start came before
+            offset = min(self._data_left, size)
+            self._data_left -= offset
+            stream = streams.get(self._data_stream)
+            if offset and stream is not None and stream.state in _CAN_RECEIVE:  # (else reset since: dropped)
+                events.append(ev.DataReceived(self._data_stream, view[:offset]))
+            if self._data_left:
+                return offset
+        fast = self.state in _DATA_STATES
         max_payload = self.max_payload
         try:
             while size - offset >= HEADER_SIZE:
@@ -229,10 +243,16 @@ class SessionProtocol:
                 if kind == _DATA and fast and not flags and length <= max_payload:
                     stream = streams.get(stream_id)
                     if stream is not None and stream.recv_credit >= length and stream.state in _CAN_RECEIVE:
-                        if end > size:
-                            break
                         stream.recv_credit -= length
-                        events.append(ev.DataReceived(stream_id, view[offset + HEADER_SIZE : end]))
+                        start = offset + HEADER_SIZE
+                        if end <= size:
+                            events.append(ev.DataReceived(stream_id, view[start:end]))
+                        else:  # cut short: hand over what is here, the rest as it comes
+                            self._data_left = end - size
+                            self._data_stream = stream_id
+                            end = size
+                            if end > start:
+                                events.append(ev.DataReceived(stream_id, view[start:end]))
                         offset = end
                         continue
                 frame, end = self._decoder.parse_one(view, offset)
