@@ -111,32 +111,51 @@ class Pipe(asyncio.BufferedProtocol):
 
 
 class Near:
-    """The relay's part: public connections take the oldest idle link."""
+    """The relay's part: a public connection takes the oldest idle link, or waits for one."""
 
     def __init__(self) -> None:
-        self.idle: collections.deque[Pipe] = collections.deque()
+        self.idle: collections.deque[Pipe] = collections.deque()  # links, their TLS handshake done
+        self.waiting: collections.deque[Pipe] = collections.deque()  # public connections
 
     def link(self) -> Pipe:
-        pipe = Pipe()
-        self.idle.append(pipe)
-        return pipe
+        return NearLink(self)
 
     def public(self) -> Pipe:
-        pipe = Public()
-        if self.idle:
-            link = self.idle.popleft()
-            pipe.pair(link)
-            if link.transport is not None:
-                link.transport.write(SIGNAL)
-        return pipe
+        return Public(self)
+
+    def link_ready(self, link: Pipe) -> None:
+        if self.waiting:
+            self.join(self.waiting.popleft(), link)
+        else:
+            self.idle.append(link)
+
+    def join(self, public: Pipe, link: Pipe) -> None:
+        assert link.transport is not None
+        link.transport.write(SIGNAL)  # first: what the client sent while it waited follows it
+        public.pair(link)
+
+
+class NearLink(Pipe):
+    def __init__(self, near: Near) -> None:
+        super().__init__()
+        self.near = near
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:  # (after the TLS handshake)
+        super().connection_made(transport)
+        self.near.link_ready(self)
 
 
 class Public(Pipe):
+    def __init__(self, near: Near) -> None:
+        super().__init__()
+        self.near = near
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        if self.peer is None:
-            print("floor near: no idle link for a public connection; closed it", flush=True)
-            transport.close()
+        if self.near.idle:
+            self.near.join(self, self.near.idle.popleft())
+        else:
+            self.near.waiting.append(self)  # what it sends meanwhile is held
 
 
 async def run_near(public_port: int, public_tls_port: int, link_port: int, cert: str, key: str) -> None:

@@ -70,12 +70,15 @@ def test_quick_bench_runs_every_scenario(tmp_path: Path) -> None:
     assert results["scenarios"]["8"]["extra"]["connections"] == results["scenarios"]["8"]["extra"]["n"]
 
 
-def _echo_through(sock: socket.socket, payload: bytes) -> bytes:
-    """Send ``payload`` from a thread while reading its echo here; return what came back."""
+def _echo_through(sock: socket.socket, payload: bytes, sent_before: bytes = b"") -> bytes:
+    """Send ``payload`` from a thread while reading its echo here; return what came back.
+
+    ``sent_before``: bytes already sent, whose echo comes first.
+    """
     sender = threading.Thread(target=sock.sendall, args=(payload,))
     sender.start()
     got = bytearray()
-    while len(got) < len(payload):
+    while len(got) < len(sent_before) + len(payload):
         chunk = sock.recv(1 << 20)
         if not chunk:
             break
@@ -100,11 +103,13 @@ def test_floor_pair_forwards_bytes_both_ways(tmp_path: Path) -> None:
         public, public_tls, link = free_port(), free_port(), free_port()
         near = [str(public), str(public_tls), str(link), str(certs.cert), str(certs.key)]
         procs.start("near", [sys.executable, "-m", "bench.floor", "near", *near], cwd=ROOT).wait_for("ready")
-        far = [str(link), str(echo.port), str(certs.ca), BENCH_SNI]
-        procs.start("far", [sys.executable, "-m", "bench.floor", "far", *far], cwd=ROOT).wait_for("ready")
         payload = os.urandom(3 * 1024 * 1024)
         with socket.create_connection(("127.0.0.1", public), timeout=20) as sock:
-            assert _echo_through(sock, payload) == payload
+            first = b"sent before far had a link open"
+            sock.sendall(first)  # waits in near, then follows near's signal on the first link
+            far = [str(link), str(echo.port), str(certs.ca), BENCH_SNI]
+            procs.start("far", [sys.executable, "-m", "bench.floor", "far", *far], cwd=ROOT).wait_for("ready")
+            assert _echo_through(sock, payload, sent_before=first) == first + payload
         context = ssl.create_default_context(cafile=str(certs.ca))
         with socket.create_connection(("127.0.0.1", public_tls), timeout=20) as raw:
             with context.wrap_socket(raw, server_hostname=BENCH_SNI) as sock:

@@ -169,6 +169,7 @@ def _running(role: Role) -> SessionProtocol:
     pair.handshake()
     first = pair.open_stream()
     pair.open_stream()
+    pair.relay.send_rst(pair.open_stream())  # stream 3: known, and reset
     pair.relay.send_data(first, b"r" * (MIN_WINDOW + 5))
     pair.agent.send_data(first, b"a" * 100)
     pair.exchange()
@@ -594,14 +595,14 @@ class _Trace:
         return [self.items, self.wire, proto.state, streams]
 
 
-def _level_or_ahead(slow: list[Any], fast: list[Any], cut: bool) -> bool:
-    """``fast`` is ``slow``, or (while a DATA frame is cut) ``slow`` plus the start of that frame's payload."""
+def _level_or_ahead(slow: list[Any], fast: list[Any], stream_id: int) -> bool:
+    """``fast`` is ``slow`` plus the start of a cut DATA frame's payload on ``stream_id`` (maybe none yet)."""
     if fast == slow:
-        return True  # (cut right after its header, a frame has handed nothing over yet)
-    if not cut or not fast:
+        return True  # (cut right after its header, or a dropped stream's: nothing handed over)
+    if not fast:
         return False
     *last_fast, ahead = fast
-    if not ahead or ahead[0] != "DataReceived":
+    if ahead[:2] != ("DataReceived", stream_id):
         return False
     if last_fast == slow:
         return True  # the cut frame's start is the fast path's newest item
@@ -618,15 +619,17 @@ def vars_of(event: Any) -> tuple[Any, ...]:
     return tuple(getattr(event, name) for name in event.__slots__)
 
 
-# mostly DATA the fast path takes (stream 2 has credit), mixed with DATA it must leave to the
-# state tables (stream 1 has none left, stream 3 was never opened) and anything else
+# mostly DATA the fast path takes (stream 2 has credit; stream 3 was reset, so its DATA is
+# dropped), mixed with DATA it must leave to the state tables (stream 1 has no credit left,
+# stream 4 was never opened) and anything else
 good_data = st.binary(max_size=300).map(lambda payload: encode(FrameType.DATA, 2, payload))
-odd_data = st.tuples(st.sampled_from([0, 1, 3, 2**32 - 1]), st.binary(max_size=20)).map(
+reset_data = st.binary(max_size=300).map(lambda payload: encode(FrameType.DATA, 3, payload))
+odd_data = st.tuples(st.sampled_from([0, 1, 4, 2**32 - 1]), st.binary(max_size=20)).map(
     lambda sp: encode(FrameType.DATA, sp[0], sp[1])
 )
 flagged_data = st.integers(1, 255).map(lambda flags: HEADER.pack(FrameType.DATA, flags, 2, 3) + b"abc")
 data_storms = st.lists(
-    st.one_of(good_data, good_data, good_data, odd_data, flagged_data, frames(), st.binary(max_size=12)),
+    st.one_of(good_data, good_data, good_data, reset_data, odd_data, flagged_data, frames(), st.binary(max_size=12)),
     min_size=1,
     max_size=20,
 ).map(b"".join)
@@ -644,13 +647,15 @@ def test_the_data_fast_path_does_what_the_state_tables_do(setup: str, data: byte
     for chunk in chunks:
         fast_trace.feed(fast, chunk, fast.receive_data)
         slow_trace.feed(slow, chunk, lambda c: _general_path(slow, decoder, c))
-        # after every chunk the fast path is level with the state tables, or ahead by a cut frame's start
-        assert _level_or_ahead(slow_trace.items, fast_trace.items, fast._data_left > 0)
+        if fast._data_left:
+            # a DATA frame is cut: the fast path is ahead by its start, on its stream
+            assert _level_or_ahead(slow_trace.items, fast_trace.items, fast._data_stream)
+        else:  # level: the same events, bytes out, states and credit
+            assert fast_trace.end(fast) == slow_trace.end(slow)
     if fast._data_left:
-        # the input cut a DATA frame: its start went out already, the state tables wait for all
-        # of it. The rest of its payload (any bytes) ends the frame for both.
+        # the input ends in a cut DATA frame: its start went out already, the state tables wait
+        # for all of it. The rest of its payload (any bytes) ends the frame for both.
         rest = bytes(fast._data_left)
         fast_trace.feed(fast, rest, fast.receive_data)
         slow_trace.feed(slow, rest, lambda c: _general_path(slow, decoder, c))
-    assert not fast._data_left
-    assert fast_trace.end(fast) == slow_trace.end(slow)
+        assert fast_trace.end(fast) == slow_trace.end(slow)

@@ -522,6 +522,27 @@ def test_a_stream_reset_in_the_middle_of_a_data_frame_drops_the_rest(pair: Pair)
     assert payload_of(events, other) == b"after"
 
 
+def test_a_cut_data_frame_over_the_window_is_not_handed_over(small: Pair) -> None:
+    sid = small.open_stream()
+    wire = data_frame(sid, bytes(W + 1))
+    agent = small.agent
+    assert agent.receive_view(memoryview(wire)[:100]) == 0  # kept whole for the state tables
+    assert agent.events_received() == []
+    expect_protocol_error(agent, wire, ErrorCode.FLOW_CONTROL)  # once all of it is there
+    assert agent.events_received() == []
+
+
+def test_data_in_flight_for_a_reset_stream_is_dropped_as_it_comes(pair: Pair) -> None:
+    sid, other = pair.open_stream(), pair.open_stream()
+    pair.agent.send_rst(sid)
+    wire = data_frame(sid, bytes(100_000)) + data_frame(other, b"after")
+    agent = pair.agent
+    assert agent.receive_view(memoryview(wire)[:30_000]) == 30_000  # nothing kept back
+    assert agent.events_received() == []
+    assert agent.receive_view(memoryview(wire)[30_000:]) == len(wire) - 30_000
+    assert [(e.stream_id, bytes(e.data)) for e in agent.events_received()] == [(other, b"after")]
+
+
 def test_empty_write_while_blocked(small: Pair) -> None:
     sid = small.open_stream()
     assert small.relay.send_data(sid, b"e" * (2 * W)) is False

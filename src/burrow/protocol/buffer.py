@@ -29,9 +29,10 @@ DEFAULT_READ = 64 * 1024
 MAX_READ = 256 * 1024
 
 #: Buffers grow (doubling) to this size when frames outgrow them: the start of
-#: a frame is then moved about once per MAX_BUFFER read. (DATA never waits here
-#: whole: the session hands its payload over as it comes; what is kept is a cut
-#: header or a control frame, a few bytes to a few KiB.) Two per busy session
+#: a frame is then moved about once per MAX_BUFFER read. (DATA on an open stream,
+#: or on one reset here, does not wait here whole: the session hands its payload
+#: over, or drops it, as it comes. What waits is a cut header, a control frame, or
+#: DATA the state tables must see whole to refuse it.) Two per busy session
 #: (the current one and a spare).
 MAX_BUFFER = 1024 * 1024
 

@@ -255,6 +255,13 @@ class SessionProtocol:
                                 events.append(ev.DataReceived(stream_id, view[start:end]))
                         offset = end
                         continue
+                    if stream is None and 0 < stream_id <= self._last_stream_id and end > size:
+                        # in flight for a stream that ended here (reset): drop it as it comes, not
+                        # once whole (the state tables would drop it then; there is no event)
+                        self._data_left = end - size
+                        self._data_stream = stream_id
+                        offset = size
+                        continue
                 frame, end = self._decoder.parse_one(view, offset)
                 if frame is None:
                     break
