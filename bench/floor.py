@@ -238,8 +238,8 @@ def _run(coro: object) -> None:
 
     try:
         uvloop.run(coro)  # type: ignore[arg-type]
-    except KeyboardInterrupt:
-        pass
+    except KeyboardInterrupt:  # Ctrl-C on a half started by hand: stop without a traceback
+        return
 
 
 def _measure(args: argparse.Namespace) -> int:
