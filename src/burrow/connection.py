@@ -40,8 +40,9 @@ HEARTBEATS_PER_TIMEOUT = 4
 #: Queued chunks smaller than this in all are joined into one write (one TLS record).
 JOIN_BELOW = 16 * 1024
 
-#: DATA payloads smaller than this are copied before they are written, rather
-#: than handed over as views that could keep a whole read buffer alive.
+#: DATA payloads smaller than this are copied before a transport gets them (TLS,
+#: or a socket that is behind), rather than handed over as views that could keep
+#: a whole read buffer alive. An idle plain TCP socket gets any size at once.
 COPY_BELOW = 16 * 1024
 
 #: (an enum member is a slow attribute lookup on Python 3.11: ~0.2 µs, on every DATA)
