@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 from typing import cast
 
-from .errors import ProtocolError
+from .errors import RemoteProtocolError
 from .protocol import events as ev
 from .protocol.buffer import MAX_READ, ReceiveBuffer
 from .protocol.frames import ErrorCode
@@ -348,7 +348,7 @@ class SessionConnection(asyncio.BufferedProtocol):
         received.filled(nbytes)
         try:
             received.consume(self.proto.receive_view(received.unread()))
-        except ProtocolError as exc:
+        except RemoteProtocolError as exc:
             # the session is CLOSED: what came before the error in this read no longer
             # matters (connection_lost resets every stream); send GOAWAY and hang up
             logger.warning("session %s: protocol error from peer: %s", self.name, exc)

@@ -9,14 +9,20 @@
      ├── TunnelRefused             the relay would not open the tunnel
      ├── PortAlreadyForwarded      this process already forwards that port
      ├── TunnelClosed              the tunnel is closed; it has no address any more
-     ├── ProtocolError             the other side broke the protocol (remote fault)
-     │    └── LocalProtocolError   this side misused the protocol (local fault)
+     ├── ProtocolError             the burrow protocol was broken; ``code`` says how
+     │    ├── RemoteProtocolError  by the other side (its fault: the session is closed)
+     │    └── LocalProtocolError   by this side (a bug here)
      └── SessionClosed             the session to the relay ended
 
 The messages are one line and never contain a secret (tokens stay out of them).
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .protocol.messages import BindFailure
 
 
 class BurrowError(Exception):
@@ -36,7 +42,14 @@ class AuthenticationFailed(BurrowError):
 
 
 class TunnelRefused(BurrowError):
-    """The relay would not open the tunnel (limit reached, no free TCP port, ...)."""
+    """The relay would not open the tunnel (limit reached, no free TCP port, ...).
+
+    ``code`` is the relay's reason, a :class:`burrow.protocol.messages.BindFailure`.
+    """
+
+    def __init__(self, message: str, code: BindFailure) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class PortAlreadyForwarded(BurrowError):
@@ -52,7 +65,7 @@ class SessionClosed(BurrowError):
 
 
 class ProtocolError(BurrowError):
-    """The peer sent something the burrow protocol forbids.
+    """The burrow protocol was broken, by the peer or by this side (see the two subclasses).
 
     ``code`` is one of :class:`burrow.protocol.frames.ErrorCode`; it is what the
     session sends in its GOAWAY frame before closing.
@@ -61,6 +74,10 @@ class ProtocolError(BurrowError):
     def __init__(self, code: int, message: str) -> None:
         super().__init__(message)
         self.code = code
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer sent something the burrow protocol forbids (its fault)."""
 
 
 class LocalProtocolError(ProtocolError):
@@ -75,6 +92,7 @@ __all__ = [
     "PortAlreadyForwarded",
     "ProtocolError",
     "RelayUnavailable",
+    "RemoteProtocolError",
     "SessionClosed",
     "TunnelClosed",
     "TunnelRefused",

@@ -9,7 +9,7 @@ import pytest
 
 from burrow.agent import config
 from burrow.agent.config import AgentSettings, RelayAddress
-from burrow.agent.session import AgentSession, AgentTunnel
+from burrow.agent.relay_connection import AgentTunnel, RelayConnection
 from burrow.demo import client_context
 from burrow.errors import AuthenticationFailed
 from burrow.relay import Relay, RelayConfig
@@ -18,14 +18,14 @@ from burrow.relay.tls import AGENT_ALPN, EARLY_ALPN
 from ..helpers import RUNNERS, EchoServer
 
 
-async def _bind_and_echo(relay: Relay, session: AgentSession, port: int) -> None:
+async def _bind_and_echo(relay: Relay, session: RelayConnection, port: int) -> None:
     """Bind a tunnel on ``session`` and echo a byte through its TLS URL."""
     tunnel = AgentTunnel(port, unencrypted=False, h2=False)
-    info = tunnel.info = await session.bind(port, unencrypted=False, h2=False)
+    info = tunnel.address = await session.bind(port, unencrypted=False, h2=False)
     session.tunnels[tunnel.id] = tunnel
     assert relay.ca_path is not None
     reader, writer = await asyncio.open_connection(
-        "127.0.0.1", info["port"], ssl=client_context(relay.ca_path), server_hostname=info["host"]
+        "127.0.0.1", info.port, ssl=client_context(relay.ca_path), server_hostname=info.host
     )
     writer.write(b"ping")
     assert await reader.readexactly(4) == b"ping"
@@ -36,10 +36,10 @@ async def _tunnel_through(port: int, expect_alpn: str, relay_alpns: list[str] | 
     """Connect to a new relay (offering ``relay_alpns`` if given), check the handshake, then bind and echo."""
     relay = await Relay(RelayConfig(port=0)).start()
     if relay_alpns is not None:
-        assert relay.certs is not None
-        relay.certs.agent_context.set_alpn_protocols(relay_alpns)
+        assert relay.plane is not None and relay.plane.certs is not None
+        relay.plane.certs.agent_context.set_alpn_protocols(relay_alpns)
     try:
-        session = await AgentSession.connect(AgentSettings(RelayAddress("localhost", relay.port), token=""))
+        session = await RelayConnection.connect(AgentSettings(RelayAddress("localhost", relay.port), token=""))
         sslobj = session.transport.get_extra_info("ssl_object") if session.transport else None
         assert sslobj is not None and sslobj.selected_alpn_protocol() == expect_alpn
         early = expect_alpn == EARLY_ALPN
@@ -79,7 +79,7 @@ def test_a_refused_token_reaches_the_early_bind(echo: EchoServer, caplog: pytest
         relay = await Relay(RelayConfig(port=0, tokens=frozenset({"right"}))).start()
         try:
             settings = AgentSettings(RelayAddress("localhost", relay.port), token="wrong", token_source="a test")
-            session = await AgentSession.connect(settings)
+            session = await RelayConnection.connect(settings)
             assert session.proto.early_requests
             with pytest.raises(AuthenticationFailed, match="rejected the token from a test"):
                 await session.bind(echo.port, unencrypted=False, h2=False)

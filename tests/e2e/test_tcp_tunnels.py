@@ -155,7 +155,8 @@ def test_stalled_reader_does_not_stall_others_nor_grow_memory(
         async def buffered() -> tuple[int, int, int]:
             relay = runtime().embedded
             assert relay is not None
-            (public,) = relay.tunnels[stalled_tunnel.id].endpoints
+            assert relay.plane is not None
+            (public,) = relay.plane.tunnels[stalled_tunnel.id].endpoints
             (session,) = [s for s in runtime().sessions if stalled_tunnel.id in s.tunnels]
             agent_tunnel = session.tunnels[stalled_tunnel.id]
             (local,) = [e for e in session.endpoints.values() if e.stats is agent_tunnel.stats]

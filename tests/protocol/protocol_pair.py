@@ -103,7 +103,7 @@ class Pair:
         self.agent.hello(token, agent="pytest")
         [hello] = self.send(self.agent)
         assert isinstance(hello, ev.HelloReceived)
-        self.relay.welcome(session_id, {"domain": "example.test"})
+        self.relay.welcome(session_id)
         [welcomed] = self.send(self.relay)
         assert isinstance(welcomed, ev.Welcomed)
         return hello, welcomed

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from burrow.errors import ProtocolError
+from burrow.errors import ProtocolError, RemoteProtocolError
 from burrow.protocol.frames import (
     CONTROL,
     CONTROL_JSON,
@@ -165,7 +165,7 @@ def _expect_error(wire: bytes, code: ErrorCode, decoder: FrameDecoder | None = N
     with pytest.raises(ProtocolError) as info:
         decoder.feed(wire)
     assert info.value.code == code
-    assert type(info.value) is ProtocolError  # the peer's fault, not a LocalProtocolError
+    assert type(info.value) is RemoteProtocolError  # the peer's fault, not a LocalProtocolError
     return decoder
 
 

@@ -13,7 +13,7 @@ from hypothesis import event as hypothesis_event
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, initialize, invariant, multiple, rule
 
-from burrow.errors import LocalProtocolError, ProtocolError
+from burrow.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from burrow.protocol import events as ev
 from burrow.protocol.frames import (
     HEADER,
@@ -199,7 +199,7 @@ def _feed_hostile(proto: SessionProtocol, data: bytes, cuts: list[int]) -> None:
             proto.receive_data(chunk)
         except ProtocolError as exc:
             assert not failed, "a closed session raised again"
-            assert type(exc) is ProtocolError  # LocalProtocolError would blame us for the peer's bytes
+            assert type(exc) is RemoteProtocolError  # LocalProtocolError would blame us for the peer's bytes
             assert isinstance(exc.code, int) and 0 <= exc.code <= 65535
             assert proto.state is SessionState.CLOSED
             assert proto.close_code is not None

@@ -124,7 +124,7 @@ def test_relative_imports_are_resolved() -> None:
         "from .. import connection",
         "from .. import errors, tunnel",
         "from ..connection import Connection",
-        "from ..agent import session",
+        "from ..agent import relay_connection",
         "import burrow.relay.server",
         "import importlib\nimportlib.import_module('socket')",
         "__import__('ssl')",
@@ -170,4 +170,5 @@ def test_importing_the_protocol_loads_no_io_module() -> None:
         "burrow.protocol.events",
         "burrow.protocol.session",
         "burrow.protocol.buffer",
+        "burrow.protocol.messages",
     }

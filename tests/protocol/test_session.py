@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from burrow.errors import LocalProtocolError, ProtocolError
+from burrow.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
+from burrow.protocol.messages import MAX_TEXT_LENGTH, BindFailure, TunnelAddress
 from burrow.protocol import events as ev
 from burrow.protocol.frames import (
     MAX_WINDOW,
@@ -54,7 +55,7 @@ def expect_protocol_error(proto: SessionProtocol, data: bytes, code: ErrorCode) 
     with pytest.raises(ProtocolError) as info:
         proto.receive_data(data)
     exc = info.value
-    assert type(exc) is ProtocolError
+    assert type(exc) is RemoteProtocolError
     assert exc.code == code
     assert proto.state is SessionState.CLOSED
     assert proto.close_code == code
@@ -93,12 +94,11 @@ def test_handshake() -> None:
     assert p.relay.state is SessionState.HELLO_RECEIVED
     assert p.relay.peer_window == W
 
-    p.relay.welcome("sess-42", {"domain": "example.test", "tls_port": 443})
+    p.relay.welcome("sess-42")
     assert p.relay.state is SessionState.OPEN
     [welcomed] = p.send(p.relay)
     assert isinstance(welcomed, ev.Welcomed)
     assert (welcomed.version, welcomed.session_id, welcomed.window) == (PROTOCOL_VERSION, "sess-42", 2 * W)
-    assert welcomed.info["domain"] == "example.test" and welcomed.info["tls_port"] == 443
     assert p.agent.state is SessionState.OPEN
     assert p.agent.peer_window == 2 * W and p.agent.version == p.relay.version == PROTOCOL_VERSION
     assert p.exchange() == ([], [])
@@ -227,7 +227,7 @@ def test_api_role_and_state_checks() -> None:
     with pytest.raises(LocalProtocolError):
         p.relay.bind(1, 80)
     with pytest.raises(LocalProtocolError):
-        p.agent.bound(1, {"id": "t"})
+        p.agent.bound(1, TunnelAddress("t", "t.example.test", 443))
     with pytest.raises(LocalProtocolError):
         p.agent.open_stream("t", "p")
     # misuse changes nothing
@@ -239,29 +239,69 @@ def test_api_role_and_state_checks() -> None:
 
 
 def test_bind_bound(pair: Pair) -> None:
-    pair.agent.bind(7, 8080, unencrypted=True)
+    pair.agent.bind(7, 8080, unencrypted=True, ticket="abc.def")
     [request] = pair.send(pair.agent)
     assert isinstance(request, ev.BindRequested)
     assert (request.request_id, request.port, request.unencrypted, request.h2) == (7, 8080, True, False)
-    pair.relay.bound(7, {"id": "tun-1", "url": "https://abc.example.test", "tcp_port": None})
+    assert request.ticket == "abc.def"
+    address = TunnelAddress("tun1", "tun1.example.test", 443, "tick.et", "example.test", 20001)
+    pair.relay.bound(7, address)
     [bound] = pair.send(pair.relay)
-    assert isinstance(bound, ev.Bound)
-    assert bound.request_id == 7
-    assert bound.tunnel["id"] == "tun-1" and bound.tunnel["url"] == "https://abc.example.test"
+    assert bound == ev.Bound(7, address)
 
 
-def test_bound_request_id_wins_over_the_tunnel_dict(pair: Pair) -> None:
-    pair.relay.bound(3, {"id": "tun", "request": 99})
+GOOD_BOUND = {"request": 1, "id": "abc", "host": "abc.example.test", "port": 443, "ticket": "t.t"}
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"id": None},
+        {"id": 5},
+        {"id": "a.b"},
+        {"id": "x" * 64},
+        {"host": None},
+        {"host": "a b"},
+        {"host": "h" * 254},
+        {"port": "443"},
+        {"port": 0},
+        {"port": 70000},
+        {"port": True},
+        {"ticket": 5},
+        {"ticket": "t" * 3000},
+        {"unencrypted_port": 20000},
+        {"unencrypted_host": "example.test"},
+        {"unencrypted_host": "example.test", "unencrypted_port": -1},
+        {"request": "1"},
+    ],
+)
+def test_a_malformed_bound_is_a_protocol_error_not_a_key_error(pair: Pair, change: dict[str, object]) -> None:
+    message = {k: v for k, v in {**GOOD_BOUND, **change}.items() if v is not None}
+    pair.relay._out.append(encode_json(FrameType.BOUND, message))
+    with pytest.raises(RemoteProtocolError) as info:
+        pair.send(pair.relay)
+    assert info.value.code == ErrorCode.PROTOCOL_ERROR
+    assert pair.agent.state is SessionState.CLOSED
+
+
+def test_a_well_formed_bound_decodes_to_its_address(pair: Pair) -> None:
+    pair.relay._out.append(encode_json(FrameType.BOUND, {**GOOD_BOUND, "future_field": [1]}))
     [bound] = pair.send(pair.relay)
-    assert bound.request_id == 3
+    assert bound == ev.Bound(1, TunnelAddress("abc", "abc.example.test", 443, "t.t"))
 
 
 def test_bind_failed(pair: Pair) -> None:
     pair.agent.bind(8, 22, h2=True)
     [request] = pair.send(pair.agent)
     assert request.h2 is True and request.unencrypted is False
-    pair.relay.bind_failed(8, "limit", "too many tunnels")
-    assert pair.send(pair.relay) == [ev.BindFailed(8, "limit", "too many tunnels")]
+    pair.relay.bind_failed(8, BindFailure.LIMIT, "too many tunnels")
+    assert pair.send(pair.relay) == [ev.BindFailed(8, BindFailure.LIMIT, "too many tunnels")]
+
+
+def test_a_bind_failure_code_from_a_newer_relay_is_other(pair: Pair) -> None:
+    pair.relay._out.append(encode_json(FrameType.BIND_FAILED, {"request": 2, "code": "quota-x", "message": "m" * 999}))
+    [failed] = pair.send(pair.relay)
+    assert failed == ev.BindFailed(2, BindFailure.OTHER, "m" * MAX_TEXT_LENGTH)
 
 
 def test_unbind_unbound(pair: Pair) -> None:
@@ -697,9 +737,10 @@ def test_an_early_bind_rides_behind_hello_and_is_answered_after_welcome() -> Non
     assert isinstance(hello, ev.HelloReceived) and isinstance(bind, ev.BindRequested)
     assert (bind.request_id, bind.port, bind.h2) == (1, 8000, True)
     p.relay.welcome("s")
-    p.relay.bound(1, {"id": "abc"})
+    address = TunnelAddress("abc", "abc.example.test", 443)
+    p.relay.bound(1, address)
     welcomed, bound = p.send(p.relay)
-    assert isinstance(welcomed, ev.Welcomed) and bound == ev.Bound(1, {"id": "abc", "request": 1})
+    assert isinstance(welcomed, ev.Welcomed) and bound == ev.Bound(1, address)
     assert p.agent.state is SessionState.OPEN
 
 

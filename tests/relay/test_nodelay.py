@@ -15,7 +15,7 @@ import socket
 import pytest
 
 from burrow.agent.config import AgentSettings, RelayAddress
-from burrow.agent.session import AgentSession, AgentTunnel
+from burrow.agent.relay_connection import AgentTunnel, RelayConnection
 from burrow.demo import client_context
 from burrow.relay import Relay, RelayConfig
 
@@ -37,20 +37,21 @@ async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
 def test_every_socket_of_a_tunnel_has_nagle_off(loop: str, echo: EchoServer) -> None:
     async def main() -> None:
         relay = await Relay(RelayConfig(port=0)).start()
-        session = await AgentSession.connect(AgentSettings(RelayAddress("localhost", relay.port), token=""))
+        session = await RelayConnection.connect(AgentSettings(RelayAddress("localhost", relay.port), token=""))
         try:
             tunnel = AgentTunnel(echo.port, unencrypted=True, h2=False)
-            info = tunnel.info = await session.bind(echo.port, unencrypted=True, h2=False)
+            info = tunnel.address = await session.bind(echo.port, unencrypted=True, h2=False)
             session.tunnels[tunnel.id] = tunnel
             assert relay.ca_path is not None
             tls = await asyncio.open_connection(
-                "127.0.0.1", info["port"], ssl=client_context(relay.ca_path), server_hostname=info["host"]
+                "127.0.0.1", info.port, ssl=client_context(relay.ca_path), server_hostname=info.host
             )
-            raw = await asyncio.open_connection("127.0.0.1", info["unencrypted_port"])
+            raw = await asyncio.open_connection("127.0.0.1", info.unencrypted_port)
             for reader, writer in (tls, raw):
                 await _echo(reader, writer)
-            (relay_session,) = relay.sessions
-            public = [e.transport for t in relay_session.tunnels.values() for e in t.endpoints]
+            assert relay.plane is not None
+            (relay_session,) = relay.plane.sessions.values()
+            public = [e.transport for t in relay.plane.tunnels.values() for e in t.endpoints]
             local = [e.transport for e in session.endpoints.values()]
             assert len(public) == 2 and len(local) == 2
             sockets = {"relay: agent link": relay_session.transport, "agent: link": session.transport}

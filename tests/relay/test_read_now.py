@@ -42,7 +42,8 @@ def _record_flushes(relay: Relay) -> list[list[Frame]]:
     flushes: list[list[Frame]] = []
 
     async def spy() -> None:
-        (session,) = relay.sessions
+        assert relay.plane is not None
+        (session,) = relay.plane.sessions.values()
         take = session.proto.data_to_send
 
         def recorded() -> list[bytes | memoryview]:
@@ -101,7 +102,8 @@ def test_first_bytes_leave_with_open_in_one_write(relay: Relay, echo: EchoServer
 def test_a_client_that_reset_before_the_accept_resets_the_stream(relay: Relay, echo: EchoServer, sent: bytes) -> None:
     with burrow.forward(echo.port, unencrypted=True, relay=f"localhost:{relay.port}") as tunnel:
         flushes = _record_flushes(relay)
-        stats = relay.tunnels[tunnel.id].stats
+        assert relay.plane is not None
+        stats = relay.plane.stats(tunnel.id)
 
         def connect_send_and_reset() -> None:
             with socket.create_connection(("127.0.0.1", tunnel.unencrypted_port or 0), timeout=10) as client:

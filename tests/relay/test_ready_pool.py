@@ -19,7 +19,7 @@ import pytest
 
 import burrow
 from burrow.relay import Relay, RelayConfig
-from burrow.relay import server as relay_server
+from burrow.relay import ready as relay_ready
 
 from ..helpers import EchoServer, ServiceThread, on_runtime, tls_connect
 
@@ -42,24 +42,26 @@ def _echo_through(tunnel: burrow.Tunnel, ca: Path) -> bytes:
 def test_refill_waits_for_a_pause_in_binds_and_starts_at_once_when_low(
     service_loop: ServiceThread, ca_file: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(relay_server, "REFILL_DELAY", DELAY)
+    monkeypatch.setattr(relay_ready, "REFILL_DELAY", DELAY)
     relay = on_runtime(Relay(RelayConfig(port=0)).start())
-    full = relay_server.READY_CONTEXTS
+    full = relay_ready.READY_IDS
+    assert relay.control is not None and relay.plane is not None and relay.plane.certs is not None
+    pool = relay.control.ready
+    certs = relay.plane.certs
     made: list[float] = []  # when each context was started (monotonic)
     lock = threading.Lock()
     forwards: list[burrow.Forward] = []
     services: list[EchoServer] = []
     try:
-        _wait_for(lambda: len(relay._ready) == full)
-        assert relay.certs is not None
-        make = relay.certs.make_context
+        _wait_for(lambda: len(pool.ready) == full)
+        make = certs.make_context
 
         def counted(host: str, h2: bool) -> object:
             with lock:
                 made.append(time.monotonic())
             return make(host, h2)
 
-        monkeypatch.setattr(relay.certs, "make_context", counted)
+        monkeypatch.setattr(certs, "make_context", counted)
 
         def open_one() -> burrow.Tunnel:
             services.append(service_loop.echo_server())  # a port is forwarded once per process
@@ -70,20 +72,20 @@ def test_refill_waits_for_a_pause_in_binds_and_starts_at_once_when_low(
         # one bind: the pool keeps spares, so no certificate is made while the
         # new tunnel takes its first request, nor until binds have paused
         tunnel = open_one()
-        bound = relay._last_bind
+        bound = pool.last_take
         assert _echo_through(tunnel, ca_file) == b"first request"
         time.sleep(DELAY / 2)
-        assert made == [] and len(relay._ready) == full - 1
-        _wait_for(lambda: len(relay._ready) == full)
-        assert len(made) == 1 and made[0] >= bound + DELAY - relay_server.TIMER_SLACK
+        assert made == [] and len(pool.ready) == full - 1
+        _wait_for(lambda: len(pool.ready) == full)
+        assert len(made) == 1 and made[0] >= bound + DELAY - relay_ready.TIMER_SLACK
 
         # a burst that leaves fewer ready refills at once, not after the pause
         made.clear()
         tunnels = [open_one() for _ in range(full)]
-        assert made and made[0] < relay._last_bind + DELAY / 2
+        assert made and made[0] < pool.last_take + DELAY / 2
         for tunnel in tunnels:  # every one of them, pool or no pool, serves its URL
             assert _echo_through(tunnel, ca_file) == b"first request"
-        _wait_for(lambda: len(relay._ready) == full)
+        _wait_for(lambda: len(pool.ready) == full)
     finally:
         for forward in forwards:
             forward.close()

@@ -9,7 +9,7 @@ import pytest
 
 import burrow
 from burrow.agent.config import AgentSettings, RelayAddress
-from burrow.agent.session import AgentSession
+from burrow.agent.relay_connection import RelayConnection
 from burrow.relay import Relay, RelayConfig
 from burrow.relay.tickets import (
     TICKET_LIFETIME,
@@ -57,7 +57,7 @@ def test_only_the_same_token_can_reclaim_a_tunnel(echo: EchoServer) -> None:
 
         async def bind_with(token: str, ticket: str) -> dict[str, object]:
             settings = AgentSettings(RelayAddress("localhost", relay.port), token=token)
-            session = await AgentSession.connect(settings)
+            session = await RelayConnection.connect(settings)
             try:
                 return await session.bind(echo.port, False, False, ticket)
             finally:
@@ -65,13 +65,13 @@ def test_only_the_same_token_can_reclaim_a_tunnel(echo: EchoServer) -> None:
 
         forward = burrow.forward(echo.port, relay=address, token="token-a")
         tunnel = forward.open()
-        ticket = forward._state.ticket
+        ticket = forward._tunnel.ticket
         assert ticket is not None
         with pytest.raises(burrow.TunnelRefused, match="another token"):
             on_runtime(bind_with("token-b", ticket))
         # the rightful owner reclaims it at once from its (here: still live) session
         info = on_runtime(bind_with("token-a", ticket))
-        assert info["id"] == tunnel.id and info["host"] == tunnel.host
+        assert info.id == tunnel.id and info.host == tunnel.host
         forward.close()
     finally:
 

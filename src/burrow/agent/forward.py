@@ -8,15 +8,15 @@ import os
 import threading
 from collections.abc import Callable
 from types import TracebackType
-from typing import Any
 
 from ..connection import TrafficStats
 from ..errors import BurrowError, ConfigurationError, TunnelClosed
+from ..protocol.messages import TunnelAddress
 from ..tunnel import Tunnel, TunnelState
 from .config import AgentSettings
 from .link import RelayLink
+from .relay_connection import CONNECT_TIMEOUT, REQUEST_TIMEOUT, AgentTunnel
 from .runtime import runtime
-from .session import CONNECT_TIMEOUT, REQUEST_TIMEOUT, AgentTunnel
 
 #: A synchronous caller never waits longer than connecting plus one request.
 SYNC_TIMEOUT = CONNECT_TIMEOUT + 2 * REQUEST_TIMEOUT
@@ -57,13 +57,14 @@ class Forward:
         self.unencrypted = bool(unencrypted)
         self.h2 = bool(h2)
         self.settings = AgentSettings.resolve(relay, token, ca)
-        self._state = AgentTunnel(self.port, self.unencrypted, self.h2, on_state=on_state)
+        self._tunnel = AgentTunnel(self.port, self.unencrypted, self.h2, on_state=on_state)
         self._link: RelayLink | None = None
         self._opened = False
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
-        where = _tunnel_from(self._state.info).url if self._state.info else "not open"
+        address = self._tunnel.address
+        where = _tunnel_from(address).url if address is not None else "not open"
         return f"<burrow.Forward port={self.port} {self.state.value} {where}>"
 
     @property
@@ -73,24 +74,25 @@ class Forward:
         The value stays the same across reconnects (same id and URL); only a
         raw TCP port that the relay could not take back may change.
         """
-        if not self._state.info or self._state.closed:
+        address = self._tunnel.address
+        if address is None or self._tunnel.closed:
             raise TunnelClosed(f"the tunnel to port {self.port} is not open; use it inside its with-block")
-        return _tunnel_from(self._state.info)
+        return _tunnel_from(address)
 
     @property
     def state(self) -> TunnelState:
         """OPENING, OPEN, RECONNECTING (the link dropped; the URL comes back) or CLOSED."""
-        return self._state.state
+        return self._tunnel.state
 
     @property
     def is_open(self) -> bool:
         """True from a successful open until close, reconnections included."""
-        return self._state.state in (TunnelState.OPEN, TunnelState.RECONNECTING)
+        return self._tunnel.state in (TunnelState.OPEN, TunnelState.RECONNECTING)
 
     @property
     def stats(self) -> TrafficStats:
         """Open connections and bytes each way, live, across reconnects."""
-        return self._state.stats
+        return self._tunnel.stats
 
     # -------------------------------------------------------------------- async
 
@@ -152,28 +154,23 @@ class Forward:
 
     async def _open(self) -> Tunnel:
         try:
-            self._link = await runtime().open(self, self._state, self.settings)
+            self._link = await runtime().open(self, self._tunnel, self.settings)
         except BaseException:
-            self._state.set_state(TunnelState.CLOSED)
+            self._tunnel.set_state(TunnelState.CLOSED)
             raise
-        return _tunnel_from(self._state.info)
+        assert self._tunnel.address is not None
+        return _tunnel_from(self._tunnel.address)
 
     def _submit_close(self) -> concurrent.futures.Future[None] | None:
         with self._lock:
             link, self._link = self._link, None
         if link is None:
             return None
-        return runtime().submit(runtime().close(link, self._state))
+        return runtime().submit(runtime().close(link, self._tunnel))
 
 
-def _tunnel_from(info: dict[str, Any]) -> Tunnel:
-    return Tunnel(
-        id=info["id"],
-        host=info["host"],
-        port=int(info["port"]),
-        unencrypted_host=info.get("unencrypted_host"),
-        unencrypted_port=info.get("unencrypted_port"),
-    )
+def _tunnel_from(address: TunnelAddress) -> Tunnel:
+    return Tunnel(address.id, address.host, address.port, address.unencrypted_host, address.unencrypted_port)
 
 
 def forward(

@@ -1,6 +1,6 @@
 """The agent's link to one relay: a session that comes back, and tunnels that keep their URL.
 
-A :class:`RelayLink` owns the current :class:`AgentSession` to a relay and
+A :class:`RelayLink` owns the current :class:`RelayConnection` to a relay and
 every tunnel opened through it. When the session drops (relay restart,
 network blip, laptop sleep, a dead link found by heartbeats) or the relay
 says GOAWAY, the link reconnects on its own with jittered exponential
@@ -14,12 +14,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from typing import Any
 
 from ..errors import AuthenticationFailed, BurrowError, TunnelRefused
+from ..protocol.messages import BindFailure, TunnelAddress
 from ..tunnel import TunnelState
 from .config import AgentSettings
-from .session import AgentSession, AgentTunnel
+from .relay_connection import AgentTunnel, RelayConnection
 
 logger = logging.getLogger("burrow")
 
@@ -41,22 +41,22 @@ class RelayLink:
 
     def __init__(self, settings: AgentSettings) -> None:
         self.settings = settings
-        self.session: AgentSession | None = None
+        self.session: RelayConnection | None = None
         self.tunnels: list[AgentTunnel] = []
-        self._connecting: asyncio.Future[AgentSession] | None = None
+        self._connecting: asyncio.Future[RelayConnection] | None = None
         self._reconnecting: asyncio.Task[None] | None = None
         self._stopped = False
 
     # ------------------------------------------------------------------ sessions
 
-    async def current_session(self) -> AgentSession:
+    async def current_session(self) -> RelayConnection:
         """The open session, connecting once for all concurrent callers."""
         if self.session is not None and self.session.usable:
             return self.session
         if self._connecting is None:
             self._connecting = asyncio.get_running_loop().create_future()
             try:
-                session = await AgentSession.connect(self.settings, self)
+                session = await RelayConnection.connect(self.settings, self)
             except BaseException as exc:
                 self._connecting.set_exception(exc)
                 self._connecting.exception()
@@ -74,7 +74,7 @@ class RelayLink:
     async def open(self, tunnel: AgentTunnel) -> None:
         """Open ``tunnel`` at the relay; it is then kept open across reconnects until :meth:`close`."""
         session = await self.current_session()
-        tunnel.info = await session.bind(tunnel.local_port, tunnel.unencrypted, tunnel.h2)
+        tunnel.address = await session.bind(tunnel.local_port, tunnel.unencrypted, tunnel.h2)
         session.tunnels[tunnel.id] = tunnel
         self.tunnels.append(tunnel)
         tunnel.set_state(TunnelState.OPEN)
@@ -99,19 +99,19 @@ class RelayLink:
 
     # --------------------------------------------------- SessionOwner callbacks
 
-    def session_lost(self, session: AgentSession) -> None:
+    def session_lost(self, session: RelayConnection) -> None:
         if session is self.session:
             self.session = None
             self._start_reconnecting(session.close_reason or "link lost")
 
-    def session_draining(self, session: AgentSession) -> None:
+    def session_draining(self, session: RelayConnection) -> None:
         # the relay is going away: its open streams finish on the old session,
         # while tunnels move to a new one (the same relay once it is back)
         if session is self.session:
             self.session = None
             self._start_reconnecting(session.close_reason or "relay going away")
 
-    def tunnel_unbound(self, session: AgentSession, tunnel_id: str, reason: str) -> None:
+    def tunnel_unbound(self, session: RelayConnection, tunnel_id: str, reason: str) -> None:
         for tunnel in list(self.tunnels):
             if tunnel.id == tunnel_id:
                 logger.warning("burrow: the relay closed tunnel %s (%s)", tunnel_id, reason)
@@ -164,25 +164,27 @@ class RelayLink:
         if not self._stopped and any(t.state is TunnelState.OPEN for t in self.tunnels):
             logger.warning("burrow: reconnected to relay %s after %d attempt(s)", self.settings.relay, attempt)
 
-    async def _resume(self, session: AgentSession, tunnel: AgentTunnel) -> None:
-        old_id, old_url = tunnel.id, _url(tunnel.info)
+    async def _resume(self, session: RelayConnection, tunnel: AgentTunnel) -> None:
+        old_id, old_url = tunnel.id, _url(tunnel.address)
         try:
-            info = await session.bind(tunnel.local_port, tunnel.unencrypted, tunnel.h2, tunnel.ticket)
+            address = await session.bind(tunnel.local_port, tunnel.unencrypted, tunnel.h2, tunnel.ticket)
         except TunnelRefused as exc:
-            if getattr(exc, "code", "") != "bad-ticket":
+            if exc.code is not BindFailure.BAD_TICKET:
                 raise
             # the relay cannot honour the ticket (its key changed): a new URL beats none
             logger.warning("burrow: tunnel %s cannot keep its URL (%s); opening a new one", old_id, exc)
-            info = await session.bind(tunnel.local_port, tunnel.unencrypted, tunnel.h2)
+            address = await session.bind(tunnel.local_port, tunnel.unencrypted, tunnel.h2)
         if tunnel not in self.tunnels:  # closed by its owner meanwhile
-            await session.unbind(str(info["id"]))
+            await session.unbind(address.id)
             return
-        tunnel.info = info
+        tunnel.address = address
         session.tunnels[tunnel.id] = tunnel
-        if _url(info) != old_url:
-            logger.warning("burrow: tunnel %s is now %s", old_id, _url(info))
+        if _url(address) != old_url:
+            logger.warning("burrow: tunnel %s is now %s", old_id, _url(address))
         tunnel.set_state(TunnelState.OPEN)
 
 
-def _url(info: dict[str, Any]) -> str:
-    return f"{info.get('host')}:{info.get('port')}/{info.get('unencrypted_port')}"
+def _url(address: TunnelAddress | None) -> str:
+    if address is None:
+        return ""
+    return f"{address.host}:{address.port}/{address.unencrypted_port}"

@@ -23,7 +23,7 @@ from ..errors import PortAlreadyForwarded
 from ..relay.config import RelayConfig
 from .config import AgentSettings, RelayAddress
 from .link import RelayLink
-from .session import AgentSession, AgentTunnel
+from .relay_connection import AgentTunnel, RelayConnection
 
 logger = logging.getLogger("burrow")
 
@@ -117,7 +117,7 @@ class Runtime:
         return link
 
     @property
-    def sessions(self) -> list[AgentSession]:
+    def sessions(self) -> list[RelayConnection]:
         """The open sessions (for introspection and tests)."""
         return [link.session for link in self.links.values() if link.session is not None]
 
@@ -127,7 +127,7 @@ class Runtime:
             from ..relay.server import Relay  # ~20 ms to import: only for the embedded relay
 
             try:
-                relay = await Relay(RelayConfig(port=0)).start()
+                relay = await Relay(RelayConfig(port=0, raise_fd_limit=False)).start()
             except BaseException as exc:
                 self._embedded_starting.set_exception(exc)
                 self._embedded_starting.exception()

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .messages import BindFailure, TunnelAddress
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,7 +26,6 @@ class Welcomed:
     version: int
     session_id: str
     window: int
-    info: dict[str, Any]
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,7 +36,7 @@ class BindRequested:
     port: int
     unencrypted: bool
     h2: bool
-    options: dict[str, Any]
+    ticket: str | None = field(default=None, repr=False)  # resume this tunnel (burrow.relay.tickets)
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,7 +44,7 @@ class Bound:
     """Agent side: the tunnel asked for with ``request_id`` is open."""
 
     request_id: int
-    tunnel: dict[str, Any]
+    tunnel: TunnelAddress
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +52,7 @@ class BindFailed:
     """Agent side: the relay would not open the tunnel."""
 
     request_id: int
-    code: str
+    code: BindFailure
     message: str
 
 

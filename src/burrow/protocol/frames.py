@@ -23,7 +23,7 @@ import struct
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from ..errors import ProtocolError
+from ..errors import RemoteProtocolError
 from .buffer import ReceiveBuffer
 
 HEADER = struct.Struct("!BBII")
@@ -154,13 +154,13 @@ def encode_json(frame_type: FrameType, message: dict[str, Any], stream_id: int =
 
 
 def decode_json(frame: Frame) -> dict[str, Any]:
-    """Parse a JSON control payload, raising :class:`ProtocolError` if it is not an object."""
+    """Parse a JSON control payload, raising :class:`RemoteProtocolError` if it is not an object."""
     try:
         message = json.loads(bytes(frame.payload))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # RecursionError: deeply nested JSON
-        raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"{frame.type.name} payload is not JSON") from exc
+        raise RemoteProtocolError(ErrorCode.PROTOCOL_ERROR, f"{frame.type.name} payload is not JSON") from exc
     if not isinstance(message, dict):
-        raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"{frame.type.name} payload is not a JSON object")
+        raise RemoteProtocolError(ErrorCode.PROTOCOL_ERROR, f"{frame.type.name} payload is not a JSON object")
     return message
 
 
@@ -172,7 +172,7 @@ def encode_code(frame_type: FrameType, stream_id: int, code: int, reason: str = 
 def decode_code(frame: Frame) -> tuple[int, str]:
     """Parse the (code, reason) payload of a GOAWAY or RST frame."""
     if len(frame.payload) < RST_PAYLOAD.size:
-        raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"{frame.type.name} payload is too short")
+        raise RemoteProtocolError(ErrorCode.PROTOCOL_ERROR, f"{frame.type.name} payload is too short")
     (code,) = RST_PAYLOAD.unpack_from(frame.payload)
     reason = bytes(frame.payload[RST_PAYLOAD.size :]).decode("utf-8", "replace")
     return code, reason
@@ -194,7 +194,7 @@ class FrameDecoder:
         view can see. Other payloads are bytes. (The session link reads
         straight into a buffer and calls :meth:`parse` instead.)
 
-        Raises :class:`ProtocolError` on an unknown type, non-zero flags, a
+        Raises :class:`RemoteProtocolError` on an unknown type, non-zero flags, a
         control frame on a stream, a stream frame on stream 0, or an
         oversized length. Frames before the bad one are returned by the
         next call to :meth:`pending` (the caller stops reading anyway).
@@ -212,7 +212,7 @@ class FrameDecoder:
         DATA payloads are slices of ``view``: the caller must not change those
         bytes while the frames are in use. What follows the last whole frame
         is left to the caller, to present again with the rest of it. On a
-        :class:`ProtocolError`, ``frames`` holds the frames before the bad one.
+        :class:`RemoteProtocolError`, ``frames`` holds the frames before the bad one.
         """
         self._frames = frames
         offset = 0
@@ -237,15 +237,15 @@ class FrameDecoder:
     def _header(self, data: bytes | bytearray | memoryview, offset: int) -> tuple[FrameType, int, int]:
         frame_type, flags, stream_id, length = HEADER.unpack_from(data, offset)
         if frame_type not in _KNOWN:
-            raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"unknown frame type {frame_type}")
+            raise RemoteProtocolError(ErrorCode.PROTOCOL_ERROR, f"unknown frame type {frame_type}")
         kind = _TYPES[frame_type]
         if flags:
-            raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"{kind.name} frame with flags {flags:#x}")
+            raise RemoteProtocolError(ErrorCode.PROTOCOL_ERROR, f"{kind.name} frame with flags {flags:#x}")
         if (kind in CONTROL) != (stream_id == 0):
-            raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"{kind.name} frame on the wrong stream ({stream_id})")
+            raise RemoteProtocolError(ErrorCode.PROTOCOL_ERROR, f"{kind.name} frame on the wrong stream ({stream_id})")
         limit = MAX_CONTROL_PAYLOAD if kind in CONTROL else self.max_payload
         if length > limit:
-            raise ProtocolError(ErrorCode.FRAME_TOO_LARGE, f"{kind.name} frame of {length} bytes exceeds {limit}")
+            raise RemoteProtocolError(ErrorCode.FRAME_TOO_LARGE, f"{kind.name} frame of {length} bytes exceeds {limit}")
         return kind, stream_id, length
 
     def pending(self) -> list[Frame]:

@@ -19,7 +19,7 @@ import enum
 from collections import deque
 from typing import Any
 
-from ..errors import LocalProtocolError, ProtocolError
+from ..errors import LocalProtocolError, RemoteProtocolError
 from . import events as ev
 from .buffer import ReceiveBuffer
 from .frames import (
@@ -42,6 +42,16 @@ from .frames import (
     encode_code,
     encode_json,
     fast_hash,
+)
+from .messages import (
+    MAX_ID_LENGTH,
+    MAX_TEXT_LENGTH,
+    MAX_TICKET_LENGTH,
+    BindFailure,
+    TunnelAddress,
+    field_of,
+    optional_of,
+    text_of,
 )
 
 PROTOCOL_VERSION = 1
@@ -147,14 +157,6 @@ class _Stream:
         self.fin_pending = False  # FIN asked for while data was still pending
 
 
-def _field(message: dict[str, Any], name: str, kind: type, frame: FrameType) -> Any:
-    value = message.get(name)
-    # bool is an int in Python; never accept one for the other
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"{frame.name} field {name!r} is missing or not {kind.__name__}")
-    return value
-
-
 class SessionProtocol:
     """Sans-I/O state of one agent–relay session (see the module docstring)."""
 
@@ -189,7 +191,7 @@ class SessionProtocol:
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Feed bytes read from the connection.
 
-        Raises :class:`ProtocolError` if the peer broke the protocol; the
+        Raises :class:`RemoteProtocolError` if the peer broke the protocol; the
         session is then CLOSED and a GOAWAY with the error's code is queued.
         Events decoded before the error stay available.
 
@@ -270,7 +272,7 @@ class SessionProtocol:
                 if self.state is _CLOSED:
                     return size
                 fast = self.state in _DATA_STATES
-        except ProtocolError as exc:
+        except RemoteProtocolError as exc:
             self._fail(exc)
             raise
         return offset
@@ -299,11 +301,10 @@ class SessionProtocol:
         }
         self._out.append(encode_json(FrameType.HELLO, hello))
 
-    def welcome(self, session_id: str, info: dict[str, Any] | None = None) -> None:
+    def welcome(self, session_id: str) -> None:
         """Relay: accept the agent that sent HELLO."""
         self._require(Role.RELAY, SessionState.HELLO_RECEIVED)
         message = {
-            **(info or {}),
             "version": self.version,
             "session": session_id,
             "window": self.window,
@@ -334,15 +335,16 @@ class SessionProtocol:
             message["ticket"] = ticket
         self._out.append(encode_json(FrameType.BIND, message))
 
-    def bound(self, request_id: int, tunnel: dict[str, Any]) -> None:
-        """Relay: the tunnel is open; ``tunnel`` holds its id and addresses."""
+    def bound(self, request_id: int, tunnel: TunnelAddress) -> None:
+        """Relay: the tunnel is open at ``tunnel``."""
         self._require(Role.RELAY, SessionState.OPEN, SessionState.CLOSING)
-        self._out.append(encode_json(FrameType.BOUND, {**tunnel, "request": request_id}))
+        self._out.append(encode_json(FrameType.BOUND, {**tunnel.to_message(), "request": request_id}))
 
-    def bind_failed(self, request_id: int, code: str, message: str) -> None:
+    def bind_failed(self, request_id: int, code: BindFailure, message: str) -> None:
         """Relay: the tunnel could not be opened."""
         self._require(Role.RELAY, SessionState.OPEN, SessionState.CLOSING)
-        self._out.append(encode_json(FrameType.BIND_FAILED, {"request": request_id, "code": code, "message": message}))
+        payload = {"request": request_id, "code": code.value, "message": message}
+        self._out.append(encode_json(FrameType.BIND_FAILED, payload))
 
     def unbind(self, tunnel_id: str) -> None:
         """Agent: close a tunnel; answered by Unbound."""
@@ -533,7 +535,7 @@ class SessionProtocol:
         if stream.state is StreamState.CLOSED:
             del self._streams[stream_id]
 
-    def _fail(self, exc: ProtocolError) -> None:
+    def _fail(self, exc: RemoteProtocolError) -> None:
         if self.state is not SessionState.CLOSED:
             self._out.append(encode_code(FrameType.GOAWAY, 0, exc.code, str(exc)))
             self._close(exc.code)
@@ -547,7 +549,9 @@ class SessionProtocol:
     def _dispatch(self, frame: Frame) -> None:
         kind = frame.type
         if kind not in _SESSION_ACCEPTS[(self.role, self.state)]:
-            raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"{self.role.value} got {kind.name} while {self.state.value}")
+            raise RemoteProtocolError(
+                ErrorCode.PROTOCOL_ERROR, f"{self.role.value} got {kind.name} while {self.state.value}"
+            )
         if kind is FrameType.DATA:
             self._on_data(frame)
         else:
@@ -558,33 +562,35 @@ class SessionProtocol:
         if stream is None:
             return  # a stream we already reset; its in-flight data is dropped
         if stream.state not in _CAN_RECEIVE:
-            raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"DATA on stream {frame.stream_id} after FIN")
+            raise RemoteProtocolError(ErrorCode.PROTOCOL_ERROR, f"DATA on stream {frame.stream_id} after FIN")
         stream.recv_credit -= len(frame.payload)
         if stream.recv_credit < 0:
-            raise ProtocolError(ErrorCode.FLOW_CONTROL, f"stream {frame.stream_id} overran its window")
+            raise RemoteProtocolError(ErrorCode.FLOW_CONTROL, f"stream {frame.stream_id} overran its window")
         self._events.append(ev.DataReceived(frame.stream_id, frame.payload))
 
     def _on_window(self, frame: Frame) -> None:
         if len(frame.payload) != WINDOW_PAYLOAD.size:
-            raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "WINDOW payload is not 4 bytes")
+            raise RemoteProtocolError(ErrorCode.PROTOCOL_ERROR, "WINDOW payload is not 4 bytes")
         stream = self._known_stream(frame)
         if stream is None:
             return
         (increment,) = WINDOW_PAYLOAD.unpack(frame.payload)
         if increment == 0 or stream.send_credit + increment > MAX_WINDOW:
-            raise ProtocolError(ErrorCode.FLOW_CONTROL, f"bad WINDOW increment {increment} on stream {frame.stream_id}")
+            raise RemoteProtocolError(
+                ErrorCode.FLOW_CONTROL, f"bad WINDOW increment {increment} on stream {frame.stream_id}"
+            )
         stream.send_credit += increment
         if stream.pending:
             self._flush_pending(frame.stream_id, stream)
 
     def _on_fin(self, frame: Frame) -> None:
         if frame.payload:
-            raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "FIN with a payload")
+            raise RemoteProtocolError(ErrorCode.PROTOCOL_ERROR, "FIN with a payload")
         stream = self._known_stream(frame)
         if stream is None:
             return
         if stream.state not in _CAN_RECEIVE:
-            raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"second FIN on stream {frame.stream_id}")
+            raise RemoteProtocolError(ErrorCode.PROTOCOL_ERROR, f"second FIN on stream {frame.stream_id}")
         self._advance(frame.stream_id, stream, _Fin.RECEIVE)
         self._events.append(ev.StreamEnded(frame.stream_id))
 
@@ -597,10 +603,10 @@ class SessionProtocol:
 
     def _on_open(self, frame: Frame) -> None:
         message = decode_json(frame)
-        tunnel_id = _field(message, "tunnel", str, frame.type)
-        peer = _field(message, "peer", str, frame.type)
+        tunnel_id = field_of(message, "tunnel", str, frame.type)
+        peer = field_of(message, "peer", str, frame.type)
         if frame.stream_id <= self._last_stream_id:
-            raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"OPEN reuses stream id {frame.stream_id}")
+            raise RemoteProtocolError(ErrorCode.PROTOCOL_ERROR, f"OPEN reuses stream id {frame.stream_id}")
         self._last_stream_id = frame.stream_id
         if self.state is SessionState.CLOSING:
             self._out.append(encode_code(FrameType.RST, frame.stream_id, ErrorCode.REFUSED, "session closing"))
@@ -612,19 +618,21 @@ class SessionProtocol:
         """The stream a frame is for; None if it existed once; error if it never did."""
         stream = self._streams.get(frame.stream_id)
         if stream is None and frame.stream_id > self._last_stream_id:
-            raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"{frame.type.name} on unopened stream {frame.stream_id}")
+            raise RemoteProtocolError(
+                ErrorCode.PROTOCOL_ERROR, f"{frame.type.name} on unopened stream {frame.stream_id}"
+            )
         return stream
 
     def _on_hello(self, frame: Frame) -> None:
         message = decode_json(frame)
-        versions = _field(message, "versions", list, frame.type)
-        token = _field(message, "token", str, frame.type)
+        versions = field_of(message, "versions", list, frame.type)
+        token = field_of(message, "token", str, frame.type)
         window = self._peer_window_from(message, frame.type)
         agent = message.get("agent")
         common = [v for v in SUPPORTED_VERSIONS if v in versions]
         if not common:
             offered = [v for v in versions if isinstance(v, int)][:8]
-            raise ProtocolError(
+            raise RemoteProtocolError(
                 ErrorCode.UNSUPPORTED_VERSION,
                 f"agent speaks protocol versions {offered}, this relay {list(SUPPORTED_VERSIONS)}; upgrade burrow",
             )
@@ -632,82 +640,87 @@ class SessionProtocol:
         self.peer_window = window
         self.send_payload = min(self.max_payload, self._peer_max_frame(message, frame.type))
         self.state = SessionState.HELLO_RECEIVED
-        self._events.append(ev.HelloReceived(self.version, token, window, str(agent)[:200]))
+        self._events.append(ev.HelloReceived(self.version, token, window, str(agent)[:MAX_TEXT_LENGTH]))
 
     def _on_welcome(self, frame: Frame) -> None:
         message = decode_json(frame)
-        version = _field(message, "version", int, frame.type)
+        version = field_of(message, "version", int, frame.type)
         if version not in SUPPORTED_VERSIONS:
-            raise ProtocolError(ErrorCode.UNSUPPORTED_VERSION, f"relay chose unsupported protocol version {version}")
-        session_id = _field(message, "session", str, frame.type)
+            raise RemoteProtocolError(
+                ErrorCode.UNSUPPORTED_VERSION, f"relay chose unsupported protocol version {version}"
+            )
+        session_id = field_of(message, "session", str, frame.type)
         self.version = version
         self.peer_window = self._peer_window_from(message, frame.type)
         self.send_payload = min(self.max_payload, self._peer_max_frame(message, frame.type))
         self.state = SessionState.OPEN
-        self._events.append(ev.Welcomed(version, session_id, self.peer_window, message))
+        self._events.append(ev.Welcomed(version, session_id, self.peer_window))
 
     @staticmethod
     def _peer_max_frame(message: dict[str, Any], frame_type: FrameType) -> int:
         """The peer's largest acceptable DATA payload (absent: the protocol's maximum)."""
         if "max_frame" not in message:
             return MAX_FRAME_PAYLOAD
-        value: int = _field(message, "max_frame", int, frame_type)
+        value: int = field_of(message, "max_frame", int, frame_type)
         if not MIN_FRAME_PAYLOAD <= value <= MAX_FRAME_PAYLOAD:
-            raise ProtocolError(
+            raise RemoteProtocolError(
                 ErrorCode.PROTOCOL_ERROR, f"max_frame {value} outside {MIN_FRAME_PAYLOAD}..{MAX_FRAME_PAYLOAD}"
             )
         return value
 
     @staticmethod
     def _peer_window_from(message: dict[str, Any], frame_type: FrameType) -> int:
-        window: int = _field(message, "window", int, frame_type)
+        window: int = field_of(message, "window", int, frame_type)
         if not MIN_WINDOW <= window <= MAX_WINDOW:
-            raise ProtocolError(ErrorCode.FLOW_CONTROL, f"window {window} outside {MIN_WINDOW}..{MAX_WINDOW}")
+            raise RemoteProtocolError(ErrorCode.FLOW_CONTROL, f"window {window} outside {MIN_WINDOW}..{MAX_WINDOW}")
         return window
 
     def _on_bind(self, frame: Frame) -> None:
         message = decode_json(frame)
-        request_id = _field(message, "request", int, frame.type)
-        port = _field(message, "port", int, frame.type)
-        unencrypted = _field(message, "unencrypted", bool, frame.type)
-        h2 = _field(message, "h2", bool, frame.type)
-        self._events.append(ev.BindRequested(request_id, port, unencrypted, h2, message))
+        request_id = field_of(message, "request", int, frame.type)
+        port = field_of(message, "port", int, frame.type)
+        unencrypted = field_of(message, "unencrypted", bool, frame.type)
+        h2 = field_of(message, "h2", bool, frame.type)
+        ticket = optional_of(message, "ticket", str, frame.type)
+        if ticket is not None and len(ticket) > MAX_TICKET_LENGTH:
+            raise RemoteProtocolError(ErrorCode.PROTOCOL_ERROR, f"BIND ticket is over {MAX_TICKET_LENGTH} characters")
+        self._events.append(ev.BindRequested(request_id, port, unencrypted, h2, ticket))
 
     def _on_bound(self, frame: Frame) -> None:
         message = decode_json(frame)
-        request_id = _field(message, "request", int, frame.type)
-        _field(message, "id", str, frame.type)
-        self._events.append(ev.Bound(request_id, message))
+        request_id = field_of(message, "request", int, frame.type)
+        self._events.append(ev.Bound(request_id, TunnelAddress.from_message(message)))
 
     def _on_bind_failed(self, frame: Frame) -> None:
         message = decode_json(frame)
-        request_id = _field(message, "request", int, frame.type)
-        code = _field(message, "code", str, frame.type)
-        text = _field(message, "message", str, frame.type)
+        request_id = field_of(message, "request", int, frame.type)
+        code = BindFailure.parse(field_of(message, "code", str, frame.type))
+        text = field_of(message, "message", str, frame.type)[:MAX_TEXT_LENGTH]
         self._events.append(ev.BindFailed(request_id, code, text))
 
     def _on_unbind(self, frame: Frame) -> None:
         message = decode_json(frame)
-        self._events.append(ev.UnbindRequested(_field(message, "id", str, frame.type)))
+        self._events.append(ev.UnbindRequested(text_of(message, "id", frame.type, MAX_ID_LENGTH)))
 
     def _on_unbound(self, frame: Frame) -> None:
         message = decode_json(frame)
-        reason = message.get("reason")
-        self._events.append(ev.Unbound(_field(message, "id", str, frame.type), str(reason or "closed")))
+        reason = optional_of(message, "reason", str, frame.type) or "closed"
+        tunnel_id = text_of(message, "id", frame.type, MAX_ID_LENGTH)
+        self._events.append(ev.Unbound(tunnel_id, reason[:MAX_TEXT_LENGTH]))
 
     def _on_ping(self, frame: Frame) -> None:
         if len(frame.payload) != PING_PAYLOAD.size:
-            raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "PING payload is not 8 bytes")
+            raise RemoteProtocolError(ErrorCode.PROTOCOL_ERROR, "PING payload is not 8 bytes")
         self._out.append(encode(FrameType.PONG, 0, bytes(frame.payload)))
 
     def _on_pong(self, frame: Frame) -> None:
         if len(frame.payload) != PING_PAYLOAD.size:
-            raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "PONG payload is not 8 bytes")
+            raise RemoteProtocolError(ErrorCode.PROTOCOL_ERROR, "PONG payload is not 8 bytes")
         self._events.append(ev.PongReceived(PING_PAYLOAD.unpack(frame.payload)[0]))
 
     def _on_goaway(self, frame: Frame) -> None:
         if len(frame.payload) < GOAWAY_PAYLOAD.size:
-            raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "GOAWAY payload is too short")
+            raise RemoteProtocolError(ErrorCode.PROTOCOL_ERROR, "GOAWAY payload is too short")
         code, reason = decode_code(frame)
         self._events.append(ev.GoAwayReceived(code, reason))
         if code in _GRACEFUL and self.state is SessionState.OPEN:

@@ -81,6 +81,7 @@ class RelayConfig:
     max_tunnels_per_token: int = MAX_TUNNELS_PER_TOKEN
     shutdown_grace: float = SHUTDOWN_GRACE
     also_ipv6: bool = True  # dev: also listen on ::1 when host is 127.0.0.1
+    raise_fd_limit: bool = True  # raise the soft descriptor limit at start (not inside a user's process)
 
     @property
     def dev(self) -> bool:

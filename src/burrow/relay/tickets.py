@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import ConfigurationError
 from ..paths import write_private
 
 #: A ticket older than this is refused: a day covers a laptop's night asleep.
@@ -28,6 +29,8 @@ TICKET_LIFETIME = 24 * 3600
 
 KEY_FILE = "ticket.key"
 KEY_BYTES = 32
+#: A shorter key would make tickets guessable.
+MIN_KEY_BYTES = 16
 
 
 class TicketInvalid(Exception):
@@ -52,16 +55,24 @@ def token_fingerprint(token: str) -> str:
 def load_or_create_key(path: Path) -> bytes:
     """The relay's ticket key, created once (mode 0600) so restarts keep honouring tickets."""
     try:
-        key = path.read_bytes()
-    except FileNotFoundError:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         try:
-            write_private(path, secrets.token_bytes(KEY_BYTES))
-        except OSError:
-            pass
-        key = path.read_bytes()
-    if len(key) < 16:
-        raise ValueError(f"ticket key {path} is shorter than 16 bytes; delete it to make a new one")
+            key = path.read_bytes()
+        except FileNotFoundError:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            try:
+                write_private(path, secrets.token_bytes(KEY_BYTES))
+            except FileExistsError:  # another relay made it first
+                pass
+            key = path.read_bytes()
+    except OSError as exc:
+        reason = (exc.strerror or str(exc)).lower()
+        raise ConfigurationError(
+            f"cannot use ticket key {path} ({reason}); check --ticket-key or BURROW_HOME"
+        ) from None
+    if len(key) < MIN_KEY_BYTES:
+        raise ConfigurationError(
+            f"ticket key {path} is shorter than {MIN_KEY_BYTES} bytes; delete it to make a new one"
+        )
     return key
 
 

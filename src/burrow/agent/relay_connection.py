@@ -15,6 +15,7 @@ from ..connection import SessionConnection, StreamEndpoint, TrafficStats
 from ..errors import AuthenticationFailed, RelayUnavailable, SessionClosed, TunnelRefused
 from ..protocol import events as ev
 from ..protocol.frames import ErrorCode, code_name
+from ..protocol.messages import TunnelAddress
 from ..protocol.session import Role, SessionProtocol, SessionState
 from ..relay.limits import LogLimiter
 from ..relay.tls import EARLY_ALPN
@@ -49,19 +50,20 @@ class AgentTunnel:
     local_port: int
     unencrypted: bool
     h2: bool
-    info: dict[str, Any] = field(default_factory=dict)  # the latest BOUND: id, addresses, ticket
+    address: TunnelAddress | None = None  # the latest BOUND: id, addresses, ticket
     stats: TrafficStats = field(default_factory=TrafficStats)
     state: TunnelState = TunnelState.OPENING
     on_state: Callable[[TunnelState], None] | None = None
 
     @property
     def id(self) -> str:
-        return str(self.info.get("id", ""))
+        """The tunnel's id at the relay ("" before it is bound)."""
+        return self.address.id if self.address is not None else ""
 
     @property
     def ticket(self) -> str | None:
-        ticket = self.info.get("ticket")
-        return ticket if isinstance(ticket, str) else None
+        """The resume ticket of the latest BOUND."""
+        return self.address.ticket if self.address is not None else None
 
     @property
     def closed(self) -> bool:
@@ -82,11 +84,11 @@ class AgentTunnel:
 class SessionOwner(Protocol):
     """Who learns what happens to a session (the agent's link to its relay)."""
 
-    def session_lost(self, session: AgentSession) -> None: ...
+    def session_lost(self, session: RelayConnection) -> None: ...
 
-    def session_draining(self, session: AgentSession) -> None: ...
+    def session_draining(self, session: RelayConnection) -> None: ...
 
-    def tunnel_unbound(self, session: AgentSession, tunnel_id: str, reason: str) -> None: ...
+    def tunnel_unbound(self, session: RelayConnection, tunnel_id: str, reason: str) -> None: ...
 
 
 class LocalEndpoint(StreamEndpoint):
@@ -96,7 +98,7 @@ class LocalEndpoint(StreamEndpoint):
     granted for it until it is written) and a FIN is remembered.
     """
 
-    def __init__(self, session: AgentSession, stream_id: int, tunnel: AgentTunnel) -> None:
+    def __init__(self, session: RelayConnection, stream_id: int, tunnel: AgentTunnel) -> None:
         super().__init__(session, stream_id, tunnel.stats, inbound=False)
         self.early: list[bytes | bytearray | memoryview] = []
         self.early_fin = False
@@ -150,7 +152,7 @@ class LocalEndpoint(StreamEndpoint):
             self.abort(ErrorCode.REFUSED, f"local port {port} refused the connection")
 
 
-class AgentSession(SessionConnection):
+class RelayConnection(SessionConnection):
     """One authenticated session to a relay, carrying every tunnel of this process there."""
 
     def __init__(self, settings: AgentSettings, owner: SessionOwner | None = None) -> None:
@@ -163,13 +165,13 @@ class AgentSession(SessionConnection):
         self.owner = owner
         self.tunnels: dict[str, AgentTunnel] = {}
         self.welcome: asyncio.Future[ev.Welcomed] = asyncio.get_running_loop().create_future()
-        self._requests: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._requests: dict[int, asyncio.Future[TunnelAddress]] = {}
         self._unbinds: dict[str, asyncio.Future[None]] = {}
         self._ids = itertools.count(1)
         self.close_reason = ""
 
     @classmethod
-    async def connect(cls, settings: AgentSettings, owner: SessionOwner | None = None) -> AgentSession:
+    async def connect(cls, settings: AgentSettings, owner: SessionOwner | None = None) -> RelayConnection:
         """Open the TLS connection, say HELLO, wait for WELCOME; errors name the cause."""
         address = settings.relay
         assert address is not None
@@ -235,11 +237,11 @@ class AgentSession(SessionConnection):
 
     # ------------------------------------------------------------------ tunnels
 
-    async def bind(self, port: int, unencrypted: bool, h2: bool, ticket: str | None = None) -> dict[str, Any]:
-        """Ask the relay for a tunnel to local ``port`` (resuming with ``ticket``); return BOUND's info."""
+    async def bind(self, port: int, unencrypted: bool, h2: bool, ticket: str | None = None) -> TunnelAddress:
+        """Ask the relay for a tunnel to local ``port`` (resuming with ``ticket``); return its address."""
         self._check_open()
         request_id = next(self._ids)
-        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[TunnelAddress] = asyncio.get_running_loop().create_future()
         self._requests[request_id] = future
         self.proto.bind(request_id, port, unencrypted=unencrypted, h2=h2, ticket=ticket)
         self.flush()
@@ -290,8 +292,7 @@ class AgentSession(SessionConnection):
         elif isinstance(event, ev.Bound):
             self._resolve(event.request_id, event.tunnel, None)
         elif isinstance(event, ev.BindFailed):
-            error = TunnelRefused(f"relay {self.name} refused the tunnel: {event.message}")
-            error.code = event.code  # type: ignore[attr-defined]
+            error = TunnelRefused(f"relay {self.name} refused the tunnel: {event.message}", event.code)
             self._resolve(event.request_id, None, error)
         elif isinstance(event, ev.Unbound):
             future = self._unbinds.get(event.tunnel_id)
@@ -321,14 +322,14 @@ class AgentSession(SessionConnection):
             logger.info("relay %s is going away (%s); moving on", self.name, self.close_reason)
             self.owner.session_draining(self)
 
-    def _resolve(self, request_id: int, info: dict[str, Any] | None, error: Exception | None) -> None:
+    def _resolve(self, request_id: int, address: TunnelAddress | None, error: Exception | None) -> None:
         future = self._requests.get(request_id)
         if future is None or future.done():
             return
         if error is not None:
             future.set_exception(error)
-        else:
-            future.set_result(info or {})
+        elif address is not None:
+            future.set_result(address)
 
     def _on_stream(self, event: ev.StreamOpened) -> None:
         tunnel = self.tunnels.get(event.tunnel_id)

@@ -1,0 +1,129 @@
+"""The typed payloads of the control frames, checked where they are decoded.
+
+The rare control frames (HELLO, WELCOME, BIND, BOUND, BIND_FAILED, ...) carry
+small JSON objects. Each field is read here, once, with its type and bounds:
+what a peer sends is hostile until checked, so a malformed payload is a
+:class:`~burrow.errors.RemoteProtocolError`, never a ``KeyError`` later in
+someone else's code. These types are also what crosses the seam between the
+control plane and the data plane (``burrow.relay.plane``).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import RemoteProtocolError
+from .frames import ErrorCode, FrameType
+
+#: A tunnel id is one DNS label.
+MAX_ID_LENGTH = 63
+#: A DNS name.
+MAX_HOST_LENGTH = 253
+#: A resume ticket is ~200 bytes; this leaves room for longer claims, not for a flood.
+MAX_TICKET_LENGTH = 2048
+#: Free text a peer sends (reasons, messages, the agent's name) is cut here.
+MAX_TEXT_LENGTH = 200
+
+
+class BindFailure(enum.Enum):
+    """Why a relay refused a BIND (BIND_FAILED's ``code``)."""
+
+    SHUTTING_DOWN = "shutting-down"  # the relay is draining: try again (elsewhere) shortly
+    BAD_PORT = "bad-port"  # the local port is not 1-65535
+    BAD_TICKET = "bad-ticket"  # the resume ticket is invalid, expired, or for another tunnel
+    IN_USE = "in-use"  # the tunnel id is held (by this session, or a rival resumed first)
+    LIMIT = "limit"  # a per-token limit is reached
+    NO_TCP_PORT = "no-tcp-port"  # no free port in the relay's raw TCP range
+    NO_RESOURCES = "no-resources"  # the relay is short of file descriptors
+    OTHER = "other"  # a code this version does not know (a newer relay)
+
+    @classmethod
+    def parse(cls, code: str) -> BindFailure:
+        """The member for ``code``; OTHER for a code from a newer relay."""
+        try:
+            return cls(code)
+        except ValueError:
+            return cls.OTHER
+
+
+def field_of(message: dict[str, Any], name: str, kind: type, frame: FrameType) -> Any:
+    """``message[name]``, which must be a ``kind`` (a bool is never taken for an int)."""
+    value = message.get(name)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise RemoteProtocolError(
+            ErrorCode.PROTOCOL_ERROR, f"{frame.name} field {name!r} is missing or not {kind.__name__}"
+        )
+    return value
+
+
+def optional_of(message: dict[str, Any], name: str, kind: type, frame: FrameType) -> Any:
+    """Like :func:`field_of`, but an absent or null field is None."""
+    if message.get(name) is None:
+        return None
+    return field_of(message, name, kind, frame)
+
+
+def text_of(message: dict[str, Any], name: str, frame: FrameType, limit: int) -> str:
+    """A string field no longer than ``limit``."""
+    value: str = field_of(message, name, str, frame)
+    if len(value) > limit:
+        raise RemoteProtocolError(ErrorCode.PROTOCOL_ERROR, f"{frame.name} field {name!r} is over {limit} characters")
+    return value
+
+
+def port_of(message: dict[str, Any], name: str, frame: FrameType) -> int:
+    """A TCP port, 1-65535."""
+    value: int = field_of(message, name, int, frame)
+    if not 1 <= value <= 65535:
+        raise RemoteProtocolError(ErrorCode.PROTOCOL_ERROR, f"{frame.name} field {name!r} is not a TCP port")
+    return value
+
+
+def _host_ok(host: str) -> bool:
+    return 0 < len(host) <= MAX_HOST_LENGTH and host.isascii() and all(c.isalnum() or c in ".-_:" for c in host)
+
+
+@dataclass(frozen=True, slots=True)
+class TunnelAddress:
+    """BOUND's payload: where the public Internet reaches a tunnel, and its resume ticket."""
+
+    id: str
+    host: str  # <id>.<domain>: the TLS address
+    port: int  # the TLS port clients use
+    ticket: str | None = None
+    unencrypted_host: str | None = None  # the raw TCP address, for unencrypted tunnels
+    unencrypted_port: int | None = None
+
+    def to_message(self) -> dict[str, Any]:
+        """The JSON object BOUND carries (without ``request``)."""
+        message: dict[str, Any] = {"id": self.id, "host": self.host, "port": self.port}
+        if self.ticket is not None:
+            message["ticket"] = self.ticket
+        if self.unencrypted_port is not None:
+            message["unencrypted_host"] = self.unencrypted_host
+            message["unencrypted_port"] = self.unencrypted_port
+        return message
+
+    @classmethod
+    def from_message(cls, message: dict[str, Any]) -> TunnelAddress:
+        """Read a BOUND payload; a missing or malformed field is a protocol error."""
+        frame = FrameType.BOUND
+        tunnel_id = text_of(message, "id", frame, MAX_ID_LENGTH)
+        if not tunnel_id or not (tunnel_id.isascii() and tunnel_id.isalnum()):
+            raise RemoteProtocolError(ErrorCode.PROTOCOL_ERROR, "BOUND field 'id' is not a DNS label")
+        host = text_of(message, "host", frame, MAX_HOST_LENGTH)
+        unencrypted_host = optional_of(message, "unencrypted_host", str, frame)
+        for name, value in (("host", host), ("unencrypted_host", unencrypted_host)):
+            if value is not None and not _host_ok(value):
+                raise RemoteProtocolError(ErrorCode.PROTOCOL_ERROR, f"BOUND field {name!r} is not a host name")
+        unencrypted_port = port_of(message, "unencrypted_port", frame) if "unencrypted_port" in message else None
+        if (unencrypted_host is None) != (unencrypted_port is None):
+            raise RemoteProtocolError(
+                ErrorCode.PROTOCOL_ERROR, "BOUND gives only one of 'unencrypted_host' and 'unencrypted_port'"
+            )
+        ticket = optional_of(message, "ticket", str, frame)
+        if ticket is not None and len(ticket) > MAX_TICKET_LENGTH:
+            raise RemoteProtocolError(ErrorCode.PROTOCOL_ERROR, f"BOUND ticket is over {MAX_TICKET_LENGTH} characters")
+        return cls(tunnel_id, host, port_of(message, "port", frame), ticket, unencrypted_host, unencrypted_port)

@@ -1,0 +1,143 @@
+"""The seam between the relay's control plane and its data plane.
+
+The *control plane* (:class:`~burrow.relay.control.RelayControl`, Python)
+decides: which agents are let in, which tunnels exist under which ids, every
+limit, resume tickets, logs. The *data plane* (:class:`DataPlane`; today
+:class:`~burrow.relay.engine.AsyncioPlane`, tomorrow native code) moves
+bytes: it accepts connections, runs TLS, routes by SNI or TCP port, carries
+the agent sessions and their streams, and counts.
+
+What crosses the seam is rare and typed: a session's HELLO, a BIND, an
+UNBIND, a session's end (upwards, to :class:`ControlPlane`); a route added or
+removed, an answer to a request, a session closed, a counter read
+(downwards, to :class:`DataPlane`). Sessions and tunnels are named by their
+ids, never by objects, so either side can live in another language. Nothing
+crosses per byte or per public connection.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from ..connection import TrafficStats
+from ..protocol.frames import ErrorCode
+from ..protocol.messages import BindFailure, TunnelAddress
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Where public connections for a tunnel go: its SNI name (and TCP port) → its agent session."""
+
+    tunnel_id: str
+    host: str  # <id>.<domain>: SNI routes TLS clients here
+    session_id: str  # the agent session that carries the tunnel's streams
+    h2: bool  # the TLS address offers ALPN h2
+    tcp_port: int | None = None  # the raw TCP listener, opened before by DataPlane.listen_tcp
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """An agent's HELLO, handed up once its TLS handshake and HELLO frame are done."""
+
+    session_id: str
+    peer: str  # the agent's address, for logs
+    token: str  # a secret: never logged
+    agent: str  # what the agent says it is (peer text, escape before logging)
+
+
+@dataclass(frozen=True, slots=True)
+class BindRequest:
+    """An agent's BIND: a tunnel to its local ``port``, maybe resuming one by ``ticket``."""
+
+    session_id: str
+    request_id: int
+    port: int
+    unencrypted: bool
+    h2: bool
+    ticket: str | None
+
+
+class ControlPlane(Protocol):
+    """What the data plane hands up; each call returns at once (slow work is spawned)."""
+
+    def hello(self, hello: Hello) -> None:
+        """Answer with :meth:`DataPlane.welcome` or :meth:`DataPlane.reject`."""
+
+    def bind(self, request: BindRequest) -> None:
+        """Answer with :meth:`DataPlane.bound` or :meth:`DataPlane.bind_failed`."""
+
+    def unbind(self, session_id: str, tunnel_id: str) -> None:
+        """The agent closes a tunnel: remove its route."""
+
+    def session_closed(self, session_id: str) -> None:
+        """The session is gone (its streams were reset): forget its tunnels."""
+
+
+class DataPlane(Protocol):
+    """What the control plane asks of the engine that moves bytes."""
+
+    @property
+    def ports(self) -> Sequence[int]:
+        """The TLS ports listened on (after :meth:`start`)."""
+
+    @property
+    def per_host_certificates(self) -> bool:
+        """True when each tunnel host needs a certificate of its own (dev CA)."""
+
+    @property
+    def ca_path(self) -> Path | None:
+        """The dev CA certificate clients trust, when the relay uses one."""
+
+    async def start(self) -> None:
+        """Listen on the TLS port; raises ConfigurationError when it cannot."""
+
+    async def prepare_host(self, host: str) -> None:
+        """Make ``host``'s TLS identity ahead of its route, so its first handshake does not pay for it."""
+
+    async def listen_tcp(self, tunnel_id: str, ports: Sequence[int]) -> int:
+        """Hold a raw TCP listener for the tunnel on the first free port of ``ports``; OSError if none."""
+
+    def add_route(self, route: Route) -> None:
+        """Route public connections for the tunnel (SNI name and, if any, TCP port) to its session."""
+
+    def remove_route(self, tunnel_id: str) -> None:
+        """Unroute a tunnel: stop its TCP listener, reset its connections, forget its TLS identity."""
+
+    def session_open(self, session_id: str) -> bool:
+        """True while the session is open (it may take requests and streams)."""
+
+    def welcome(self, session_id: str) -> None:
+        """Accept the agent of a HELLO."""
+
+    def reject(self, session_id: str, code: ErrorCode, reason: str) -> None:
+        """Refuse the agent of a HELLO, and close its session."""
+
+    def bound(self, session_id: str, request_id: int, tunnel: TunnelAddress) -> None:
+        """Answer a BIND: the tunnel is open."""
+
+    def bind_failed(self, session_id: str, request_id: int, code: BindFailure, message: str) -> None:
+        """Answer a BIND: refused."""
+
+    def unbound(self, session_id: str, tunnel_id: str, reason: str) -> None:
+        """Tell the agent a tunnel is closed."""
+
+    def close_session(self, session_id: str, code: ErrorCode, reason: str) -> None:
+        """End a session at once (GOAWAY, then abort the link: no graceful TLS close)."""
+
+    def stats(self, tunnel_id: str) -> TrafficStats:
+        """The tunnel's live counters."""
+
+    def stop_listening(self) -> None:
+        """Accept nothing new: the TLS port and every raw TCP listener."""
+
+    def goaway(self, code: ErrorCode, reason: str) -> None:
+        """Tell every agent to move on (GOAWAY); their open streams go on."""
+
+    def open_streams(self) -> int:
+        """Streams open across all sessions (for draining)."""
+
+    def close(self) -> None:
+        """Close everything now."""
