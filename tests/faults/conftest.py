@@ -172,9 +172,10 @@ class Transfer:
 class RelayProcess:
     """``burrow relay`` as a child process on a fixed port, to kill and restart."""
 
-    def __init__(self, port: int, *args: str) -> None:
+    def __init__(self, port: int, *args: str, fd_limit: tuple[int, int] | None = None) -> None:
         self.port = port
         self.args = args
+        self.fd_limit = fd_limit  # (soft, hard) RLIMIT_NOFILE for the process
         self.process: subprocess.Popen[str] | None = None
         self.log: list[str] = []
 
@@ -185,6 +186,7 @@ class RelayProcess:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
+            preexec_fn=self._limit if self.fd_limit else None,
         )
         assert self.process.stdout is not None
         deadline = time.monotonic() + 20
@@ -197,6 +199,10 @@ class RelayProcess:
                 threading.Thread(target=self._drain, args=(self.process,), daemon=True).start()
                 return time.monotonic()
         raise AssertionError(f"relay did not start: {self.log}")
+
+    def _limit(self) -> None:
+        assert self.fd_limit is not None
+        resource.setrlimit(resource.RLIMIT_NOFILE, self.fd_limit)
 
     def _drain(self, process: subprocess.Popen[str]) -> None:
         assert process.stdout is not None

@@ -7,7 +7,6 @@ import sys
 import pytest
 
 from burrow.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
-from burrow.protocol.messages import MAX_TEXT_LENGTH, BindFailure, TunnelAddress
 from burrow.protocol import events as ev
 from burrow.protocol.frames import (
     MAX_WINDOW,
@@ -20,6 +19,7 @@ from burrow.protocol.frames import (
     encode_code,
     encode_json,
 )
+from burrow.protocol.messages import MAX_TEXT_LENGTH, BindFailure, TunnelAddress
 from burrow.protocol.session import (
     DEFAULT_WINDOW,
     MIN_WINDOW,

@@ -90,7 +90,17 @@ class RoutedTunnel:
 
     tunnel_id: str
     route: Route | None = None  # None while only its TCP listener exists (bind in progress)
-    tcp_server: asyncio.Server | None = None
+    tcp_listener: socket.socket | None = None
+    tcp_accepting: asyncio.Task[None] | None = None
+
+    def stop_listening(self) -> None:
+        """Close the raw TCP listener, if any."""
+        if self.tcp_accepting is not None:
+            self.tcp_accepting.cancel()
+            self.tcp_accepting = None
+        if self.tcp_listener is not None:
+            self.tcp_listener.close()
+            self.tcp_listener = None
     stats: TrafficStats = field(default_factory=TrafficStats)
     endpoints: set[PublicEndpoint] = field(default_factory=set)
 
@@ -141,20 +151,13 @@ class _Dispatcher(asyncio.Protocol):
 class _TcpAccept(asyncio.Protocol):
     """First protocol of a raw TCP tunnel connection."""
 
-    def __init__(self, plane: AsyncioPlane, tunnel: RoutedTunnel) -> None:
+    def __init__(self, plane: AsyncioPlane, tunnel: RoutedTunnel, peer: str) -> None:
         self.plane = plane
         self.tunnel = tunnel
+        self.peer = peer
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport = cast(asyncio.Transport, transport)
-        peer = format_address(transport.get_extra_info("peername"))
-        sock = transport.get_extra_info("socket")
-        refusal = self.plane.descriptors.refuse_connection(sock.fileno() if sock is not None else -1)
-        if refusal:
-            self.plane.refusals.log("descriptors", logging.WARNING, "refused %s: %s", peer, refusal)
-            transport.abort()
-            return
-        self.plane.attach_public(self.tunnel, transport, peer)
+        self.plane.attach_public(self.tunnel, cast(asyncio.Transport, transport), self.peer)
 
 
 class AsyncioPlane:
@@ -219,7 +222,7 @@ class AsyncioPlane:
         task.add_done_callback(self._task_done)
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
+        self._tasks.discard(task)  # (a tunnel's accept loop is not in it: its tunnel holds it)
         if not task.cancelled() and task.exception() is not None:
             exc = task.exception()
             logger.error("relay task failed: %s: %s", type(exc).__name__, exc, exc_info=exc)
@@ -231,8 +234,7 @@ class AsyncioPlane:
             listener.close()
         self._listeners.clear()
         for tunnel in self.tunnels.values():
-            if tunnel.tcp_server is not None:
-                tunnel.tcp_server.close()
+            tunnel.stop_listening()
 
     def goaway(self, code: ErrorCode, reason: str) -> None:
         for session in list(self.sessions.values()):
@@ -253,7 +255,13 @@ class AsyncioPlane:
 
     # ---------------------------------------------------------------- accepting
 
-    async def _accept_loop(self, listener: socket.socket) -> None:
+    async def _accept_loop(self, listener: socket.socket, tunnel: RoutedTunnel | None = None) -> None:
+        """Accept on the TLS port (``tunnel`` None) or on a raw TCP tunnel's port.
+
+        Our own loop, not ``create_server``: uvloop closes a server's listener
+        for good when accept() fails for want of descriptors, and a tunnel would
+        keep a port nobody listens on. Here the loop waits and tries again.
+        """
         loop = asyncio.get_running_loop()
         while True:
             try:
@@ -264,13 +272,23 @@ class AsyncioPlane:
                 self.refusals.log("accept", logging.WARNING, "accept failed: %s", exc)
                 await asyncio.sleep(ACCEPT_RETRY_DELAY)
                 continue
-            source = address[0]
-            refusal = self.descriptors.refuse_connection(conn.fileno()) or self.pending.admit(source)
+            refusal = self.descriptors.refuse_connection(conn.fileno())
+            if refusal is None and tunnel is None:
+                refusal = self.pending.admit(address[0])
             if refusal is not None:
                 reset_socket(conn)
-                self.refusals.log("pending", logging.WARNING, "refused %s: %s", format_address(address), refusal)
+                self.refusals.log("refused", logging.WARNING, "refused %s: %s", format_address(address), refusal)
                 continue
-            self.spawn(self._handshake(conn, address))
+            if tunnel is None:
+                self.spawn(self._handshake(conn, address))
+                continue
+            try:
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # (see _handshake)
+                peer = format_address(address)
+                await loop.connect_accepted_socket(lambda: _TcpAccept(self, tunnel, peer), conn)  # noqa: B023
+            except OSError as exc:
+                conn.close()
+                self.refusals.log("accept", logging.INFO, "dropped %s: %s", format_address(address), exc)
 
     async def _handshake(self, conn: socket.socket, address: Any) -> None:
         peer = format_address(address)
@@ -353,21 +371,15 @@ class AsyncioPlane:
         last: OSError = OSError("no port to try")
         for port in ports:
             try:
-                sock = _tcp_listener(host, port)
+                # a socket of our own: create_server(host, port) would skip an address
+                # whose socket() fails (EMFILE) and return a server holding nothing
+                tunnel.tcp_listener = _tcp_listener(host, port)
             except OSError as exc:
                 last = exc
                 continue
-            # the listener is ours before asyncio sees it: create_server(host, port) would
-            # skip an address whose socket() fails (EMFILE) and return a server holding nothing
-            try:
-                server = await asyncio.get_running_loop().create_server(lambda: _TcpAccept(self, tunnel), sock=sock)
-            except BaseException:
-                sock.close()
-                raise
-            if self.tunnels.get(tunnel_id) is not tunnel:  # removed meanwhile
-                server.close()
-                raise OSError(f"tunnel {tunnel_id} was closed while its TCP port opened")
-            tunnel.tcp_server = server
+            task = asyncio.get_running_loop().create_task(self._accept_loop(tunnel.tcp_listener, tunnel))
+            tunnel.tcp_accepting = task
+            task.add_done_callback(self._task_done)
             return port
         if tunnel.route is None:
             self.tunnels.pop(tunnel_id, None)
@@ -382,8 +394,7 @@ class AsyncioPlane:
         tunnel = self.tunnels.pop(tunnel_id, None)
         if tunnel is None:
             return
-        if tunnel.tcp_server is not None:
-            tunnel.tcp_server.close()
+        tunnel.stop_listening()
         if tunnel.route is not None:
             self.by_host.pop(tunnel.route.host, None)
             if self.certs is not None:
