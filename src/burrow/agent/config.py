@@ -102,7 +102,12 @@ class AgentSettings:
         assert self.relay is not None
         dev_ca = dev_ca_path()
         loopback_dev = is_loopback(self.relay.host) and dev_ca.exists()
-        return _client_context(self.ca, dev_ca if loopback_dev else None)
+        try:
+            return _client_context(self.ca, dev_ca if loopback_dev else None)
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or str(exc)
+            where = f"BURROW_CA {self.ca}" if self.ca is not None else f"the dev CA {dev_ca}"
+            raise ConfigurationError(f"cannot load {where} ({reason}); it must hold PEM certificates") from None
 
 
 class ClientContext(ssl.SSLContext):

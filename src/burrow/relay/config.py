@@ -8,8 +8,8 @@ from pathlib import Path
 
 from ..connection import HEARTBEAT_TIMEOUT
 from ..errors import ConfigurationError
-from ..protocol.frames import MAX_FRAME_PAYLOAD, MIN_FRAME_PAYLOAD
-from ..protocol.session import DEFAULT_WINDOW
+from ..protocol.frames import MAX_FRAME_PAYLOAD, MAX_WINDOW, MIN_FRAME_PAYLOAD
+from ..protocol.session import DEFAULT_WINDOW, MIN_WINDOW
 
 #: The dev relay's port: unprivileged, and one ``BURROW_RELAY=localhost:4443`` away.
 DEV_PORT = 4443
@@ -118,6 +118,8 @@ class RelayConfig:
                 raise ConfigurationError(f"{name} must be positive, not {value}")
         if self.shutdown_grace < 0:
             raise ConfigurationError(f"shutdown grace must be 0 or more seconds, not {self.shutdown_grace}")
+        if not MIN_WINDOW <= self.window <= MAX_WINDOW:
+            raise ConfigurationError(f"window {self.window} is outside {MIN_WINDOW}-{MAX_WINDOW} bytes; e.g. 2m")
         if not MIN_FRAME_PAYLOAD <= self.max_frame <= MAX_FRAME_PAYLOAD:
             raise ConfigurationError(
                 f"max frame {self.max_frame} is outside {MIN_FRAME_PAYLOAD}-{MAX_FRAME_PAYLOAD} bytes"

@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..errors import ConfigurationError
 from .config import RelayConfig
 
 if TYPE_CHECKING:
@@ -50,20 +51,34 @@ class CertificateStore:
         self._cache: dict[tuple[str, bool], ssl.SSLContext] = {}
         if config.cert is not None and config.key is not None:
             cert, key = str(config.cert), str(config.key)
-            self.agent_context = _server_context(AGENT_ALPNS)
-            self.agent_context.load_cert_chain(cert, key)
-            self._shared = {}
-            for h2 in (False, True):
-                self._shared[h2] = _server_context(H2_ALPN if h2 else None)
-                self._shared[h2].load_cert_chain(cert, key)
+            try:
+                self.agent_context = _server_context(AGENT_ALPNS)
+                self.agent_context.load_cert_chain(cert, key)
+                self._shared = {}
+                for h2 in (False, True):
+                    self._shared[h2] = _server_context(H2_ALPN if h2 else None)
+                    self._shared[h2].load_cert_chain(cert, key)
+            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+                reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or str(exc)
+                raise ConfigurationError(
+                    f"cannot load --cert {cert} with --key {key} ({reason}); give a PEM chain and its private key"
+                ) from None
         else:
             from ..certs import DevCA  # only a dev relay needs cryptography (~70 ms to import)
 
-            self.ca = DevCA.load_or_create(config.data_dir)
-            # load_cert_chain reads files only: keep the leaves in a private directory
-            self._dir = Path(tempfile.mkdtemp(prefix="burrow-relay-"))
-            (self._dir / "key.pem").write_bytes(self.ca.leaf_key_pem)
-            self.agent_context = self._dev_context(config.domain, AGENT_ALPNS)
+            try:
+                self.ca = DevCA.load_or_create(config.data_dir)
+                # load_cert_chain reads files only: keep the leaves in a private directory
+                self._dir = Path(tempfile.mkdtemp(prefix="burrow-relay-"))
+                (self._dir / "key.pem").write_bytes(self.ca.leaf_key_pem)
+                self.agent_context = self._dev_context(config.domain, AGENT_ALPNS)
+            except OSError as exc:
+                self.close()
+                reason = (exc.strerror or str(exc)).lower()
+                raise ConfigurationError(
+                    f"cannot set up the dev CA in {config.data_dir or 'BURROW_HOME'} ({reason}); "
+                    "check BURROW_HOME, or give --cert and --key"
+                ) from None
 
     @property
     def ca_path(self) -> Path | None:

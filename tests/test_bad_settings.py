@@ -1,0 +1,97 @@
+"""Every bad file and setting is one line on stderr, a non-zero exit, and nothing left behind.
+
+Each case runs ``burrow relay`` or ``burrow forward`` as a user would, with a
+fresh ``BURROW_HOME`` and ``TMPDIR``; the run must fail fast, print exactly
+one line (no traceback), and leave the temporary directory as it found it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from .helpers import free_port
+
+Setup = Callable[[Path], tuple[list[str], dict[str, str]]]
+
+
+def _file(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def _busy_port() -> tuple[socket.socket, int]:
+    sock = socket.create_server(("127.0.0.1", 0))
+    return sock, sock.getsockname()[1]
+
+
+_HOLD: list[socket.socket] = []
+
+
+def _listen_on_busy_port(tmp: Path) -> tuple[list[str], dict[str, str]]:
+    sock, port = _busy_port()
+    _HOLD.append(sock)
+    return ["relay", "--listen", f"127.0.0.1:{port}"], {}
+
+
+RELAY = ["relay", "--listen", "127.0.0.1:0"]
+
+CASES: dict[str, Setup] = {
+    "short ticket key": lambda t: ([*RELAY, "--ticket-key", str(_file(t / "k", b"short"))], {}),
+    "ticket key is a directory": lambda t: ([*RELAY, "--ticket-key", str(t)], {}),
+    "ticket key unwritable": lambda t: ([*RELAY, "--ticket-key", str(_file(t / "f", b"x") / "key")], {}),
+    "garbage certificate": lambda t: (
+        [*RELAY, "--cert", str(_file(t / "c.pem", b"junk")), "--key", str(_file(t / "k.pem", b"junk"))],
+        {},
+    ),
+    "missing certificate": lambda t: ([*RELAY, "--cert", str(t / "none.pem"), "--key", str(t / "none.pem")], {}),
+    "cert without key": lambda t: ([*RELAY, "--cert", str(_file(t / "c.pem", b"junk"))], {}),
+    "port in use": _listen_on_busy_port,
+    "bad domain": lambda t: ([*RELAY, "--domain", "a..b"], {}),
+    "bad port range": lambda t: ([*RELAY, "--tcp-ports", "5-3"], {}),
+    "exposed without token": lambda t: (["relay", "--listen", "0.0.0.0:0"], {}),
+    "missing token file": lambda t: ([*RELAY, "--token-file", str(t / "none")], {}),
+    "window too small": lambda t: ([*RELAY, "--window", "1k"], {}),
+    "zero handshake timeout": lambda t: ([*RELAY, "--handshake-timeout", "0"], {}),
+    "home is a file": lambda t: (RELAY, {"BURROW_HOME": str(_file(t / "home", b"x"))}),
+    "relay is an IP": lambda t: (["forward", "8000"], {"BURROW_RELAY": "127.0.0.1:4443"}),
+    "relay port is junk": lambda t: (["forward", "8000"], {"BURROW_RELAY": "localhost:http"}),
+    "nobody at the relay": lambda t: (["forward", "8000"], {"BURROW_RELAY": f"localhost:{free_port()}"}),
+    "missing token file (agent)": lambda t: (["forward", "8000"], {"BURROW_TOKEN_FILE": str(t / "none")}),
+    "empty token file": lambda t: (["forward", "8000"], {"BURROW_TOKEN_FILE": str(_file(t / "tok", b""))}),
+    "CA is not a file": lambda t: (["forward", "8000"], {"BURROW_CA": str(t)}),
+    "CA is garbage": lambda t: (
+        ["forward", "8000"],
+        {"BURROW_CA": str(_file(t / "ca.pem", b"junk")), "BURROW_RELAY": f"localhost:{free_port()}"},
+    ),
+    "port out of range": lambda t: (["forward", "70000"], {}),
+    "bad heartbeat": lambda t: (["forward", "8000"], {"BURROW_HEARTBEAT_TIMEOUT": "soon"}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_a_bad_setting_is_one_line_and_leaves_nothing(case: str, tmp_path: Path) -> None:
+    work, temp, home = tmp_path / "work", tmp_path / "tmp", tmp_path / "home"
+    for directory in (work, temp, home):
+        directory.mkdir()
+    args, extra = CASES[case](work)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BURROW_")}
+    env |= {"BURROW_HOME": str(home), "TMPDIR": str(temp), **extra}
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "burrow", *args], capture_output=True, text=True, timeout=30, env=env
+        )
+    finally:
+        while _HOLD:
+            _HOLD.pop().close()
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode != 0, result.stdout
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert lines[0].startswith(f"burrow {args[0]}: error: "), lines[0]
+    assert list(temp.iterdir()) == [], "files left in TMPDIR"
