@@ -34,6 +34,7 @@ system-deps:
 			|| [ ! -x /usr/sbin/sshd ] || [ ! -x /usr/sbin/haproxy ] || ! command -v iperf3 >/dev/null \
 			|| ! command -v wrk >/dev/null; then \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		echo "make: installing Debian packages the tests drive: $(SYSTEM_PACKAGES)$${SUDO:+ (with sudo)}"; \
 		$$SUDO apt-get update -qq && \
 		$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES); \
 	fi

@@ -165,15 +165,12 @@ def to_json(meta: dict[str, Any], scenarios: list[Scenario]) -> dict[str, Any]:
 
 
 def write(outdir: Path, stamp: str, meta: dict[str, Any], scenarios: list[Scenario]) -> dict[str, Path]:
-    """Write ``<stamp>.json``, ``<stamp>.md`` and ``<stamp>.png``; their paths."""
+    """Write ``<stamp>.json`` and ``<stamp>.md``; their paths (the chart is bench.chart's)."""
     outdir.mkdir(parents=True, exist_ok=True)
     for s in scenarios:
         compute_ratios(s)
     data = to_json(meta, scenarios)
-    paths = {"json": outdir / f"{stamp}.json", "md": outdir / f"{stamp}.md", "png": outdir / f"{stamp}.png"}
+    paths = {"json": outdir / f"{stamp}.json", "md": outdir / f"{stamp}.md"}
     paths["json"].write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
     paths["md"].write_text(markdown(data, scenarios) + "\n")
-    from .chart import draw
-
-    draw(paths["png"], meta, scenarios)
     return paths

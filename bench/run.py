@@ -192,6 +192,10 @@ def main(argv: list[str] | None = None) -> int:
         if profiler is not None:
             meta["profiles"] = profiler.summaries
         paths = report.write(args.out, stamp, meta, done)
+        from bench.chart import draw  # matplotlib: imported only when a run has something to draw
+
+        paths["png"] = args.out / f"{stamp}.png"
+        draw(paths["png"], meta, done)
         print(paths["md"].read_text())
         if profiler is not None:
             for name, summary in profiler.summaries.items():

@@ -16,7 +16,7 @@ import uvloop
 
 from burrow import Tunnel
 from burrow.agent.runtime import runtime
-from burrow.demo import connect
+from burrow.client import connect
 
 T = TypeVar("T")
 

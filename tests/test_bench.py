@@ -28,6 +28,7 @@ def _missing() -> list[str]:
     return [p for p in PROGRAMS if not found(p)]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(90)
 def test_quick_bench_runs_every_scenario(tmp_path: Path) -> None:
     missing = _missing()

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 from .agent.forward import Forward as Forward
 from .agent.forward import forward as forward
+from .connection import TrafficStats as TrafficStats
 from .errors import AuthenticationFailed as AuthenticationFailed
 from .errors import BurrowError as BurrowError
 from .errors import ConfigurationError as ConfigurationError
 from .errors import PortAlreadyForwarded as PortAlreadyForwarded
 from .errors import ProtocolError as ProtocolError
 from .errors import RelayUnavailable as RelayUnavailable
+from .errors import RemoteProtocolError as RemoteProtocolError
 from .errors import SessionClosed as SessionClosed
 from .errors import TunnelClosed as TunnelClosed
 from .errors import TunnelRefused as TunnelRefused
@@ -34,7 +36,9 @@ __all__ = [
     "PortAlreadyForwarded",
     "ProtocolError",
     "RelayUnavailable",
+    "RemoteProtocolError",
     "SessionClosed",
+    "TrafficStats",
     "Tunnel",
     "TunnelClosed",
     "TunnelRefused",

@@ -315,7 +315,7 @@ def run_forward(args: argparse.Namespace) -> int:
         if tunnel.unencrypted_port is not None:
             host, port = tunnel.tcp_socket
             print(f"  tcp  {host}:{port}", flush=True)
-        from .demo import ca_for
+        from .client import ca_for  # (http.client: ~7 ms to import, for this line only)
 
         cafile = ca_for(tunnel)
         print(f"  try  curl {f'--cacert {cafile} ' if cafile else ''}{tunnel.url}/", flush=True)
@@ -330,15 +330,16 @@ def run_forward(args: argparse.Namespace) -> int:
 
 def run_demo(args: argparse.Namespace) -> int:
     """``burrow demo``: the whole path on the embedded default."""
-    from . import demo
+    from .client import ca_for, fetch
+    from .demo import start_sample_app
 
-    app = demo.start_sample_app()
+    app = start_sample_app()
     forward = Forward(app.port)
     with forward as tunnel:
         print(f"burrow demo: sample web app on 127.0.0.1:{app.port}, tunnel open", flush=True)
-        cafile = demo.ca_for(tunnel)
+        cafile = ca_for(tunnel)
         started = time.monotonic()
-        status, body = demo.fetch(tunnel, cafile)
+        status, body = fetch(tunnel, cafile)
         elapsed = (time.monotonic() - started) * 1000
         first = body.decode(errors="replace").strip().splitlines()[0] if body else ""
         print(f"  GET {tunnel.url}/ -> {status} in {elapsed:.1f} ms: {first!r}", flush=True)

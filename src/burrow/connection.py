@@ -329,7 +329,6 @@ class SessionConnection(asyncio.BufferedProtocol):
         self._resume_turn = 0
         self.last_received = time.monotonic()
         self.rtt: float | None = None
-        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._heartbeat: asyncio.TimerHandle | None = None
         self._beat_due = 0.0
 
@@ -371,8 +370,6 @@ class SessionConnection(asyncio.BufferedProtocol):
         for endpoint in list(self.endpoints.values()):
             endpoint.peer_reset()
         self.endpoints.clear()
-        if not self.closed.done():
-            self.closed.set_result(None)
         self.session_closed(exc)
 
     def pause_writing(self) -> None:

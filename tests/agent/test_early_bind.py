@@ -10,7 +10,7 @@ import pytest
 from burrow.agent import config
 from burrow.agent.config import AgentSettings, RelayAddress
 from burrow.agent.relay_connection import AgentTunnel, RelayConnection
-from burrow.demo import client_context
+from burrow.client import client_context
 from burrow.errors import AuthenticationFailed
 from burrow.relay import Relay, RelayConfig
 from burrow.relay.tls import AGENT_ALPN, EARLY_ALPN

@@ -17,7 +17,7 @@ import pytest
 import trustme
 
 import burrow
-from burrow.demo import client_context
+from burrow.client import client_context
 from burrow.relay import Relay, RelayConfig
 
 from ..helpers import EchoServer, ServiceThread, free_port, on_runtime, tls_connect

@@ -14,7 +14,7 @@ import pytest
 
 import burrow
 from burrow.agent.runtime import runtime
-from burrow.demo import client_context
+from burrow.client import client_context
 from burrow.protocol.frames import MAX_FRAME_PAYLOAD
 from burrow.protocol.session import DEFAULT_WINDOW
 

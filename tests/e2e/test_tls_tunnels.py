@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 import burrow
-from burrow.demo import client_context
+from burrow.client import client_context
 
 from ..helpers import EchoServer, free_port, recv_all, sha256, tls_connect
 

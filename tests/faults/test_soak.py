@@ -11,6 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_one_minute_soak_stays_flat() -> None:
     result = subprocess.run(

@@ -16,7 +16,7 @@ import pytest
 
 from burrow.agent.config import AgentSettings, RelayAddress
 from burrow.agent.relay_connection import AgentTunnel, RelayConnection
-from burrow.demo import client_context
+from burrow.client import client_context
 from burrow.relay import Relay, RelayConfig
 
 from ..helpers import RUNNERS, EchoServer
