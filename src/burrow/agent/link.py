@@ -1,6 +1,6 @@
 """The agent's link to one relay: a session that comes back, and tunnels that keep their URL.
 
-A :class:`RelayLink` owns the current :class:`RelayConnection` to a relay and
+A :class:`RelayLink` owns the current session (:class:`~burrow.agent.plane.AgentSession`) to a relay and
 every tunnel opened through it. When the session drops (relay restart,
 network blip, laptop sleep, a dead link found by heartbeats) or the relay
 says GOAWAY, the link reconnects on its own with jittered exponential
@@ -19,6 +19,7 @@ from ..errors import AuthenticationFailed, BurrowError, TunnelRefused
 from ..protocol.messages import BindFailure, TunnelAddress
 from ..tunnel import TunnelState
 from .config import AgentSettings
+from .plane import AgentSession
 from .relay_connection import AgentTunnel, RelayConnection
 
 logger = logging.getLogger("burrow")
@@ -41,22 +42,22 @@ class RelayLink:
 
     def __init__(self, settings: AgentSettings) -> None:
         self.settings = settings
-        self.session: RelayConnection | None = None
+        self.session: AgentSession | None = None
         self.tunnels: list[AgentTunnel] = []
-        self._connecting: asyncio.Future[RelayConnection] | None = None
+        self._connecting: asyncio.Future[AgentSession] | None = None
         self._reconnecting: asyncio.Task[None] | None = None
         self._stopped = False
 
     # ------------------------------------------------------------------ sessions
 
-    async def current_session(self) -> RelayConnection:
+    async def current_session(self) -> AgentSession:
         """The open session, connecting once for all concurrent callers."""
         if self.session is not None and self.session.usable:
             return self.session
         if self._connecting is None:
             self._connecting = asyncio.get_running_loop().create_future()
             try:
-                session = await RelayConnection.connect(self.settings, self)
+                session: AgentSession = await RelayConnection.connect(self.settings, self)
             except BaseException as exc:
                 self._connecting.set_exception(exc)
                 self._connecting.exception()
@@ -99,19 +100,19 @@ class RelayLink:
 
     # --------------------------------------------------- SessionOwner callbacks
 
-    def session_lost(self, session: RelayConnection) -> None:
+    def session_lost(self, session: AgentSession) -> None:
         if session is self.session:
             self.session = None
             self._start_reconnecting(session.close_reason or "link lost")
 
-    def session_draining(self, session: RelayConnection) -> None:
+    def session_draining(self, session: AgentSession) -> None:
         # the relay is going away: its open streams finish on the old session,
         # while tunnels move to a new one (the same relay once it is back)
         if session is self.session:
             self.session = None
             self._start_reconnecting(session.close_reason or "relay going away")
 
-    def tunnel_unbound(self, session: RelayConnection, tunnel_id: str, reason: str) -> None:
+    def tunnel_unbound(self, session: AgentSession, tunnel_id: str, reason: str) -> None:
         for tunnel in list(self.tunnels):
             if tunnel.id == tunnel_id:
                 logger.warning("burrow: the relay closed tunnel %s (%s)", tunnel_id, reason)
@@ -164,7 +165,7 @@ class RelayLink:
         if not self._stopped and any(t.state is TunnelState.OPEN for t in self.tunnels):
             logger.warning("burrow: reconnected to relay %s after %d attempt(s)", self.settings.relay, attempt)
 
-    async def _resume(self, session: RelayConnection, tunnel: AgentTunnel) -> None:
+    async def _resume(self, session: AgentSession, tunnel: AgentTunnel) -> None:
         old_id, old_url = tunnel.id, _url(tunnel.address)
         try:
             address = await session.bind(tunnel.local_port, tunnel.unencrypted, tunnel.h2, tunnel.ticket)

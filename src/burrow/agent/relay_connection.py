@@ -9,7 +9,7 @@ import socket
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from ..connection import SessionConnection, StreamEndpoint, TrafficStats
 from ..errors import AuthenticationFailed, RelayUnavailable, SessionClosed, TunnelRefused
@@ -21,6 +21,7 @@ from ..relay.limits import LogLimiter
 from ..relay.tls import EARLY_ALPN
 from ..tunnel import TunnelState
 from .config import AgentSettings
+from .plane import SessionOwner
 
 logger = logging.getLogger(__name__)
 
@@ -79,16 +80,6 @@ class AgentTunnel:
                 self.on_state(state)
             except Exception:
                 logger.exception("tunnel %s: the on_state callback failed", self.id)
-
-
-class SessionOwner(Protocol):
-    """Who learns what happens to a session (the agent's link to its relay)."""
-
-    def session_lost(self, session: RelayConnection) -> None: ...
-
-    def session_draining(self, session: RelayConnection) -> None: ...
-
-    def tunnel_unbound(self, session: RelayConnection, tunnel_id: str, reason: str) -> None: ...
 
 
 class LocalEndpoint(StreamEndpoint):

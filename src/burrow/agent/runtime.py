@@ -23,7 +23,8 @@ from ..errors import PortAlreadyForwarded
 from ..relay.config import RelayConfig
 from .config import AgentSettings, RelayAddress
 from .link import RelayLink
-from .relay_connection import AgentTunnel, RelayConnection
+from .plane import AgentSession
+from .relay_connection import AgentTunnel
 
 logger = logging.getLogger("burrow")
 
@@ -117,7 +118,7 @@ class Runtime:
         return link
 
     @property
-    def sessions(self) -> list[RelayConnection]:
+    def sessions(self) -> list[AgentSession]:
         """The open sessions (for introspection and tests)."""
         return [link.session for link in self.links.values() if link.session is not None]
 
