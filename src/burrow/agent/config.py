@@ -165,7 +165,7 @@ def read_token() -> tuple[str, str]:
 
 
 def read_token_file(path: Path, source: str) -> str:
-    """The first non-empty line of a token file."""
+    """The first word of a token file (tokens hold no whitespace; a trailing newline is ignored)."""
     try:
         lines = path.read_text().split()
     except OSError as exc:

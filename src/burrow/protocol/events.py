@@ -82,7 +82,7 @@ class StreamOpened:
 
 @dataclass(slots=True)
 class DataReceived:
-    """Bytes for a stream; call ``consumed()`` once they have left this process.
+    """Bytes for a stream; report ``SessionProtocol.consumed(stream_id, len(data))`` once they have left the process.
 
     Not frozen, unlike the other events: one is made per DATA frame, and a
     frozen dataclass takes three times as long to make.

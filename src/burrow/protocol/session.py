@@ -10,7 +10,8 @@ Flow control: each side announces its per-stream receive window in the
 handshake. A sender may have at most that many unacknowledged bytes on a
 stream; the receiver grants credit back (WINDOW) once the application has
 *consumed* half a window, so a stalled reader holds at most one window of
-data, and the sender buffers at most what it was handed beyond its credit.
+data in flight towards it (plus what its own transport buffers before it
+pauses), and the sender buffers at most what it was handed beyond its credit.
 """
 
 from __future__ import annotations
