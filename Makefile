@@ -1,26 +1,34 @@
 # The two entry points of the README: `make demo` and `make test`.
-# Both set up everything they need from nothing but python3 (3.11+) and make.
+# Both set up everything they need from nothing but python3 (3.11+), make and a
+# Rust toolchain (cargo): `pip install -e .` builds the native data plane with maturin.
 
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test lint unit setup system-deps bench clean
+.PHONY: demo test lint unit setup system-deps bench clean rust
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-$(VENV)/.demo-installed: pyproject.toml | $(BIN)/python
+# the native crate: a change to it rebuilds the extension at the next make demo/test
+NATIVE := native/Cargo.toml $(wildcard native/Cargo.lock native/src/*.rs)
+
+rust:
+	@command -v cargo >/dev/null || { echo "make: burrow's data plane is Rust: install a Rust toolchain" \
+		"(https://rustup.rs, or Debian's cargo), then run make again" >&2; exit 1; }
+
+$(VENV)/.demo-installed: pyproject.toml $(NATIVE) | rust $(BIN)/python
 	$(BIN)/pip install --quiet -e .
 	touch $@
 
 # the test suite runs the bench's --quick mode too (tests/test_bench.py), so it needs the bench group
-$(VENV)/.test-installed: pyproject.toml | $(BIN)/python
+$(VENV)/.test-installed: pyproject.toml $(NATIVE) | rust $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[test,bench]'
 	touch $@
 
-$(VENV)/.bench-installed: pyproject.toml | $(BIN)/python
+$(VENV)/.bench-installed: pyproject.toml $(NATIVE) | rust $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[bench]'
 	touch $@
 
@@ -50,9 +58,12 @@ demo: $(VENV)/.demo-installed
 lint: $(VENV)/.test-installed
 	$(BIN)/ruff check src tests bench
 	$(BIN)/mypy
+	cd native && cargo fmt --check
+	cd native && PYO3_PYTHON=$(abspath $(BIN)/python) cargo clippy --quiet --all-targets --features python -- -D warnings
 
 test: system-deps lint
+	cd native && cargo test --quiet
 	$(BIN)/pytest
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis native/target src/burrow/_native*.so

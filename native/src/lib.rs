@@ -1,0 +1,16 @@
+//! burrow's native data plane, loaded by Python as `burrow._native`.
+//!
+//! Python keeps the API, the CLI and every decision; this crate moves bytes.
+//! Today it holds the wire format ([`frames`]), checked against the Python
+//! reference model by a differential test; the relay's and the agent's data
+//! planes grow here behind the seam drawn in `burrow/relay/plane.py`.
+//!
+//! The pure-Rust core builds and tests without Python (`cargo test`); the
+//! PyO3 module is behind the `python` feature, which maturin turns on.
+
+#![forbid(unsafe_code)]
+
+pub mod frames;
+
+#[cfg(feature = "python")]
+mod python;

@@ -1,0 +1,16 @@
+"""Types of burrow's native extension (built from native/ by maturin); private to burrow."""
+
+HEADER_SIZE: int
+MAX_FRAME_PAYLOAD: int
+MAX_CONTROL_PAYLOAD: int
+
+class FrameDecoder:
+    """Turns a byte stream cut anywhere into ``(type, stream_id, payload)`` frames."""
+
+    def __init__(self, max_payload: int = ...) -> None: ...
+    def feed(self, data: bytes) -> list[tuple[int, int, bytes]]: ...
+    def pending(self) -> list[tuple[int, int, bytes]]: ...
+    @property
+    def buffered(self) -> int: ...
+
+def encode(frame_type: int, stream_id: int, payload: bytes) -> bytes: ...
