@@ -27,7 +27,7 @@ from .errors import RemoteProtocolError
 from .protocol import events as ev
 from .protocol.buffer import MAX_READ, ReceiveBuffer
 from .protocol.frames import ErrorCode
-from .protocol.session import SessionProtocol, SessionState
+from .protocol.session import Role, SessionProtocol, SessionState
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +40,12 @@ HEARTBEATS_PER_TIMEOUT = 4
 #: Queued chunks smaller than this in all are joined into one write (one TLS record).
 JOIN_BELOW = 16 * 1024
 
+#: Bytes a session may have queued for a peer that does not read before the link is
+#: closed. Flow control keeps DATA far below it (endpoints stop reading once the link
+#: is congested: at most one read each beyond the transport's high-water mark); what
+#: can pass it is a peer that sends without reading (every PING asks for a PONG).
+MAX_UNSENT = 32 * 1024 * 1024
+
 #: DATA payloads smaller than this are copied before a transport gets them (TLS,
 #: or a socket that is behind), rather than handed over as views that could keep
 #: a whole read buffer alive. An idle plain TCP socket gets any size at once.
@@ -47,6 +53,7 @@ COPY_BELOW = 16 * 1024
 
 #: (an enum member is a slow attribute lookup on Python 3.11: ~0.2 µs, on every DATA)
 _SESSION_CLOSED = SessionState.CLOSED
+_SESSION_HANDSHAKE = SessionState.HANDSHAKE
 
 #: struct linger {on, 0 seconds}: close() sends RST instead of FIN.
 LINGER_RESET = struct.pack("ii", 1, 0)
@@ -353,6 +360,9 @@ class SessionConnection(asyncio.BufferedProtocol):
             logger.warning("session %s: protocol error from peer: %s", self.name, exc)
             self.proto.events_received()
             self.flush()
+            # the streams end now, not when the link's TLS close is done (up to
+            # TLS_SHUTDOWN_TIMEOUT): their clients must not wait on a dead session
+            self._reset_streams()
             if self.transport is not None:
                 self.transport.close()
             return
@@ -367,10 +377,14 @@ class SessionConnection(asyncio.BufferedProtocol):
             self._heartbeat.cancel()
 
         self.proto.connection_lost()
+        self._reset_streams()
+        self.session_closed(exc)
+
+    def _reset_streams(self) -> None:
+        """Reset the connection of every stream (the session is over)."""
         for endpoint in list(self.endpoints.values()):
             endpoint.peer_reset()
         self.endpoints.clear()
-        self.session_closed(exc)
 
     def pause_writing(self) -> None:
         self.writing_paused = True
@@ -399,14 +413,21 @@ class SessionConnection(asyncio.BufferedProtocol):
         as they are (joining would copy them for the sake of one header).
         """
         out = self.proto.data_to_send()
-        if not out or self.transport is None or self.transport.is_closing():
+        transport = self.transport
+        if not out or transport is None or transport.is_closing():
             return
         if len(out) == 1:
-            self.transport.write(out[0])
+            transport.write(out[0])
         elif sum(map(len, out)) <= JOIN_BELOW:
-            self.transport.write(b"".join(out))
+            transport.write(b"".join(out))
         else:
-            self.transport.writelines(out)
+            transport.writelines(out)
+        if self.writing_paused and transport.get_write_buffer_size() > MAX_UNSENT:
+            # a peer that never reads (while it sends PINGs, say) would grow this without bound
+            unsent = transport.get_write_buffer_size()
+            logger.warning("session %s: peer reads nothing (%d bytes unsent); closing the link", self.name, unsent)
+            self._reset_streams()
+            transport.abort()
 
     def send_data(self, stream_id: int, data: bytes | memoryview) -> bool:
         """Send on a stream; False when the stream ran out of credit."""
@@ -507,6 +528,9 @@ class SessionConnection(asyncio.BufferedProtocol):
             self.flush()
             self.transport.abort()
             return
-        self.proto.ping(int(time.monotonic() * 1e9))
-        self.flush()
+        if self.proto.state is not _SESSION_HANDSHAKE or self.proto.role is not Role.RELAY:
+            # (a relay does not PING an agent that has not said HELLO: its HELLO deadline
+            # covers that time, and a PONG before HELLO is not in the protocol)
+            self.proto.ping(int(time.monotonic() * 1e9))
+            self.flush()
         self._schedule_heartbeat()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+from collections.abc import Callable
 
 from ..connection import SessionConnection
 from ..protocol import events as ev
@@ -27,7 +28,12 @@ class AgentConnection(SessionConnection):
     """
 
     def __init__(
-        self, config: RelayConfig, control: ControlPlane, sessions: dict[str, AgentConnection], peer: str
+        self,
+        config: RelayConfig,
+        control: ControlPlane,
+        sessions: dict[str, AgentConnection],
+        peer: str,
+        release: Callable[[], None] = lambda: None,
     ) -> None:
         super().__init__(
             SessionProtocol(Role.RELAY, window=config.window, max_payload=config.max_frame),
@@ -37,6 +43,7 @@ class AgentConnection(SessionConnection):
         self.control = control
         self.sessions = sessions
         self.peer = peer
+        self.release = release  # frees the pending-handshake slot this connection holds until HELLO
         self._hello_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -53,6 +60,7 @@ class AgentConnection(SessionConnection):
         if isinstance(event, ev.HelloReceived):
             if self._hello_timer is not None:
                 self._hello_timer.cancel()
+            self.release()
             self.control.hello(Hello(self.name, self.peer, event.token, event.agent))
         elif isinstance(event, ev.BindRequested):
             if self.proto.state is not SessionState.CLOSED:  # (an early BIND behind a refused HELLO: dropped)
@@ -69,6 +77,7 @@ class AgentConnection(SessionConnection):
     def session_closed(self, exc: Exception | None) -> None:
         if self._hello_timer is not None:
             self._hello_timer.cancel()
+        self.release()
         if self.sessions.get(self.name) is self:
             del self.sessions[self.name]
         self.control.session_closed(self.name)

@@ -24,7 +24,7 @@ import asyncio
 import logging
 import socket
 import ssl
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -121,9 +121,11 @@ class PublicEndpoint(StreamEndpoint):
 class _Dispatcher(asyncio.Protocol):
     """First protocol of every TLS connection: hands it to a session or a tunnel."""
 
-    def __init__(self, plane: AsyncioPlane, peer: str) -> None:
+    def __init__(self, plane: AsyncioPlane, peer: str, release: Callable[[], None]) -> None:
         self.plane = plane
         self.peer = peer
+        self.release = release  # frees the connection's pending-handshake slot
+        self.keeps_slot = False  # an agent keeps it until its HELLO
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)
@@ -137,7 +139,8 @@ class _Dispatcher(asyncio.Protocol):
                 )
                 transport.close()
                 return
-            session = AgentConnection(plane.config, plane.control, plane.sessions, self.peer)
+            session = AgentConnection(plane.config, plane.control, plane.sessions, self.peer, self.release)
+            self.keeps_slot = True
             transport.set_protocol(session)
             session.connection_made(transport)
             return
@@ -291,16 +294,32 @@ class AsyncioPlane:
                 self.refusals.log("accept", logging.INFO, "dropped %s: %s", format_address(address), exc)
 
     async def _handshake(self, conn: socket.socket, address: Any) -> None:
+        """TLS, then hand the connection over; its pending slot is freed here, or by its HELLO.
+
+        An agent's connection stays counted as pending until it says HELLO
+        (or goes), so connections that finish TLS and then say nothing are
+        capped with the handshakes, overall and per source.
+        """
         peer = format_address(address)
         loop = asyncio.get_running_loop()
         assert self.certs is not None
+        pending, source = self.pending, address[0]
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                pending.done(source)
+
+        dispatcher = _Dispatcher(self, peer, release)
         try:
             # Nagle off: the tunnel forwards what it reads at once. Every other socket
             # comes from create_server or create_connection, which set it (asyncio and
             # uvloop alike); asyncio's connect_accepted_socket does not (proto is 0)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             await loop.connect_accepted_socket(
-                lambda: _Dispatcher(self, peer),
+                lambda: dispatcher,
                 conn,
                 ssl=self.certs.agent_context,
                 ssl_handshake_timeout=self.config.handshake_timeout,
@@ -314,7 +333,8 @@ class AsyncioPlane:
             conn.close()
             raise
         finally:
-            self.pending.done(address[0])
+            if not dispatcher.keeps_slot:
+                release()
 
     def _on_sni(self, sslobj: ssl.SSLObject, name: str | None, context: ssl.SSLContext) -> int | None:
         if name is None:

@@ -1,0 +1,152 @@
+"""Agents that misbehave on purpose: silent after TLS, answering before HELLO, never reading, breaking the protocol.
+
+Each was tried against the relay and found wanting; each is now a bound or
+a prompt ending, whatever engine carries the bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+import time
+from pathlib import Path
+
+import pytest
+
+from burrow import connection
+from burrow.protocol.frames import HEADER, PING_PAYLOAD, FrameType, encode, encode_json
+from burrow.relay import Relay
+from burrow.relay.tls import AGENT_ALPN
+
+from ..helpers import free_port
+from .conftest import RelayProcess
+
+PER_SOURCE = 10
+
+
+def _agent(port: int, ca: Path, source: str = "127.0.0.1") -> ssl.SSLSocket:
+    context = ssl.create_default_context(cafile=str(ca))
+    context.set_alpn_protocols([AGENT_ALPN])
+    sock = socket.socket()
+    sock.bind((source, 0))
+    sock.settimeout(10)
+    sock.connect(("127.0.0.1", port))
+    return context.wrap_socket(sock, server_hostname="localhost")
+
+
+def _hello() -> bytes:
+    return encode_json(FrameType.HELLO, {"versions": [1], "token": "", "window": 1 << 20, "agent": "test"})
+
+
+def _frames(sock: ssl.SSLSocket, want: FrameType, timeout: float) -> list[tuple[int, int, bytes]]:
+    """Read frames until one of type ``want`` has come (or the time is up)."""
+    sock.settimeout(timeout)
+    data = b""
+    frames: list[tuple[int, int, bytes]] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not any(kind == want for kind, _, _ in frames):
+        try:
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            break
+        if not chunk:
+            break
+        data += chunk
+        while len(data) >= HEADER.size:
+            kind, _, stream_id, length = HEADER.unpack_from(data)
+            if len(data) < HEADER.size + length:
+                break
+            frames.append((kind, stream_id, data[HEADER.size : HEADER.size + length]))
+            data = data[HEADER.size + length :]
+    return frames
+
+
+def _refused_at_once(port: int, source: str) -> bool:
+    sock = socket.socket()
+    sock.bind((source, 0))
+    sock.settimeout(2)
+    try:
+        sock.connect(("127.0.0.1", port))
+        return sock.recv(1) == b""
+    except (ConnectionResetError, TimeoutError, OSError):
+        return True
+    finally:
+        sock.close()
+
+
+def test_connections_silent_after_tls_count_as_pending_until_hello(ca_file: Path) -> None:
+    relay = RelayProcess(free_port(), "--max-pending-per-source", str(PER_SOURCE))
+    relay.start()
+    silent: list[ssl.SSLSocket] = []
+    try:
+        silent = [_agent(relay.port, ca_file, "127.0.0.2") for _ in range(PER_SOURCE)]  # TLS done, no HELLO
+        time.sleep(0.3)
+        started = time.monotonic()
+        assert _refused_at_once(relay.port, "127.0.0.2")
+        assert time.monotonic() - started < 1.5  # refused, not left to a deadline
+        with _agent(relay.port, ca_file, "127.0.0.1") as other:  # other sources are unaffected
+            other.sendall(_hello())
+            assert any(kind == FrameType.WELCOME for kind, _, _ in _frames(other, FrameType.WELCOME, 5))
+        silent[0].sendall(_hello())  # a HELLO frees its slot
+        assert any(kind == FrameType.WELCOME for kind, _, _ in _frames(silent[0], FrameType.WELCOME, 5))
+        with _agent(relay.port, ca_file, "127.0.0.2") as again:
+            again.sendall(_hello())
+            assert any(kind == FrameType.WELCOME for kind, _, _ in _frames(again, FrameType.WELCOME, 5))
+    finally:
+        for sock in silent:
+            sock.close()
+        relay.stop()
+    assert any("handshakes already pending from it" in line for line in relay.log)
+
+
+def test_the_relay_does_not_ping_before_hello_and_takes_pongs_after(fast_relay: Relay, ca_file: Path) -> None:
+    with _agent(fast_relay.port, ca_file) as sock:
+        interval = fast_relay.config.heartbeat_timeout / connection.HEARTBEATS_PER_TIMEOUT
+        assert _frames(sock, FrameType.PING, interval * 2.5) == []  # two beats' time: silence
+        sock.sendall(_hello())
+        frames = _frames(sock, FrameType.PING, interval * 3)
+        assert [kind for kind, _, _ in frames] == [FrameType.WELCOME, FrameType.PING]
+        sock.sendall(encode(FrameType.PONG, 0, frames[-1][2]))  # answered as the protocol says
+        sock.sendall(encode(FrameType.PING, 0, PING_PAYLOAD.pack(42)))
+        answers = _frames(sock, FrameType.PONG, interval * 3)
+        assert (FrameType.PONG, 0, PING_PAYLOAD.pack(42)) in answers
+        assert all(kind != FrameType.GOAWAY for kind, _, _ in answers)
+
+
+def test_a_protocol_error_resets_the_sessions_public_clients_at_once(fast_relay: Relay, ca_file: Path) -> None:
+    with _agent(fast_relay.port, ca_file) as agent:
+        agent.sendall(_hello())
+        agent.sendall(encode_json(FrameType.BIND, {"request": 1, "port": 9, "unencrypted": True, "h2": False}))
+        (bound,) = [p for kind, _, p in _frames(agent, FrameType.BOUND, 5) if kind == FrameType.BOUND]
+        tcp_port = int(bound.split(b'"unencrypted_port":')[1].split(b"}")[0].split(b",")[0])
+        with socket.create_connection(("127.0.0.1", tcp_port), timeout=10) as client:
+            client.sendall(b"hello?")
+            assert any(kind == FrameType.OPEN for kind, _, _ in _frames(agent, FrameType.OPEN, 5))
+            agent.sendall(HEADER.pack(99, 0, 0, 0))  # garbage: the session dies
+            started = time.monotonic()
+            try:
+                ended = client.recv(100)
+            except ConnectionResetError:
+                ended = b""
+            assert ended == b"" and time.monotonic() - started < 1.0  # not after the TLS close's 5 s
+
+
+def test_an_agent_that_never_reads_is_cut_off(
+    fast_relay: Relay, ca_file: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(connection, "MAX_UNSENT", 1024 * 1024)  # the bound, made small for the test
+    caplog.set_level(logging.WARNING, logger="burrow.connection")
+    pings = encode(FrameType.PING, 0, PING_PAYLOAD.pack(7)) * 4096  # 72 KiB asking for as many PONGs
+    with _agent(fast_relay.port, ca_file) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.sendall(_hello())
+        sent = 0
+        with pytest.raises(OSError):  # the relay hangs up (reset, or a send that finds it gone)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                sock.sendall(pings)
+                sent += len(pings)
+            raise AssertionError(f"sent {sent} bytes of PINGs without reading and the relay took them all")
+    assert sent < 64 * 1024 * 1024
+    assert any("peer reads nothing" in r.getMessage() for r in caplog.records)
