@@ -60,6 +60,7 @@ class Forward:
         self._tunnel = AgentTunnel(self.port, self.unencrypted, self.h2, on_state=on_state)
         self._link: RelayLink | None = None
         self._opened = False
+        self._generation = -1  # the runtime generation (process, across forks) that opened it
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -150,6 +151,7 @@ class Forward:
             if self._opened:
                 raise BurrowError(f"this forward() of port {self.port} was already opened; call forward() again")
             self._opened = True
+        self._generation = runtime().generation
         return runtime().submit(self._open())
 
     async def _open(self) -> Tunnel:
@@ -165,6 +167,10 @@ class Forward:
         with self._lock:
             link, self._link = self._link, None
         if link is None:
+            return None
+        if self._generation != runtime().generation:
+            # opened before this process was forked: the tunnel is the parent's to close
+            self._tunnel.set_state(TunnelState.CLOSED)
             return None
         return runtime().submit(runtime().close(link, self._tunnel))
 

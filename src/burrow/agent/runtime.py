@@ -51,6 +51,10 @@ class Runtime:
     """Owns the loop thread, the sessions, the embedded relay and the forwarded ports."""
 
     def __init__(self) -> None:
+        self.generation = 0  # one more in each forked child: what an older one opened is not ours
+        self._reset()
+
+    def _reset(self) -> None:
         self._lock = threading.Lock()
         self.loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -58,6 +62,17 @@ class Runtime:
         self.embedded: Relay | None = None
         self._embedded_starting: asyncio.Future[Relay] | None = None
         self.forwarded: dict[int, object] = {}  # port -> whoever forwards it
+
+    def after_fork_in_child(self) -> None:
+        """A forked child starts with no runtime of its own (its loop thread did not survive the fork).
+
+        Everything the parent had is dropped, not closed: the sockets are
+        shared with the parent, and a GOAWAY or a close_notify from here would
+        end the parent's sessions. The child's first ``forward()`` starts a
+        new loop thread (and, with no relay configured, its own embedded relay).
+        """
+        self.generation += 1
+        self._reset()
 
     # -------------------------------------------------------------- the thread
 
@@ -175,6 +190,8 @@ class Runtime:
 
 
 _runtime = Runtime()
+if hasattr(os, "register_at_fork"):  # (not on Windows, which does not fork)
+    os.register_at_fork(after_in_child=_runtime.after_fork_in_child)
 
 
 def runtime() -> Runtime:
