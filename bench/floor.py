@@ -20,6 +20,11 @@ top (one multiplexed session, DATA frames, credit, the registry) costs more
 than this, never less; a target this pair misses is out of reach for a tunnel
 written in Python on this machine.
 
+A second floor is compiled code: a pair of ``socat`` processes with OpenSSL
+(``cfloor``), TLS 1.2 AES-128-GCM between them, 256 KiB buffers, one forked
+process per connection, no multiplexing either. It shows what a naive C
+forwarder gets on this machine, beside ``ssh -R`` and burrow.
+
 The command starts a floor pair per service beside ``ssh -R`` (aes128-gcm),
 HAProxy → ``ssh -R`` and burrow, and measures, alternating the order of the
 paths from run to run: scenario 1 (``iperf3 -R``, one stream), 2 (one TLS
@@ -39,6 +44,11 @@ import statistics
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from bench.lab import BenchCerts
+    from bench.procs import Procs
 
 #: Room lent for one read (burrow's stream reads ask for the same).
 READ_SIZE = 256 * 1024
@@ -49,6 +59,13 @@ SIGNAL = b"!"
 
 #: TLS links ``far`` keeps open and unused.
 POOL = 4
+
+#: socat's transfer buffer: burrow's read size, and the size the C floor was first measured with.
+SOCAT_BUFFER = 256 * 1024
+
+#: The C floor's link: TLS 1.2 with AES-128-GCM (the cipher of the ssh -R it is compared with;
+#: socat 1.7 cannot choose a TLS 1.3 suite).
+SOCAT_TLS = "cipher=ECDHE-ECDSA-AES128-GCM-SHA256,openssl-max-proto-version=TLS1.2"
 
 
 class Pipe(asyncio.BufferedProtocol):
@@ -254,12 +271,12 @@ def _measure(args: argparse.Namespace) -> int:
     lab = Lab(work, procs)
     # (metric, target, paths): scenario 1 and 4 through plain TCP, 2 through TLS
     plan = [
-        (THROUGHPUT, "iperf", ["ssh-gcm", "burrow", "floor"]),
-        (TLS_THROUGHPUT, "source", ["haproxy+ssh-gcm", "burrow-tls", "floor-tls"]),
-        (RTT, "echo", ["direct", "ssh-gcm", "burrow", "floor"]),
+        (THROUGHPUT, "iperf", ["ssh-gcm", "burrow", "floor", "cfloor"]),
+        (TLS_THROUGHPUT, "source", ["haproxy+ssh-gcm", "burrow-tls", "floor-tls", "cfloor-tls"]),
+        (RTT, "echo", ["direct", "ssh-gcm", "burrow", "floor", "cfloor"]),
     ]
     try:
-        lab.prepare((key, target) for _, target, keys in plan for key in keys if not key.startswith("floor"))
+        lab.prepare((key, target) for _, target, keys in plan for key in keys if "floor" not in key)
         floor: dict[tuple[str, str], clients.Endpoint] = {}
         for _, target, _ in plan:
             public, public_tls, link = free_port(), free_port(), free_port()
@@ -272,6 +289,9 @@ def _measure(args: argparse.Namespace) -> int:
             )
             floor["floor", target] = clients.Endpoint("127.0.0.1", public)
             floor["floor-tls", target] = clients.Endpoint("127.0.0.1", public_tls, BENCH_SNI, str(lab.certs.ca))
+            public, public_tls = start_c_floor(procs, lab.certs, lab.targets[target].tcp_port, target)
+            floor["cfloor", target] = clients.Endpoint("127.0.0.1", public)
+            floor["cfloor-tls", target] = clients.Endpoint("127.0.0.1", public_tls, BENCH_SNI, str(lab.certs.ca))
 
         def measure(metric: str, endpoint: clients.Endpoint) -> float:
             if metric == THROUGHPUT:
@@ -293,6 +313,33 @@ def _measure(args: argparse.Namespace) -> int:
     return 0
 
 
+def start_c_floor(procs: Procs, certs: BenchCerts, service_port: int, name: str) -> tuple[int, int]:
+    """The socat pair in front of ``service_port``; its (plain TCP, TLS) public ports."""
+    from bench.procs import free_port
+
+    link, public, public_tls = free_port(), free_port(), free_port()
+    buffer = ["-b", str(SOCAT_BUFFER)]
+    far_listen = f"OPENSSL-LISTEN:{link},bind=127.0.0.1,reuseaddr,fork,cert={certs.cert},key={certs.key}"
+    far_listen += f",verify=0,nodelay,{SOCAT_TLS}"
+    to_far = f"OPENSSL:127.0.0.1:{link},verify=0,nodelay,{SOCAT_TLS}"
+    starts = [
+        ("far", [far_listen, f"TCP:127.0.0.1:{service_port},nodelay"], link),
+        ("near", [f"TCP-LISTEN:{public},bind=127.0.0.1,reuseaddr,fork,nodelay", to_far], public),
+        (
+            "near-tls",
+            [
+                f"OPENSSL-LISTEN:{public_tls},bind=127.0.0.1,reuseaddr,fork,nodelay,verify=0,"
+                f"cert={certs.cert},key={certs.key}",
+                to_far,
+            ],
+            public_tls,
+        ),
+    ]
+    for role, addresses, port in starts:
+        procs.start(f"cfloor-{role}-{name}", ["socat", *buffer, *addresses]).wait_listening(port)
+    return public, public_tls
+
+
 THROUGHPUT = "1. raw TCP, `iperf3 -R`, Gbit/s"
 TLS_THROUGHPUT = "2. TLS, one stream, Gbit/s"
 RTT = "4. 1-byte round trip p50, µs"
@@ -309,18 +356,14 @@ def _report(results: dict[tuple[str, str], list[float]], plan: list[tuple[str, s
             lines.append(f"| {metric} | {key} | {med(metric, key):.3g} | {min(values):.3g} – {max(values):.3g} |")
     lines.append("")
     for metric, peer, target in ((THROUGHPUT, "ssh-gcm", 1.2), (TLS_THROUGHPUT, "haproxy+ssh-gcm", 1.0)):
-        burrow_key, floor_key = (k for k in next(keys for m, _, keys in plan if m == metric) if k != peer)
-        peer_figure, burrow, floor = med(metric, peer), med(metric, burrow_key), med(metric, floor_key)
-        lines.append(
-            f"- {metric[0]} (target ≥ {target}× {peer}): floor {floor / peer_figure:.2f}×,"
-            f" burrow {burrow / peer_figure:.2f}× ({burrow / floor:.2f}× the floor)"
-        )
+        keys = next(keys for m, _, keys in plan if m == metric)
+        peer_figure = med(metric, peer)
+        ratios = ", ".join(f"{key} {med(metric, key) / peer_figure:.2f}×" for key in keys if key != peer)
+        lines.append(f"- {metric[0]} (target ≥ {target}× {peer}): {ratios}")
     direct = med(RTT, "direct")
-    ssh, burrow, floor = (med(RTT, k) - direct for k in ("ssh-gcm", "burrow", "floor"))
-    lines.append(
-        f"- 4 (target: added ≤ 0.75× ssh-gcm's = {0.75 * ssh:.0f} µs):"
-        f" added by the floor {floor:.0f} µs, by burrow {burrow:.0f}"
-    )
+    ssh = med(RTT, "ssh-gcm") - direct
+    added = ", ".join(f"{key} {med(RTT, key) - direct:.0f} µs" for key in ("burrow", "floor", "cfloor"))
+    lines.append(f"- 4 (target: added ≤ 0.75× ssh-gcm's = {0.75 * ssh:.0f} µs): added by {added}")
     return "\n".join(lines)
 
 

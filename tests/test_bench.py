@@ -118,3 +118,30 @@ def test_floor_pair_forwards_bytes_both_ways(tmp_path: Path) -> None:
     finally:
         procs.stop_all()
         services.stop()
+
+
+@pytest.mark.timeout(60)
+def test_c_floor_pair_forwards_bytes_both_ways(tmp_path: Path) -> None:
+    """``bench.floor``'s socat pair (the compiled floor) carries bytes whole, plain and TLS."""
+    from bench.floor import start_c_floor
+    from bench.lab import BENCH_SNI, make_certs
+    from bench.procs import Procs
+
+    from .helpers import ServiceThread
+
+    certs = make_certs(tmp_path / "certs")
+    services = ServiceThread()
+    procs = Procs(tmp_path)
+    try:
+        echo = services.echo_server()
+        public, public_tls = start_c_floor(procs, certs, echo.port, "test")
+        payload = os.urandom(3 * 1024 * 1024)
+        with socket.create_connection(("127.0.0.1", public), timeout=20) as sock:
+            assert _echo_through(sock, payload) == payload
+        context = ssl.create_default_context(cafile=str(certs.ca))
+        with socket.create_connection(("127.0.0.1", public_tls), timeout=20) as raw:
+            with context.wrap_socket(raw, server_hostname=BENCH_SNI) as sock:
+                assert _echo_through(sock, payload) == payload
+    finally:
+        procs.stop_all()
+        services.stop()
