@@ -40,6 +40,14 @@ def _listen_on_busy_port(tmp: Path) -> tuple[list[str], dict[str, str]]:
     return ["relay", "--listen", f"127.0.0.1:{port}"], {}
 
 
+def _damaged_home(tmp: Path) -> str:
+    home = tmp / "damaged-home"
+    home.mkdir()
+    (home / "ca.pem").write_bytes(b"-----BEGIN CERTIFICATE-----\njunk\n-----END CERTIFICATE-----\n")
+    (home / "ca-key.pem").write_bytes(b"junk")
+    return str(home)
+
+
 RELAY = ["relay", "--listen", "127.0.0.1:0"]
 
 CASES: dict[str, Setup] = {
@@ -60,6 +68,8 @@ CASES: dict[str, Setup] = {
     "window too small": lambda t: ([*RELAY, "--window", "1k"], {}),
     "zero handshake timeout": lambda t: ([*RELAY, "--handshake-timeout", "0"], {}),
     "home is a file": lambda t: (RELAY, {"BURROW_HOME": str(_file(t / "home", b"x"))}),
+    "damaged dev CA": lambda t: (RELAY, {"BURROW_HOME": _damaged_home(t)}),
+    "damaged dev CA (embedded relay)": lambda t: (["forward", "8000"], {"BURROW_HOME": _damaged_home(t)}),
     "relay is an IP": lambda t: (["forward", "8000"], {"BURROW_RELAY": "127.0.0.1:4443"}),
     "relay port is junk": lambda t: (["forward", "8000"], {"BURROW_RELAY": "localhost:http"}),
     "nobody at the relay": lambda t: (["forward", "8000"], {"BURROW_RELAY": f"localhost:{free_port()}"}),

@@ -40,10 +40,12 @@ HEARTBEATS_PER_TIMEOUT = 4
 #: Queued chunks smaller than this in all are joined into one write (one TLS record).
 JOIN_BELOW = 16 * 1024
 
-#: Bytes a session may have queued for a peer that does not read before the link is
-#: closed. Flow control keeps DATA far below it (endpoints stop reading once the link
-#: is congested: at most one read each beyond the transport's high-water mark); what
-#: can pass it is a peer that sends without reading (every PING asks for a PONG).
+#: Bytes a session may have queued for a peer that does not read, beyond one read
+#: (MAX_READ) per open stream, before the link is closed. DATA stays within the
+#: per-stream part: endpoints stop reading once the link is congested, and a stream
+#: out of credit holds at most one read, which a burst of WINDOW frames may release
+#: at once. What can pass it is a peer that sends without reading (every PING asks
+#: for a PONG, every UNBIND for an UNBOUND).
 MAX_UNSENT = 32 * 1024 * 1024
 
 #: DATA payloads smaller than this are copied before a transport gets them (TLS,
@@ -422,7 +424,7 @@ class SessionConnection(asyncio.BufferedProtocol):
             transport.write(b"".join(out))
         else:
             transport.writelines(out)
-        if self.writing_paused and transport.get_write_buffer_size() > MAX_UNSENT:
+        if self.writing_paused and transport.get_write_buffer_size() > MAX_UNSENT + len(self.endpoints) * MAX_READ:
             # a peer that never reads (while it sends PINGs, say) would grow this without bound
             unsent = transport.get_write_buffer_size()
             logger.warning("session %s: peer reads nothing (%d bytes unsent); closing the link", self.name, unsent)

@@ -10,6 +10,7 @@ tunnels at the relay without hanging.
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import socket
 import subprocess
@@ -17,6 +18,8 @@ import sys
 import threading
 import time
 from pathlib import Path
+
+import pytest
 
 import burrow
 
@@ -119,9 +122,12 @@ def test_ctrl_c_while_opening_raises_keyboard_interrupt_at_once() -> None:
         silent.close()
 
 
-def test_interpreter_exit_closes_the_tunnels_at_the_relay_without_hanging(echo: EchoServer, ca_file: Path) -> None:
+def test_interpreter_exit_closes_the_tunnels_at_the_relay_without_hanging(
+    echo: EchoServer, ca_file: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     from burrow.relay import Relay, RelayConfig
 
+    caplog.set_level(logging.INFO, logger="burrow.relay")
     relay = on_runtime(Relay(RelayConfig(port=0)).start())
     try:
         code = (
@@ -140,6 +146,8 @@ def test_interpreter_exit_closes_the_tunnels_at_the_relay_without_hanging(echo: 
         while tunnel_id in relay.control.registry:  # gone at once, not at a heartbeat timeout
             assert time.monotonic() < deadline, "the relay still holds the tunnel of an exited process"
             time.sleep(0.05)
+        # said, not just noticed: the process's exit sent GOAWAY (a killed one only drops its socket)
+        assert any("agent said goodbye" in r.getMessage() for r in caplog.records)
     finally:
 
         async def close() -> None:

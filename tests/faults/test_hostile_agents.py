@@ -75,7 +75,7 @@ def _refused_at_once(port: int, source: str) -> bool:
         sock.close()
 
 
-def test_connections_silent_after_tls_count_as_pending_until_hello(ca_file: Path) -> None:
+def test_connections_silent_after_tls_count_as_pending_until_welcomed(ca_file: Path) -> None:
     relay = RelayProcess(free_port(), "--max-pending-per-source", str(PER_SOURCE))
     relay.start()
     silent: list[ssl.SSLSocket] = []
@@ -88,7 +88,7 @@ def test_connections_silent_after_tls_count_as_pending_until_hello(ca_file: Path
         with _agent(relay.port, ca_file, "127.0.0.1") as other:  # other sources are unaffected
             other.sendall(_hello())
             assert any(kind == FrameType.WELCOME for kind, _, _ in _frames(other, FrameType.WELCOME, 5))
-        silent[0].sendall(_hello())  # a HELLO frees its slot
+        silent[0].sendall(_hello())  # a HELLO with a good token frees its slot
         assert any(kind == FrameType.WELCOME for kind, _, _ in _frames(silent[0], FrameType.WELCOME, 5))
         with _agent(relay.port, ca_file, "127.0.0.2") as again:
             again.sendall(_hello())

@@ -43,7 +43,7 @@ class AgentConnection(SessionConnection):
         self.control = control
         self.sessions = sessions
         self.peer = peer
-        self.release = release  # frees the pending-handshake slot this connection holds until HELLO
+        self.release = release  # frees the pending-handshake slot it holds until welcomed (or gone)
         self._hello_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -60,7 +60,6 @@ class AgentConnection(SessionConnection):
         if isinstance(event, ev.HelloReceived):
             if self._hello_timer is not None:
                 self._hello_timer.cancel()
-            self.release()
             self.control.hello(Hello(self.name, self.peer, event.token, event.agent))
         elif isinstance(event, ev.BindRequested):
             if self.proto.state is not SessionState.CLOSED:  # (an early BIND behind a refused HELLO: dropped)

@@ -197,15 +197,17 @@ class RelayControl:
                 message = f"relay has no free TCP port in {self._port_range()}"
                 raise BindRefused(BindFailure.NO_TCP_PORT, message) from None
         if not plane.session_open(request.session_id) or tunnel_id in self.registry:
-            plane.remove_route(tunnel_id)  # the session died meanwhile, or a rival resumed first
+            if tunnel_id not in self.registry:  # (a rival's route is the rival's)
+                plane.remove_route(tunnel_id)  # the session died meanwhile: drop our listener
             raise BindRefused(BindFailure.IN_USE, f"tunnel {tunnel_id} was bound meanwhile")
         host = f"{tunnel_id}.{self.config.domain}"
         record = TunnelRecord(
             tunnel_id, host, request.session_id, token_fp, request.port, request.h2, request.unencrypted, tcp_port
         )
+        # nothing below may fail: a failure above gives the id back, and this one is now live
+        ticket = self.tickets.issue(token_fp, Claims(tunnel_id, request.unencrypted, request.h2, tcp_port))
         self.registry.add(record)
         plane.add_route(Route(tunnel_id, host, request.session_id, request.h2, tcp_port))
-        ticket = self.tickets.issue(token_fp, Claims(tunnel_id, request.unencrypted, request.h2, tcp_port))
         logger.info(
             "tunnel %s %s by session %s: %s%s",
             tunnel_id,

@@ -21,6 +21,7 @@ chose. The plane decides nothing about tunnels: it routes what it was told to.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import socket
 import ssl
@@ -125,7 +126,7 @@ class _Dispatcher(asyncio.Protocol):
         self.plane = plane
         self.peer = peer
         self.release = release  # frees the connection's pending-handshake slot
-        self.keeps_slot = False  # an agent keeps it until its HELLO
+        self.keeps_slot = False  # an agent keeps it until it is welcomed
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)
@@ -294,11 +295,12 @@ class AsyncioPlane:
                 self.refusals.log("accept", logging.INFO, "dropped %s: %s", format_address(address), exc)
 
     async def _handshake(self, conn: socket.socket, address: Any) -> None:
-        """TLS, then hand the connection over; its pending slot is freed here, or by its HELLO.
+        """TLS, then hand the connection over; its pending slot is freed here, or at its WELCOME.
 
-        An agent's connection stays counted as pending until it says HELLO
-        (or goes), so connections that finish TLS and then say nothing are
-        capped with the handshakes, overall and per source.
+        An agent's connection stays counted as pending until it is welcomed
+        (or goes), so connections that finish TLS and then say nothing (or
+        send a refused token) are capped with the handshakes, overall and per
+        source.
         """
         peer = format_address(address)
         loop = asyncio.get_running_loop()
@@ -386,7 +388,9 @@ class AsyncioPlane:
         certs.keep(host, False, context)
 
     async def listen_tcp(self, tunnel_id: str, ports: Sequence[int]) -> int:
-        tunnel = self.tunnels.setdefault(tunnel_id, RoutedTunnel(tunnel_id))
+        if tunnel_id in self.tunnels:  # a rival bind for the same id got here first
+            raise OSError(errno.EADDRINUSE, f"tunnel {tunnel_id} already has a route or a listener")
+        tunnel = self.tunnels[tunnel_id] = RoutedTunnel(tunnel_id)
         host = self.config.tcp_host or self.config.host
         last: OSError = OSError("no port to try")
         for port in ports:
@@ -444,6 +448,9 @@ class AsyncioPlane:
         if session is not None and session.proto.state is SessionState.HELLO_RECEIVED:
             session.proto.welcome(session_id)
             session.flush()
+            # (a refused agent keeps its slot until its link is gone: a flood of bad
+            # tokens stays within the pending caps while each closes)
+            session.release()
 
     def reject(self, session_id: str, code: ErrorCode, reason: str) -> None:
         session = self.sessions.get(session_id)

@@ -85,6 +85,12 @@ class CertificateStore:
                     f"cannot set up the dev CA in {config.data_dir or 'BURROW_HOME'} ({reason}); "
                     "check BURROW_HOME, or give --cert and --key"
                 ) from None
+            except ValueError as exc:  # cryptography: a PEM file that is not a certificate or an EC key
+                self.close()
+                raise ConfigurationError(
+                    f"the dev CA in {config.data_dir or 'BURROW_HOME'} is damaged ({str(exc).splitlines()[0]}); "
+                    "delete its ca.pem and ca-key.pem to make a new one"
+                ) from None
 
     @property
     def ca_path(self) -> Path | None:
