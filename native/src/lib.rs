@@ -2,7 +2,8 @@
 //!
 //! Python keeps the API, the CLI and every decision; this crate moves bytes.
 //! Today it holds the wire format ([`frames`]), checked against the Python
-//! reference model by a differential test; the relay's and the agent's data
+//! reference model by a differential test, and the ClientHello peeker
+//! ([`sni`]) that routes the TLS port; the relay's and the agent's data
 //! planes grow here behind the seam drawn in `burrow/relay/plane.py`.
 //!
 //! The pure-Rust core builds and tests without Python (`cargo test`); the
@@ -11,6 +12,7 @@
 #![forbid(unsafe_code)]
 
 pub mod frames;
+pub mod sni;
 
 #[cfg(feature = "python")]
 mod python;

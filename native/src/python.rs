@@ -6,6 +6,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
 use crate::frames::{self, OwnedFrame};
+use crate::sni;
 
 /// `burrow.errors.RemoteProtocolError(code, message)`: the peer broke the protocol.
 fn remote_error(py: Python<'_>, error: &frames::FrameError) -> PyErr {
@@ -109,10 +110,25 @@ fn encode(py: Python<'_>, frame_type: u8, stream_id: u32, payload: &[u8]) -> PyR
     Ok(PyBytes::new(py, &out).unbind())
 }
 
+/// The server name and ALPN list of a TLS ClientHello: `(name or None, [alpn, ...])`,
+/// or None while more bytes are needed; ValueError for bytes that are not one.
+/// A ClientHello as Python sees it: `(server name or None, [alpn, ...])`.
+type PyHello = (Option<String>, Vec<Vec<u8>>);
+
+#[pyfunction]
+fn peek_client_hello(data: &[u8]) -> PyResult<Option<PyHello>> {
+    match sni::peek(data) {
+        Ok(sni::Peek::Hello(hello)) => Ok(Some((hello.server_name, hello.alpn))),
+        Ok(sni::Peek::NeedMore) => Ok(None),
+        Err(refusal) => Err(PyValueError::new_err(refusal.to_string())),
+    }
+}
+
 #[pymodule]
 fn _native(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_class::<FrameDecoder>()?;
     module.add_function(wrap_pyfunction!(encode, module)?)?;
+    module.add_function(wrap_pyfunction!(peek_client_hello, module)?)?;
     module.add("HEADER_SIZE", frames::HEADER_SIZE)?;
     module.add("MAX_FRAME_PAYLOAD", frames::MAX_FRAME_PAYLOAD)?;
     module.add("MAX_CONTROL_PAYLOAD", frames::MAX_CONTROL_PAYLOAD)?;
