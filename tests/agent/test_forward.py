@@ -20,19 +20,7 @@ import burrow
 from burrow.client import client_context
 from burrow.relay import Relay, RelayConfig
 
-from ..helpers import EchoServer, ServiceThread, free_port, on_runtime, tls_connect
-
-
-def _echo_once(tunnel: burrow.Tunnel, ca: Path, payload: bytes = b"hello burrow") -> bytes:
-    with tls_connect(tunnel, ca) as sock:
-        sock.sendall(payload)
-        got = b""
-        while len(got) < len(payload):
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            got += chunk
-        return got
+from ..helpers import EchoServer, ServiceThread, echo_once, free_port, on_runtime
 
 
 @pytest.fixture
@@ -58,7 +46,7 @@ def test_sync_forward_returns_an_immutable_tunnel(echo: EchoServer, ca_file: Pat
             tunnel.tcp_socket  # noqa: B018
         with pytest.raises(AttributeError):
             tunnel.port = 1  # type: ignore[misc]
-        assert _echo_once(tunnel, ca_file) == b"hello burrow"
+        assert echo_once(tunnel, ca_file) == b"hello burrow"
     assert not forward.is_open
     with pytest.raises(burrow.TunnelClosed):
         forward.tunnel  # noqa: B018
@@ -113,7 +101,7 @@ def test_sync_forward_inside_a_running_loop_like_jupyter(echo: EchoServer, ca_fi
     async def cell() -> bytes:
         # a notebook cell runs synchronous code while the kernel's loop is running
         with burrow.forward(echo.port) as tunnel:
-            return _echo_once(tunnel, ca_file, b"from a notebook")
+            return echo_once(tunnel, ca_file, b"from a notebook")
 
     assert asyncio.run(cell()) == b"from a notebook"
 
@@ -128,7 +116,7 @@ def test_many_threads_forward_at_once(service_loop: ServiceThread, ca_file: Path
             for round_ in range(3):
                 with burrow.forward(servers[index].port) as tunnel:
                     payload = f"thread {index} round {round_}".encode()
-                    results[index * 10 + round_] = _echo_once(tunnel, ca_file, payload)
+                    results[index * 10 + round_] = echo_once(tunnel, ca_file, payload)
         except BaseException as exc:  # noqa: BLE001 (reported below)
             errors.append(exc)
 
@@ -154,7 +142,7 @@ def test_wrong_token_is_refused_with_its_cause(token_relay: Relay, echo: EchoSer
             pass
     with burrow.forward(echo.port, relay=relay, token="right-token") as tunnel:
         assert tunnel.port == token_relay.port
-        assert _echo_once(tunnel, ca_file) == b"hello burrow"
+        assert echo_once(tunnel, ca_file) == b"hello burrow"
 
 
 def test_token_from_environment_file(
@@ -208,9 +196,9 @@ def test_operator_certificate_relay(echo: EchoServer, tmp_path: Path) -> None:
                 pass
         with burrow.forward(echo.port, relay=f"relay.localhost:{relay.port}", token="t", ca=ca_pem) as tunnel:
             assert tunnel.host == f"{tunnel.id}.relay.localhost"
-            assert _echo_once(tunnel, ca_pem) == b"hello burrow"
+            assert echo_once(tunnel, ca_pem) == b"hello burrow"
             with pytest.raises(ssl.SSLCertVerificationError):
-                _echo_once(tunnel, Path(os.environ["BURROW_HOME"]) / "ca.pem")  # the dev CA does not vouch
+                echo_once(tunnel, Path(os.environ["BURROW_HOME"]) / "ca.pem")  # the dev CA does not vouch
     finally:
 
         async def close() -> None:

@@ -23,22 +23,10 @@ import pytest
 
 import burrow
 
-from ..helpers import EchoServer, ServiceThread, on_runtime, tls_connect
+from ..helpers import EchoServer, ServiceThread, echo_once, on_runtime
 
 THREADS = 8
 ROUNDS = 5
-
-
-def _echo(tunnel: burrow.Tunnel, ca: Path, payload: bytes) -> bytes:
-    with tls_connect(tunnel, ca) as sock:
-        sock.sendall(payload)
-        got = b""
-        while len(got) < len(payload):
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            got += chunk
-        return got
 
 
 def test_threads_and_an_asyncio_loop_open_and_close_tunnels_at_once(
@@ -55,7 +43,7 @@ def test_threads_and_an_asyncio_loop_open_and_close_tunnels_at_once(
             for round_ in range(ROUNDS):
                 payload = f"thread {index} round {round_}".encode()
                 with burrow.forward(port) as tunnel:
-                    assert _echo(tunnel, ca_file, payload) == payload
+                    assert echo_once(tunnel, ca_file, payload) == payload
                 with lock:
                     served += 1
         except BaseException as exc:  # reported below, with the others
@@ -67,7 +55,7 @@ def test_threads_and_an_asyncio_loop_open_and_close_tunnels_at_once(
             payload = f"asyncio round {round_}".encode()
             async with burrow.forward(port) as tunnel:
                 started = time.monotonic()
-                assert await asyncio.to_thread(_echo, tunnel, ca_file, payload) == payload
+                assert await asyncio.to_thread(echo_once, tunnel, ca_file, payload) == payload
                 await asyncio.sleep(0)
                 assert time.monotonic() - started < 10
             with lock:
