@@ -59,10 +59,7 @@ def load_or_create_key(path: Path) -> bytes:
             key = path.read_bytes()
         except FileNotFoundError:
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            try:
-                write_private(path, secrets.token_bytes(KEY_BYTES))
-            except FileExistsError:  # another relay made it first
-                pass
+            write_private(path, secrets.token_bytes(KEY_BYTES))
             key = path.read_bytes()
     except OSError as exc:
         reason = (exc.strerror or str(exc)).lower()
