@@ -8,6 +8,7 @@ import dataclasses
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -18,6 +19,7 @@ from typing import NoReturn
 from . import __version__
 from .agent.config import read_token_file
 from .agent.forward import Forward
+from .agent.relay_connection import LOCAL_CONNECT_TIMEOUT
 from .agent.runtime import new_event_loop
 from .connection import TrafficStats
 from .errors import BurrowError, ConfigurationError
@@ -136,6 +138,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--token-file", type=Path, help="file holding the token (default: BURROW_TOKEN, BURROW_TOKEN_FILE)"
     )
     fwd.add_argument("--ca", type=Path, help="CA certificate to trust for the relay (default: BURROW_CA)")
+    fwd.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=LOCAL_CONNECT_TIMEOUT,
+        metavar="SECONDS",
+        help=f"how long a public connection waits for the local service to accept (default {LOCAL_CONNECT_TIMEOUT:g})",
+    )
 
     commands.add_parser(
         "demo",
@@ -265,7 +274,14 @@ def status_line(stats: TrafficStats) -> str:
 
 
 def _open_forward(args: argparse.Namespace) -> Forward:
-    forward = Forward(args.port, unencrypted=args.unencrypted, h2=args.h2, relay=args.relay, ca=args.ca)
+    forward = Forward(
+        args.port,
+        unencrypted=args.unencrypted,
+        h2=args.h2,
+        relay=args.relay,
+        ca=args.ca,
+        connect_timeout=args.connect_timeout,
+    )
     if args.token_file:
         token = read_token_file(args.token_file, "--token-file")
         forward.settings = dataclasses.replace(
@@ -306,10 +322,28 @@ def _watch(forward: Forward) -> int:
     return 1
 
 
+def _listening(port: int) -> bool:
+    """Something accepts on loopback ``port`` (IPv4 or IPv6), as the agent will dial it."""
+    for host in ("127.0.0.1", "::1"):
+        try:
+            socket.create_connection((host, port), timeout=1).close()
+            return True
+        except OSError:
+            continue
+    return False
+
+
 def run_forward(args: argparse.Namespace) -> int:
     """``burrow forward PORT``."""
     forward = _open_forward(args)
     with forward as tunnel:
+        if not _listening(args.port):  # (once the tunnel is open: a failure stays one line)
+            print(
+                f"burrow: nothing listens on local port {args.port} yet; public connections wait up to "
+                f"{forward.connect_timeout:g} s for it (--connect-timeout)",
+                file=sys.stderr,
+                flush=True,
+            )
         print(f"burrow: forwarding local port {args.port}", flush=True)
         print(f"  url  {tunnel.url}", flush=True)
         if tunnel.unencrypted_port is not None:

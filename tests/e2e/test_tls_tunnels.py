@@ -144,7 +144,8 @@ def test_connection_while_nothing_listens_closes_and_tunnel_stays(
     ca_file: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     port = free_port()
-    with burrow.forward(port) as tunnel:  # opened first, the service starts later
+    # opened first, the service starts later; a connection waits 0.3 s for it, then is closed
+    with burrow.forward(port, connect_timeout=0.3) as tunnel:
         with caplog.at_level(logging.WARNING, logger="burrow"):
             with tls_connect(tunnel, ca_file) as sock:
                 assert recv_all(sock) == b""  # closed cleanly (close_notify), nothing invented

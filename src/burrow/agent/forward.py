@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import math
 import os
 import threading
 from collections.abc import Callable
@@ -15,11 +16,19 @@ from ..protocol.messages import TunnelAddress
 from ..tunnel import Tunnel, TunnelState
 from .config import AgentSettings
 from .link import RelayLink
-from .relay_connection import CONNECT_TIMEOUT, REQUEST_TIMEOUT, AgentTunnel
+from .relay_connection import CONNECT_TIMEOUT, LOCAL_CONNECT_TIMEOUT, REQUEST_TIMEOUT, AgentTunnel
 from .runtime import runtime
 
 #: A synchronous caller never waits longer than connecting plus one request.
 SYNC_TIMEOUT = CONNECT_TIMEOUT + 2 * REQUEST_TIMEOUT
+
+
+def _check_connect_timeout(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < math.inf:
+        raise ConfigurationError(
+            f"connect_timeout {value!r} is not a number of seconds; give 0 or more (0: reset at once)"
+        )
+    return float(value)
 
 
 def _check_port(port: object) -> int:
@@ -47,8 +56,10 @@ class Forward:
         token: str | None = None,
         ca: str | os.PathLike[str] | None = None,
         on_state: Callable[[TunnelState], None] | None = None,
+        connect_timeout: float = LOCAL_CONNECT_TIMEOUT,
     ) -> None:
         self.port = _check_port(port)
+        self.connect_timeout = _check_connect_timeout(connect_timeout)
         if unencrypted and h2:
             raise ConfigurationError(
                 "h2=True negotiates HTTP/2 by TLS ALPN, which a raw TCP address cannot do; "
@@ -57,7 +68,9 @@ class Forward:
         self.unencrypted = bool(unencrypted)
         self.h2 = bool(h2)
         self.settings = AgentSettings.resolve(relay, token, ca)
-        self._tunnel = AgentTunnel(self.port, self.unencrypted, self.h2, on_state=on_state)
+        self._tunnel = AgentTunnel(
+            self.port, self.unencrypted, self.h2, on_state=on_state, connect_timeout=self.connect_timeout
+        )
         self._link: RelayLink | None = None
         self._opened = False
         self._generation = -1  # the runtime generation (process, across forks) that opened it
@@ -188,6 +201,7 @@ def forward(
     token: str | None = None,
     ca: str | os.PathLike[str] | None = None,
     on_state: Callable[[TunnelState], None] | None = None,
+    connect_timeout: float = LOCAL_CONNECT_TIMEOUT,
 ) -> Forward:
     """Expose local TCP ``port`` to the Internet through a relay.
 
@@ -198,8 +212,21 @@ def forward(
     override ``BURROW_RELAY``, ``BURROW_TOKEN``/``BURROW_TOKEN_FILE`` and
     ``BURROW_CA``; with no relay at all, an embedded one on loopback is used.
 
+    A public connection that arrives while nothing listens on ``port`` yet
+    waits up to ``connect_timeout`` seconds (default 10) for the service, its
+    bytes kept and delivered first; after that it is closed.
+
     If the link to the relay drops, burrow reconnects by itself and the
     tunnel comes back with the same URL; ``on_state`` (called on burrow's
     thread) and ``Forward.state`` report RECONNECTING, then OPEN again.
     """
-    return Forward(port, unencrypted=unencrypted, h2=h2, relay=relay, token=token, ca=ca, on_state=on_state)
+    return Forward(
+        port,
+        unencrypted=unencrypted,
+        h2=h2,
+        relay=relay,
+        token=token,
+        ca=ca,
+        on_state=on_state,
+        connect_timeout=connect_timeout,
+    )

@@ -33,6 +33,15 @@ CONNECT_TIMEOUT = 10.0
 #: How long the relay has to answer a BIND or UNBIND.
 REQUEST_TIMEOUT = 10.0
 
+#: How long a public connection waits for the local service to accept, by default
+#: (``forward(connect_timeout=)``): long enough for a notebook or dev server started
+#: right after the tunnel (a web service that answers 303 to a fresh URL).
+LOCAL_CONNECT_TIMEOUT = 10.0
+
+#: Between dials nobody answered: doubling from the first, capped at the last.
+DIAL_RETRY_FIRST = 0.05
+DIAL_RETRY_CAP = 1.0
+
 #: The service may listen on IPv4 or IPv6 loopback; nothing else is ever dialled.
 LOCAL_HOSTS = ("127.0.0.1", "::1")
 
@@ -52,6 +61,7 @@ class AgentTunnel:
     unencrypted: bool
     h2: bool
     address: TunnelAddress | None = None  # the latest BOUND: id, addresses, ticket
+    connect_timeout: float = LOCAL_CONNECT_TIMEOUT  # how long a connection waits for the service
     stats: TrafficStats = field(default_factory=TrafficStats)
     state: TunnelState = TunnelState.OPENING
     on_state: Callable[[TunnelState], None] | None = None
@@ -120,25 +130,39 @@ class LocalEndpoint(StreamEndpoint):
         if self.early_fin:
             super().peer_fin()
 
-    async def connect(self, port: int) -> None:
-        """Dial the service on loopback; reset the stream if nothing listens."""
+    async def connect(self, port: int, give_up_after: float) -> None:
+        """Dial the service on loopback, again and again for up to ``give_up_after`` s; then reset the stream.
+
+        A service that is not listening yet (started right after the tunnel)
+        gets the connection once it is: what the client sent meanwhile waits
+        here (at most one window: no credit is granted for it) and goes first.
+        """
         loop = asyncio.get_running_loop()
+        deadline = loop.time() + give_up_after
+        delay = DIAL_RETRY_FIRST
         error: OSError | None = None
-        for host in LOCAL_HOSTS:
-            try:
-                await loop.create_connection(lambda: self, host, port)
-                return
-            except OSError as exc:
-                error = exc
+        while not self.done:
+            for host in LOCAL_HOSTS:
+                try:
+                    await loop.create_connection(lambda: self, host, port)
+                    return
+                except OSError as exc:
+                    error = exc
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            await asyncio.sleep(min(delay, remaining))
+            delay = min(delay * 2, DIAL_RETRY_CAP)
         if not self.done:
             reason = (error.strerror or str(error)).lower() if error is not None else "refused"
             _refused.log(
                 f"port {port}",
                 logging.WARNING,
-                "burrow: nothing accepts on local port %d (%s): a public connection was closed; "
+                "burrow: nothing accepts on local port %d (%s) after %.1f s: a public connection was closed; "
                 "start the service there, or forward the port it listens on",
                 port,
                 reason,
+                give_up_after,
             )
             self.abort(ErrorCode.REFUSED, f"local port {port} refused the connection")
 
@@ -328,7 +352,8 @@ class RelayConnection(SessionConnection):
             self.proto.send_rst(event.stream_id, ErrorCode.TUNNEL_CLOSED, "no such tunnel here")
             return
         endpoint = LocalEndpoint(self, event.stream_id, tunnel)
-        endpoint.dial = asyncio.get_running_loop().create_task(endpoint.connect(tunnel.local_port))
+        dial = endpoint.connect(tunnel.local_port, tunnel.connect_timeout)
+        endpoint.dial = asyncio.get_running_loop().create_task(dial)
 
     def session_closed(self, exc: Exception | None) -> None:
         reason = self.close_reason or "link lost"
