@@ -190,3 +190,14 @@ def test_service_closing_first_is_seen_as_eof(service_loop: ServiceThread, ca_fi
         with sock:
             assert len(recv_all(sock)) == 5 * MB + 7
     service_loop.close_server(source)
+
+
+def test_the_raw_address_answers_on_every_address_its_name_resolves_to(echo: EchoServer) -> None:
+    # the embedded relay names it "localhost": a client that tries ::1 first must not be refused
+    with burrow.forward(echo.port, unencrypted=True) as tunnel:
+        host, port = tunnel.tcp_socket
+        assert host == "localhost"
+        for address in ("127.0.0.1", "::1"):
+            with socket.create_connection((address, port), timeout=10) as sock:
+                sock.sendall(f"via {address}".encode())
+                assert sock.recv(100) == f"via {address}".encode()

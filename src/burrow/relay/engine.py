@@ -91,17 +91,17 @@ class RoutedTunnel:
 
     tunnel_id: str
     route: Route | None = None  # None while only its TCP listener exists (bind in progress)
-    tcp_listener: socket.socket | None = None
-    tcp_accepting: asyncio.Task[None] | None = None
+    tcp_listeners: list[socket.socket] = field(default_factory=list)  # its raw TCP port (v4, and v6 on dev)
+    tcp_accepting: list[asyncio.Task[None]] = field(default_factory=list)
 
     def stop_listening(self) -> None:
-        """Close the raw TCP listener, if any."""
-        if self.tcp_accepting is not None:
-            self.tcp_accepting.cancel()
-            self.tcp_accepting = None
-        if self.tcp_listener is not None:
-            self.tcp_listener.close()
-            self.tcp_listener = None
+        """Close the raw TCP listeners, if any."""
+        for task in self.tcp_accepting:
+            task.cancel()
+        for listener in self.tcp_listeners:
+            listener.close()
+        self.tcp_accepting.clear()
+        self.tcp_listeners.clear()
     stats: TrafficStats = field(default_factory=TrafficStats)
     endpoints: set[PublicEndpoint] = field(default_factory=set)
 
@@ -392,18 +392,27 @@ class AsyncioPlane:
             raise OSError(errno.EADDRINUSE, f"tunnel {tunnel_id} already has a route or a listener")
         tunnel = self.tunnels[tunnel_id] = RoutedTunnel(tunnel_id)
         host = self.config.tcp_host or self.config.host
+        hosts = [host]
+        if self.config.also_ipv6 and host == "127.0.0.1" and socket.has_ipv6:
+            # the address given is "localhost" (the domain): it must answer on ::1 too,
+            # for the clients that try IPv6 first
+            hosts.append("::1")
         last: OSError = OSError("no port to try")
+        loop = asyncio.get_running_loop()
         for port in ports:
             try:
-                # a socket of our own: create_server(host, port) would skip an address
+                # sockets of our own: create_server(host, port) would skip an address
                 # whose socket() fails (EMFILE) and return a server holding nothing
-                tunnel.tcp_listener = _tcp_listener(host, port)
-            except OSError as exc:
+                for address in hosts:
+                    tunnel.tcp_listeners.append(_tcp_listener(address, port))
+            except OSError as exc:  # (this port is taken on one of them: try the next)
+                tunnel.stop_listening()
                 last = exc
                 continue
-            task = asyncio.get_running_loop().create_task(self._accept_loop(tunnel.tcp_listener, tunnel))
-            tunnel.tcp_accepting = task
-            task.add_done_callback(self._task_done)
+            for listener in tunnel.tcp_listeners:
+                task = loop.create_task(self._accept_loop(listener, tunnel))
+                task.add_done_callback(self._task_done)
+                tunnel.tcp_accepting.append(task)
             return port
         if tunnel.route is None:
             self.tunnels.pop(tunnel_id, None)
