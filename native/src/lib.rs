@@ -12,6 +12,7 @@
 #![forbid(unsafe_code)]
 
 pub mod frames;
+pub mod relay;
 pub mod sni;
 
 #[cfg(feature = "python")]

@@ -1,11 +1,17 @@
 //! The PyO3 face of the crate: small, private (`burrow._native`), and every
 //! error raised as burrow's own exception, one line each.
 
-use pyo3::exceptions::PyValueError;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use pyo3::exceptions::{PyOSError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
 use crate::frames::{self, OwnedFrame};
+use crate::relay::engine::{Certificates, Engine};
+use crate::relay::events::Event;
+use crate::relay::{Config, Route};
 use crate::sni;
 
 /// `burrow.errors.RemoteProtocolError(code, message)`: the peer broke the protocol.
@@ -124,9 +130,228 @@ fn peek_client_hello(data: &[u8]) -> PyResult<Option<PyHello>> {
     }
 }
 
+/// `OSError(errno, strerror)`, as Python's own socket calls raise it.
+fn os_error(error: std::io::Error) -> PyErr {
+    match error.raw_os_error() {
+        Some(errno) => PyOSError::new_err((errno, error.to_string())),
+        None => PyOSError::new_err(error.to_string()),
+    }
+}
+
+fn addresses(hosts: Vec<String>) -> PyResult<Vec<IpAddr>> {
+    hosts
+        .iter()
+        .map(|h| {
+            h.parse::<IpAddr>()
+                .map_err(|_| PyValueError::new_err(format!("{h:?} is not an IP address")))
+        })
+        .collect()
+}
+
+/// An event for Python: `("hello", session, peer, payload)`, `("request", session, type,
+/// payload)`, `("closed", session)` or `("log", kind, level, message)`.
+type PyEvent = (&'static str, Py<PyAny>, Py<PyAny>, Py<PyAny>);
+
+/// The relay's data plane (see `burrow/relay/native_plane.py`, which drives it).
+#[pyclass(module = "burrow._native")]
+struct RelayEngine {
+    engine: Engine,
+}
+
+#[pymethods]
+impl RelayEngine {
+    #[new]
+    #[pyo3(signature = (*, domain, threads, handshake_timeout, hello_timeout, heartbeat_timeout,
+        window, max_frame, max_pending, max_pending_per_source, max_streams_per_session,
+        max_streams_per_tunnel, fd_ceiling, chain=None, key=None, dev_key=None, agent_leaf=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        domain: String,
+        threads: usize,
+        handshake_timeout: f64,
+        hello_timeout: f64,
+        heartbeat_timeout: f64,
+        window: u32,
+        max_frame: u32,
+        max_pending: usize,
+        max_pending_per_source: usize,
+        max_streams_per_session: usize,
+        max_streams_per_tunnel: usize,
+        fd_ceiling: i64,
+        chain: Option<Vec<u8>>,
+        key: Option<Vec<u8>>,
+        dev_key: Option<Vec<u8>>,
+        agent_leaf: Option<Vec<u8>>,
+    ) -> PyResult<Self> {
+        let seconds = |s: f64| {
+            Duration::try_from_secs_f64(s).map_err(|e| PyValueError::new_err(e.to_string()))
+        };
+        let config = Config {
+            domain,
+            handshake_timeout: seconds(handshake_timeout)?,
+            hello_timeout: seconds(hello_timeout)?,
+            heartbeat_timeout: seconds(heartbeat_timeout)?,
+            window,
+            max_frame: check_max_payload(max_frame)?,
+            max_pending,
+            max_pending_per_source,
+            max_streams_per_session,
+            max_streams_per_tunnel,
+            fd_ceiling,
+        };
+        let certificates = match (&chain, &key, &dev_key, &agent_leaf) {
+            (Some(chain), Some(key), _, _) => Certificates::Operator { chain, key },
+            (_, _, Some(key), Some(agent)) => Certificates::Dev { key, agent },
+            _ => {
+                return Err(PyValueError::new_err(
+                    "give chain and key, or dev_key and agent_leaf",
+                ))
+            }
+        };
+        let engine = Engine::new(config, certificates, threads).map_err(PyValueError::new_err)?;
+        Ok(Self { engine })
+    }
+
+    /// The socket that becomes readable when events wait (its descriptor is Python's to close).
+    fn take_watched_fd(&mut self) -> Option<i32> {
+        self.engine
+            .take_watched()
+            .map(std::os::fd::IntoRawFd::into_raw_fd)
+    }
+
+    fn take_events(&self, py: Python<'_>) -> PyResult<Vec<PyEvent>> {
+        let none = || py.None();
+        self.engine
+            .take_events()
+            .into_iter()
+            .map(|event| {
+                Ok(match event {
+                    Event::Hello {
+                        session,
+                        peer,
+                        payload,
+                    } => (
+                        "hello",
+                        session.into_pyobject(py)?.into_any().unbind(),
+                        peer.into_pyobject(py)?.into_any().unbind(),
+                        PyBytes::new(py, &payload).into_any().unbind(),
+                    ),
+                    Event::Request {
+                        session,
+                        kind,
+                        payload,
+                    } => (
+                        "request",
+                        session.into_pyobject(py)?.into_any().unbind(),
+                        kind.into_pyobject(py)?.into_any().unbind(),
+                        PyBytes::new(py, &payload).into_any().unbind(),
+                    ),
+                    Event::SessionClosed { session } => (
+                        "closed",
+                        session.into_pyobject(py)?.into_any().unbind(),
+                        none(),
+                        none(),
+                    ),
+                    Event::Log {
+                        kind,
+                        level,
+                        message,
+                    } => (
+                        "log",
+                        kind.into_pyobject(py)?.into_any().unbind(),
+                        level.into_pyobject(py)?.into_any().unbind(),
+                        message.into_pyobject(py)?.into_any().unbind(),
+                    ),
+                })
+            })
+            .collect()
+    }
+
+    /// Listen for TLS on `host:port`; returns the port bound. OSError as `socket.bind` raises.
+    fn listen(&self, host: String, port: u16) -> PyResult<u16> {
+        let host = addresses(vec![host])?[0];
+        self.engine.listen(host, port).map_err(os_error)
+    }
+
+    /// A raw TCP listener for the tunnel on the first port of `ports` free on all `hosts`.
+    fn listen_tcp(&self, tunnel_id: &str, hosts: Vec<String>, ports: Vec<u16>) -> PyResult<u16> {
+        let hosts = addresses(hosts)?;
+        self.engine
+            .listen_tcp(tunnel_id, &hosts, &ports)
+            .map_err(os_error)
+    }
+
+    #[pyo3(signature = (tunnel_id, host, session_id, h2, leaf=None))]
+    fn add_route(
+        &self,
+        tunnel_id: &str,
+        host: String,
+        session_id: String,
+        h2: bool,
+        leaf: Option<Vec<u8>>,
+    ) -> PyResult<()> {
+        let route = Route {
+            host,
+            session: session_id,
+            h2,
+        };
+        self.engine
+            .add_route(tunnel_id, route, leaf.as_deref())
+            .map_err(PyValueError::new_err)
+    }
+
+    fn remove_route(&self, tunnel_id: &str) {
+        self.engine.remove_route(tunnel_id);
+    }
+
+    #[getter]
+    fn per_host_leaves(&self) -> bool {
+        self.engine.per_host_leaves()
+    }
+
+    fn session_open(&self, session_id: &str) -> bool {
+        self.engine.session_open(session_id)
+    }
+
+    fn welcome(&self, session_id: &str, frame: &[u8], peer_window: u32, send_payload: u32) {
+        self.engine
+            .welcome(session_id, frame, peer_window, send_payload);
+    }
+
+    fn send_control(&self, session_id: &str, frame: &[u8]) {
+        self.engine.send_control(session_id, frame);
+    }
+
+    fn close_session(&self, session_id: &str, goaway: &[u8]) {
+        self.engine.close_session(session_id, goaway);
+    }
+
+    fn goaway(&self, goaway: &[u8]) {
+        self.engine.goaway(goaway);
+    }
+
+    /// `(open, total, bytes_in, bytes_out)` of a tunnel.
+    fn stats(&self, tunnel_id: &str) -> (i64, u64, u64, u64) {
+        self.engine.stats(tunnel_id)
+    }
+
+    fn open_streams(&self) -> usize {
+        self.engine.open_streams()
+    }
+
+    fn stop_listening(&self) {
+        self.engine.stop_listening();
+    }
+
+    fn close(&mut self, goaway: &[u8]) {
+        self.engine.close(goaway);
+    }
+}
+
 #[pymodule]
 fn _native(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_class::<FrameDecoder>()?;
+    module.add_class::<RelayEngine>()?;
     module.add_function(wrap_pyfunction!(encode, module)?)?;
     module.add_function(wrap_pyfunction!(peek_client_hello, module)?)?;
     module.add("HEADER_SIZE", frames::HEADER_SIZE)?;

@@ -29,9 +29,7 @@ THREADS = 8
 ROUNDS = 5
 
 
-def test_threads_and_an_asyncio_loop_open_and_close_tunnels_at_once(
-    service_loop: ServiceThread, ca_file: Path
-) -> None:
+def test_threads_and_an_asyncio_loop_open_and_close_tunnels_at_once(service_loop: ServiceThread, ca_file: Path) -> None:
     services = [service_loop.echo_server() for _ in range(THREADS + 1)]  # a port is forwarded once per process
     failures: list[BaseException] = []
     served = 0

@@ -112,9 +112,7 @@ class _RecordingConnection(RelayConnection):
 
 @pytest.fixture
 def starved_relay(fast_heartbeat: float) -> Iterator[RelayProcess]:
-    relay = RelayProcess(
-        free_port(), "--heartbeat-timeout", str(fast_heartbeat), fd_limit=(LOW_LIMIT, LOW_LIMIT)
-    )
+    relay = RelayProcess(free_port(), "--heartbeat-timeout", str(fast_heartbeat), fd_limit=(LOW_LIMIT, LOW_LIMIT))
     relay.start()
     yield relay
     relay.stop()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import enum
 from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
 from ..errors import LocalProtocolError, RemoteProtocolError
@@ -625,23 +626,12 @@ class SessionProtocol:
         return stream
 
     def _on_hello(self, frame: Frame) -> None:
-        message = decode_json(frame)
-        versions = field_of(message, "versions", list, frame.type)
-        token = field_of(message, "token", str, frame.type)
-        window = self._peer_window_from(message, frame.type)
-        agent = message.get("agent")
-        common = [v for v in SUPPORTED_VERSIONS if v in versions]
-        if not common:
-            offered = [v for v in versions if isinstance(v, int)][:8]
-            raise RemoteProtocolError(
-                ErrorCode.UNSUPPORTED_VERSION,
-                f"agent speaks protocol versions {offered}, this relay {list(SUPPORTED_VERSIONS)}; upgrade burrow",
-            )
-        self.version = max(common)
-        self.peer_window = window
-        self.send_payload = min(self.max_payload, self._peer_max_frame(message, frame.type))
+        hello = decode_hello(frame)
+        self.version = hello.version
+        self.peer_window = hello.window
+        self.send_payload = min(self.max_payload, hello.max_frame)
         self.state = SessionState.HELLO_RECEIVED
-        self._events.append(ev.HelloReceived(self.version, token, window, str(agent)[:MAX_TEXT_LENGTH]))
+        self._events.append(ev.HelloReceived(hello.version, hello.token, hello.window, hello.agent))
 
     def _on_welcome(self, frame: Frame) -> None:
         message = decode_json(frame)
@@ -652,40 +642,13 @@ class SessionProtocol:
             )
         session_id = field_of(message, "session", str, frame.type)
         self.version = version
-        self.peer_window = self._peer_window_from(message, frame.type)
-        self.send_payload = min(self.max_payload, self._peer_max_frame(message, frame.type))
+        self.peer_window = _peer_window_from(message, frame.type)
+        self.send_payload = min(self.max_payload, _peer_max_frame(message, frame.type))
         self.state = SessionState.OPEN
         self._events.append(ev.Welcomed(version, session_id, self.peer_window))
 
-    @staticmethod
-    def _peer_max_frame(message: dict[str, Any], frame_type: FrameType) -> int:
-        """The peer's largest acceptable DATA payload (absent: the protocol's maximum)."""
-        if "max_frame" not in message:
-            return MAX_FRAME_PAYLOAD
-        value: int = field_of(message, "max_frame", int, frame_type)
-        if not MIN_FRAME_PAYLOAD <= value <= MAX_FRAME_PAYLOAD:
-            raise RemoteProtocolError(
-                ErrorCode.PROTOCOL_ERROR, f"max_frame {value} outside {MIN_FRAME_PAYLOAD}..{MAX_FRAME_PAYLOAD}"
-            )
-        return value
-
-    @staticmethod
-    def _peer_window_from(message: dict[str, Any], frame_type: FrameType) -> int:
-        window: int = field_of(message, "window", int, frame_type)
-        if not MIN_WINDOW <= window <= MAX_WINDOW:
-            raise RemoteProtocolError(ErrorCode.FLOW_CONTROL, f"window {window} outside {MIN_WINDOW}..{MAX_WINDOW}")
-        return window
-
     def _on_bind(self, frame: Frame) -> None:
-        message = decode_json(frame)
-        request_id = field_of(message, "request", int, frame.type)
-        port = field_of(message, "port", int, frame.type)
-        unencrypted = field_of(message, "unencrypted", bool, frame.type)
-        h2 = field_of(message, "h2", bool, frame.type)
-        ticket = optional_of(message, "ticket", str, frame.type)
-        if ticket is not None and len(ticket) > MAX_TICKET_LENGTH:
-            raise RemoteProtocolError(ErrorCode.PROTOCOL_ERROR, f"BIND ticket is over {MAX_TICKET_LENGTH} characters")
-        self._events.append(ev.BindRequested(request_id, port, unencrypted, h2, ticket))
+        self._events.append(decode_bind(frame))
 
     def _on_bound(self, frame: Frame) -> None:
         message = decode_json(frame)
@@ -700,8 +663,7 @@ class SessionProtocol:
         self._events.append(ev.BindFailed(request_id, code, text))
 
     def _on_unbind(self, frame: Frame) -> None:
-        message = decode_json(frame)
-        self._events.append(ev.UnbindRequested(text_of(message, "id", frame.type, MAX_ID_LENGTH)))
+        self._events.append(decode_unbind(frame))
 
     def _on_unbound(self, frame: Frame) -> None:
         message = decode_json(frame)
@@ -728,6 +690,76 @@ class SessionProtocol:
             self.state = SessionState.CLOSING
         else:
             self._close(code)
+
+
+# ------------------------------------------------------------- control payloads
+# (module functions: the native relay hands these payloads up and decodes them here too)
+
+
+@dataclass(frozen=True, slots=True)
+class HelloMessage:
+    """An agent's HELLO, checked: the version both speak, its token, window and largest frame."""
+
+    version: int
+    token: str  # a secret: never logged
+    window: int
+    max_frame: int
+    agent: str  # peer text, cut at MAX_TEXT_LENGTH
+
+
+def decode_hello(frame: Frame) -> HelloMessage:
+    """Check a HELLO; :class:`RemoteProtocolError` if it is malformed or shares no version."""
+    message = decode_json(frame)
+    versions = field_of(message, "versions", list, frame.type)
+    token = field_of(message, "token", str, frame.type)
+    window = _peer_window_from(message, frame.type)
+    agent = message.get("agent")
+    common = [v for v in SUPPORTED_VERSIONS if v in versions]
+    if not common:
+        offered = [v for v in versions if isinstance(v, int)][:8]
+        raise RemoteProtocolError(
+            ErrorCode.UNSUPPORTED_VERSION,
+            f"agent speaks protocol versions {offered}, this relay {list(SUPPORTED_VERSIONS)}; upgrade burrow",
+        )
+    max_frame = _peer_max_frame(message, frame.type)
+    return HelloMessage(max(common), token, window, max_frame, str(agent)[:MAX_TEXT_LENGTH])
+
+
+def decode_bind(frame: Frame) -> ev.BindRequested:
+    """Check a BIND."""
+    message = decode_json(frame)
+    request_id = field_of(message, "request", int, frame.type)
+    port = field_of(message, "port", int, frame.type)
+    unencrypted = field_of(message, "unencrypted", bool, frame.type)
+    h2 = field_of(message, "h2", bool, frame.type)
+    ticket = optional_of(message, "ticket", str, frame.type)
+    if ticket is not None and len(ticket) > MAX_TICKET_LENGTH:
+        raise RemoteProtocolError(ErrorCode.PROTOCOL_ERROR, f"BIND ticket is over {MAX_TICKET_LENGTH} characters")
+    return ev.BindRequested(request_id, port, unencrypted, h2, ticket)
+
+
+def decode_unbind(frame: Frame) -> ev.UnbindRequested:
+    """Check an UNBIND."""
+    return ev.UnbindRequested(text_of(decode_json(frame), "id", frame.type, MAX_ID_LENGTH))
+
+
+def _peer_max_frame(message: dict[str, Any], frame_type: FrameType) -> int:
+    """The peer's largest acceptable DATA payload (absent: the protocol's maximum)."""
+    if "max_frame" not in message:
+        return MAX_FRAME_PAYLOAD
+    value: int = field_of(message, "max_frame", int, frame_type)
+    if not MIN_FRAME_PAYLOAD <= value <= MAX_FRAME_PAYLOAD:
+        raise RemoteProtocolError(
+            ErrorCode.PROTOCOL_ERROR, f"max_frame {value} outside {MIN_FRAME_PAYLOAD}..{MAX_FRAME_PAYLOAD}"
+        )
+    return value
+
+
+def _peer_window_from(message: dict[str, Any], frame_type: FrameType) -> int:
+    window: int = field_of(message, "window", int, frame_type)
+    if not MIN_WINDOW <= window <= MAX_WINDOW:
+        raise RemoteProtocolError(ErrorCode.FLOW_CONTROL, f"window {window} outside {MIN_WINDOW}..{MAX_WINDOW}")
+    return window
 
 
 _DATA_HEADER = HEADER.pack

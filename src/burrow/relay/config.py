@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +40,10 @@ MAX_PENDING_PER_SOURCE = 128
 MAX_STREAMS_PER_SESSION = 20_000
 MAX_STREAMS_PER_TUNNEL = 10_000
 MAX_TUNNELS_PER_TOKEN = 20_000
+
+#: The data plane: "native" (Rust, burrow._native) or "asyncio" (the pure-Python first implementation).
+ENGINES = ("native", "asyncio")
+DEFAULT_ENGINE = "asyncio"
 
 #: On SIGTERM, open streams get this long to finish before they are cut.
 SHUTDOWN_GRACE = 10.0
@@ -82,6 +87,8 @@ class RelayConfig:
     shutdown_grace: float = SHUTDOWN_GRACE
     also_ipv6: bool = True  # dev: also listen on ::1 when host is 127.0.0.1
     raise_fd_limit: bool = True  # raise the soft descriptor limit at start (not inside a user's process)
+    engine: str = field(default_factory=lambda: os.environ.get("BURROW_ENGINE", DEFAULT_ENGINE))
+    threads: int | None = None  # the native engine's threads; default: the cores this process may use
 
     @property
     def dev(self) -> bool:
@@ -104,6 +111,10 @@ class RelayConfig:
         for port in (self.port, self.public_port):
             if port is not None and not 0 <= port <= 65535:
                 raise ConfigurationError(f"port {port} is outside 0-65535")
+        if self.engine not in ENGINES:
+            raise ConfigurationError(f"engine {self.engine!r} is not one of {', '.join(ENGINES)} (BURROW_ENGINE)")
+        if self.threads is not None and not 1 <= self.threads <= 1024:
+            raise ConfigurationError(f"--threads {self.threads} is outside 1-1024")
         limits = {
             "handshake timeout": self.handshake_timeout,
             "heartbeat timeout": self.heartbeat_timeout,

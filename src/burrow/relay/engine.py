@@ -102,6 +102,7 @@ class RoutedTunnel:
             listener.close()
         self.tcp_accepting.clear()
         self.tcp_listeners.clear()
+
     stats: TrafficStats = field(default_factory=TrafficStats)
     endpoints: set[PublicEndpoint] = field(default_factory=set)
 

@@ -21,6 +21,7 @@ from .config import RelayConfig
 from .control import RelayControl
 from .descriptors import Descriptors
 from .engine import AsyncioPlane
+from .plane import DataPlane
 from .tickets import TicketSigner, default_key_path, load_or_create_key
 
 logger = logging.getLogger("burrow.relay")
@@ -37,7 +38,7 @@ class Relay:
         self.config.check()
         self.descriptors = Descriptors()
         self.control: RelayControl | None = None
-        self.plane: AsyncioPlane | None = None
+        self.plane: DataPlane | None = None
 
     async def start(self) -> Relay:
         """Listen; returns once connections are accepted. Errors are one-line ConfigurationErrors."""
@@ -47,7 +48,13 @@ class Relay:
         if config.raise_fd_limit:
             self.descriptors.raise_limit()
         control = RelayControl(config, tickets, self.descriptors)
-        plane = AsyncioPlane(config, control, self.descriptors)
+        plane: DataPlane
+        if config.engine == "native":
+            from .native_plane import NativePlane
+
+            plane = NativePlane(config, control, self.descriptors)
+        else:
+            plane = AsyncioPlane(config, control, self.descriptors)
         control.attach(plane)
         await plane.start()
         self.control, self.plane = control, plane

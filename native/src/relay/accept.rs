@@ -1,0 +1,303 @@
+//! Accepting: the TLS port (agents and public TLS clients) and the raw TCP
+//! tunnels' listeners.
+//!
+//! Every accepted connection is checked against the descriptor reserve and
+//! (on the TLS port) the pending-handshake caps before any work. The TLS
+//! port then reads the ClientHello itself ([`crate::sni`]) and routes on it
+//! before any TLS work: `<domain>` with ALPN `burrow/1` is an agent; a routed
+//! `<id>.<domain>` is a public client of that tunnel; anything else gets an
+//! alert and nothing more. Only then does rustls run the handshake, with the
+//! bytes already read replayed to it ([`Rewind`]).
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::{timeout_at, Instant};
+use tokio_rustls::LazyConfigAcceptor;
+
+use super::events::{DEBUG, INFO, WARNING};
+use super::tls::AGENT_ALPNS;
+use super::{format_address, public, session, Shared, Tunnel};
+use crate::sni;
+
+/// After accept() fails (out of descriptors), wait this long before trying again.
+const ACCEPT_RETRY_DELAY: Duration = Duration::from_millis(100);
+
+/// TLS alert descriptions sent to refused clients.
+const UNRECOGNIZED_NAME: u8 = 112;
+const NO_APPLICATION_PROTOCOL: u8 = 120;
+
+/// Reset a connection (SO_LINGER 0): a refused client learns at once, no TIME_WAIT is left here.
+pub fn reset(tcp: TcpStream) {
+    let _ = tcp.set_zero_linger();
+    drop(tcp);
+}
+
+/// The TLS port's accept loop.
+pub async fn tls_port(shared: Arc<Shared>, listener: TcpListener) {
+    loop {
+        let (tcp, address) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                shared.log("accept", WARNING, format!("accept failed: {error}"));
+                tokio::time::sleep(ACCEPT_RETRY_DELAY).await;
+                continue;
+            }
+        };
+        let refusal = match shared.refuse_descriptor(i64::from(tcp.as_raw_fd())) {
+            Some(refusal) => Err(refusal),
+            None => shared.admit(address.ip()),
+        };
+        match refusal {
+            Err(refusal) => {
+                reset(tcp);
+                shared.log(
+                    "refused",
+                    WARNING,
+                    format!("refused {}: {refusal}", format_address(address)),
+                );
+            }
+            Ok(slot) => {
+                tokio::spawn(handshake(shared.clone(), tcp, address, slot));
+            }
+        }
+    }
+}
+
+/// A raw TCP tunnel's accept loop.
+pub async fn tcp_port(shared: Arc<Shared>, listener: TcpListener, tunnel: Arc<Tunnel>) {
+    loop {
+        let (tcp, address) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                shared.log("accept", WARNING, format!("accept failed: {error}"));
+                tokio::time::sleep(ACCEPT_RETRY_DELAY).await;
+                continue;
+            }
+        };
+        if let Some(refusal) = shared.refuse_descriptor(i64::from(tcp.as_raw_fd())) {
+            reset(tcp);
+            shared.log(
+                "refused",
+                WARNING,
+                format!("refused {}: {refusal}", format_address(address)),
+            );
+            continue;
+        }
+        let _ = tcp.set_nodelay(true);
+        let peer = format_address(address);
+        tokio::spawn(public::serve(shared.clone(), tunnel.clone(), tcp, peer));
+    }
+}
+
+/// Who a ClientHello is for.
+enum Target {
+    Agent,
+    Tunnel(Arc<Tunnel>),
+}
+
+async fn send_alert(mut tcp: TcpStream, description: u8) {
+    // a fatal alert in a TLS 1.2-framed record: what a server says before any handshake state
+    let alert = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, description];
+    let _ = tokio::time::timeout(Duration::from_secs(1), tcp.write_all(&alert)).await;
+    let _ = tcp.shutdown().await;
+}
+
+/// Read the ClientHello, route it, run TLS, hand the connection over.
+///
+/// The slot counts the connection as pending until its TLS is done, or, for
+/// an agent, until it is welcomed.
+async fn handshake(
+    shared: Arc<Shared>,
+    mut tcp: TcpStream,
+    address: SocketAddr,
+    slot: super::PendingSlot,
+) {
+    let _ = tcp.set_nodelay(true);
+    let peer = format_address(address);
+    let deadline = Instant::now() + shared.config.handshake_timeout;
+    let refused = |reason: &str| {
+        shared.log(
+            "handshake",
+            INFO,
+            format!("refused TLS handshake from {peer}: {reason}"),
+        );
+    };
+    let mut first = Vec::with_capacity(512);
+    let hello = loop {
+        match sni::peek(&first) {
+            Ok(sni::Peek::Hello(hello)) => break hello,
+            Ok(sni::Peek::NeedMore) => {}
+            Err(not_hello) => {
+                refused(&not_hello.to_string());
+                return;
+            }
+        }
+        first.reserve(2048);
+        match timeout_at(deadline, tcp.read_buf(&mut first)).await {
+            Err(_) => return refused("no TLS handshake in time"),
+            Ok(Ok(0)) => return refused("closed before its ClientHello"),
+            Ok(Err(error)) => return refused(&error.to_string()),
+            Ok(Ok(_)) => {}
+        }
+    };
+    let domain = &shared.config.domain;
+    let target = match hello.server_name.as_deref() {
+        None => None,
+        Some(name) if name == domain => {
+            if !hello
+                .alpn
+                .iter()
+                .any(|p| AGENT_ALPNS.contains(&p.as_slice()))
+            {
+                shared.log(
+                    "alpn",
+                    INFO,
+                    format!("refused {peer}: connected to {name} without ALPN burrow/1"),
+                );
+                send_alert(tcp, NO_APPLICATION_PROTOCOL).await;
+                return;
+            }
+            Some(Target::Agent)
+        }
+        Some(name) => match shared.tunnel_by_host(name) {
+            Some(tunnel) if tunnel.route().is_some() => Some(Target::Tunnel(tunnel)),
+            _ => {
+                shared.log(
+                    "",
+                    DEBUG,
+                    format!("TLS handshake for unknown host {name:?}"),
+                );
+                None
+            }
+        },
+    };
+    let Some(target) = target else {
+        refused("unknown or missing server name");
+        send_alert(tcp, UNRECOGNIZED_NAME).await;
+        return;
+    };
+    let config = match &target {
+        Target::Agent => shared.identities.agent.clone(),
+        Target::Tunnel(tunnel) => match tunnel.route() {
+            Some(route) if route.h2 => shared.identities.tunnel_h2.clone(),
+            Some(_) => shared.identities.tunnel.clone(),
+            None => return, // closed meanwhile
+        },
+    };
+    let replay = Rewind {
+        first,
+        offset: 0,
+        tcp,
+    };
+    let acceptor = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), replay);
+    let started = match timeout_at(deadline, acceptor).await {
+        Err(_) => return refused("no TLS handshake in time"),
+        Ok(Err(error)) => return refused(&error.to_string()),
+        Ok(Ok(started)) => started,
+    };
+    let mut tls = match timeout_at(deadline, started.into_stream(config)).await {
+        Err(_) => return refused("no TLS handshake in time"),
+        Ok(Err(error)) => return refused(&error.to_string()),
+        Ok(Ok(tls)) => tls,
+    };
+    tls.get_mut().0.release_replay();
+    match target {
+        Target::Agent => session::Session::serve(shared, tls, peer, slot).await,
+        Target::Tunnel(tunnel) => {
+            drop(slot);
+            public::serve(shared, tunnel, tls, peer).await;
+        }
+    }
+}
+
+/// A TCP connection whose first bytes, already read, are read again first.
+pub struct Rewind {
+    first: Vec<u8>,
+    offset: usize,
+    tcp: TcpStream,
+}
+
+impl Rewind {
+    /// The socket itself.
+    pub fn tcp(&self) -> &TcpStream {
+        &self.tcp
+    }
+
+    /// Free the replayed bytes once they are consumed.
+    fn release_replay(&mut self) {
+        if self.offset >= self.first.len() {
+            self.first = Vec::new();
+            self.offset = 0;
+        }
+    }
+}
+
+impl AsyncRead for Rewind {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if this.offset < this.first.len() {
+            let rest = &this.first[this.offset..];
+            let take = rest.len().min(buf.remaining());
+            buf.put_slice(&rest[..take]);
+            this.offset += take;
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.tcp).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Rewind {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.tcp).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tcp.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_shutdown(cx)
+    }
+}
+
+/// A listening socket on `host:port` with SO_REUSEADDR, not yet registered with the runtime.
+pub fn bind_listener(address: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let domain = socket2::Domain::for_address(address);
+    let socket = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    if address.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.bind(&address.into())?;
+    socket.listen(1024)?;
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
+}

@@ -1,0 +1,295 @@
+//! The relay's data plane: accept, TLS, SNI routing, raw TCP listeners, the
+//! agent sessions and their streams, on a multi-threaded tokio runtime.
+//!
+//! It decides nothing. The control plane (Python, `burrow/relay/control.py`)
+//! installs routes (SNI name or TCP port -> tunnel -> session), answers the
+//! requests handed up ([`events`]), and reads counters. Each connection is a
+//! task; a failing task ends its connection and nothing else.
+//!
+//! - [`accept`]: the TLS port and the raw TCP listeners, within the caps on
+//!   pending handshakes and descriptors, and the ClientHello routing.
+//! - [`session`]: one agent's multiplexed link.
+//! - [`public`]: one public connection, pumped to and from its stream.
+
+pub mod accept;
+pub mod engine;
+pub mod events;
+pub mod public;
+pub mod session;
+pub mod tls;
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::AbortHandle;
+
+use events::Events;
+use session::Session;
+use tls::Identities;
+
+/// Everything the data plane is told at start (see `RelayConfig` in Python).
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub domain: String,
+    pub handshake_timeout: Duration,
+    pub hello_timeout: Duration,
+    pub heartbeat_timeout: Duration,
+    pub window: u32,
+    pub max_frame: u32,
+    pub max_pending: usize,
+    pub max_pending_per_source: usize,
+    pub max_streams_per_session: usize,
+    pub max_streams_per_tunnel: usize,
+    /// Connections are reset at accept when their descriptor is this high.
+    pub fd_ceiling: i64,
+}
+
+/// A tunnel's counters, read by the control plane.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub open: AtomicI64,
+    pub total: AtomicU64,
+    pub bytes_in: AtomicU64,
+    pub bytes_out: AtomicU64,
+}
+
+/// Where a routed tunnel's connections go.
+#[derive(Clone, Debug)]
+pub struct Route {
+    pub host: String,
+    pub session: String,
+    pub h2: bool,
+}
+
+/// What the data plane holds for one tunnel.
+pub struct Tunnel {
+    pub id: String,
+    pub route: Mutex<Option<Route>>,
+    pub stats: Stats,
+    /// Set to true when the tunnel is removed: its connections are reset.
+    pub closed: watch::Sender<bool>,
+    pub listeners: Mutex<Vec<AbortHandle>>,
+}
+
+impl Tunnel {
+    fn new(id: &str) -> Self {
+        Self {
+            id: id.to_owned(),
+            route: Mutex::new(None),
+            stats: Stats::default(),
+            closed: watch::channel(false).0,
+            listeners: Mutex::new(Vec::new()),
+        }
+    }
+
+    pub fn route(&self) -> Option<Route> {
+        lock(&self.route).clone()
+    }
+
+    fn stop_listening(&self) {
+        for listener in lock(&self.listeners).drain(..) {
+            listener.abort();
+        }
+    }
+}
+
+/// The routing tables.
+#[derive(Default)]
+pub struct Routes {
+    pub by_id: HashMap<String, Arc<Tunnel>>,
+    pub by_host: HashMap<String, Arc<Tunnel>>,
+}
+
+/// Handshakes in progress, overall and per source address.
+#[derive(Default)]
+pub struct Pending {
+    total: usize,
+    by_source: HashMap<IpAddr, usize>,
+}
+
+/// One admitted handshake; dropping it frees the slot.
+pub struct PendingSlot {
+    shared: Arc<Shared>,
+    source: IpAddr,
+}
+
+impl Drop for PendingSlot {
+    fn drop(&mut self) {
+        let mut pending = lock(&self.shared.pending);
+        pending.total -= 1;
+        if let Some(count) = pending.by_source.get_mut(&self.source) {
+            *count -= 1;
+            if *count == 0 {
+                pending.by_source.remove(&self.source);
+            }
+        }
+    }
+}
+
+/// What every task of the data plane shares.
+pub struct Shared {
+    pub config: Config,
+    pub events: Events,
+    pub identities: Identities,
+    pub routes: Mutex<Routes>,
+    pub sessions: Mutex<HashMap<String, Arc<Session>>>,
+    pub pending: Mutex<Pending>,
+    /// The accept loops of the TLS port.
+    pub accepting: Mutex<Vec<AbortHandle>>,
+}
+
+/// A poisoned lock means a task panicked while holding it; the data is still consistent
+/// for our uses (counters and maps updated in one step), so go on with it.
+pub fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Shared {
+    pub fn new(config: Config, events: Events, identities: Identities) -> Self {
+        Self {
+            config,
+            events,
+            identities,
+            routes: Mutex::new(Routes::default()),
+            sessions: Mutex::new(HashMap::new()),
+            pending: Mutex::new(Pending::default()),
+            accepting: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Count a new handshake from `source`, or say why it must be refused.
+    pub fn admit(self: &Arc<Self>, source: IpAddr) -> Result<PendingSlot, String> {
+        let mut pending = lock(&self.pending);
+        let limit = self.config.max_pending;
+        if pending.total >= limit {
+            return Err(format!(
+                "{} TLS handshakes already pending (limit {limit})",
+                pending.total
+            ));
+        }
+        let per_source = self.config.max_pending_per_source;
+        let from_source = pending.by_source.get(&source).copied().unwrap_or(0);
+        if from_source >= per_source {
+            return Err(format!(
+                "{from_source} TLS handshakes already pending from it (limit {per_source})"
+            ));
+        }
+        pending.total += 1;
+        *pending.by_source.entry(source).or_insert(0) += 1;
+        Ok(PendingSlot {
+            shared: self.clone(),
+            source,
+        })
+    }
+
+    /// Why a connection given descriptor `fd` must be refused, or None.
+    pub fn refuse_descriptor(&self, fd: i64) -> Option<String> {
+        let ceiling = self.config.fd_ceiling;
+        (fd >= ceiling).then(|| {
+            format!(
+                "file descriptor {fd} is within the reserve kept below the limit (raise ulimit -n)"
+            )
+        })
+    }
+
+    pub fn tunnel_by_host(&self, host: &str) -> Option<Arc<Tunnel>> {
+        lock(&self.routes).by_host.get(host).cloned()
+    }
+
+    pub fn tunnel(&self, id: &str) -> Option<Arc<Tunnel>> {
+        lock(&self.routes).by_id.get(id).cloned()
+    }
+
+    pub fn session(&self, id: &str) -> Option<Arc<Session>> {
+        lock(&self.sessions).get(id).cloned()
+    }
+
+    /// The tunnel's entry, made if it is new (a raw TCP listener comes before its route).
+    pub fn tunnel_entry(&self, id: &str) -> Arc<Tunnel> {
+        lock(&self.routes)
+            .by_id
+            .entry(id.to_owned())
+            .or_insert_with(|| Arc::new(Tunnel::new(id)))
+            .clone()
+    }
+
+    pub fn add_route(&self, id: &str, route: Route) {
+        let mut routes = lock(&self.routes);
+        let tunnel = routes
+            .by_id
+            .entry(id.to_owned())
+            .or_insert_with(|| Arc::new(Tunnel::new(id)))
+            .clone();
+        routes.by_host.insert(route.host.clone(), tunnel.clone());
+        *lock(&tunnel.route) = Some(route);
+    }
+
+    /// Unroute a tunnel: its listeners stop, its connections are reset, its leaf is forgotten.
+    pub fn remove_route(&self, id: &str) {
+        let tunnel = {
+            let mut routes = lock(&self.routes);
+            let Some(tunnel) = routes.by_id.remove(id) else {
+                return;
+            };
+            if let Some(route) = tunnel.route() {
+                if routes
+                    .by_host
+                    .get(&route.host)
+                    .is_some_and(|t| Arc::ptr_eq(t, &tunnel))
+                {
+                    routes.by_host.remove(&route.host);
+                }
+                self.identities.resolver.forget(&route.host);
+            }
+            tunnel
+        };
+        tunnel.stop_listening();
+        tunnel.closed.send_replace(true);
+    }
+
+    /// Accept nothing new: the TLS port and every raw TCP listener.
+    pub fn stop_listening(&self) {
+        for task in lock(&self.accepting).drain(..) {
+            task.abort();
+        }
+        let tunnels: Vec<_> = lock(&self.routes).by_id.values().cloned().collect();
+        for tunnel in tunnels {
+            tunnel.stop_listening();
+        }
+    }
+
+    /// Streams open across all sessions.
+    pub fn open_streams(&self) -> usize {
+        let sessions: Vec<_> = lock(&self.sessions).values().cloned().collect();
+        sessions.iter().map(|s| s.stream_count()).sum()
+    }
+
+    pub fn log(&self, kind: &'static str, level: u8, message: String) {
+        self.events.log(kind, level, message);
+    }
+}
+
+/// `host:port`, `[v6]:port` for IPv6 (as the Python side writes peers).
+pub fn format_address(address: std::net::SocketAddr) -> String {
+    match address {
+        std::net::SocketAddr::V4(a) => format!("{}:{}", a.ip(), a.port()),
+        std::net::SocketAddr::V6(a) => match a.ip().to_ipv4_mapped() {
+            Some(v4) => format!("{v4}:{}", a.port()),
+            None => format!("[{}]:{}", a.ip(), a.port()),
+        },
+    }
+}
+
+/// The counters as Python reads them: (open, total, in, out).
+pub fn stats_tuple(stats: &Stats) -> (i64, u64, u64, u64) {
+    (
+        stats.open.load(Ordering::Relaxed),
+        stats.total.load(Ordering::Relaxed),
+        stats.bytes_in.load(Ordering::Relaxed),
+        stats.bytes_out.load(Ordering::Relaxed),
+    )
+}

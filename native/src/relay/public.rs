@@ -1,0 +1,209 @@
+//! One public connection (TLS or raw TCP), pumped to and from its stream.
+//!
+//! Up (client to agent): read only as much as the stream's credit allows
+//! and only while the link is not congested, so nothing waits here for
+//! credit. Down (agent to client): write each DATA, then grant its credit
+//! back once written, so a client that stops reading holds at most one
+//! window here. Half-close goes through both ways (a TLS client's
+//! close_notify is its FIN; the agent's FIN becomes our close_notify).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::net::TcpStream;
+use tokio_rustls::server::TlsStream;
+
+use super::accept::Rewind;
+use super::events::WARNING;
+use super::session::{code, Message, Session, State, Stream};
+use super::{Shared, Tunnel};
+
+/// A first read of an idle connection takes this much; busy ones grow to [`MAX_READ`].
+const FIRST_READ: usize = 4096;
+const MAX_READ: usize = 256 * 1024;
+
+/// A connection closed cleanly gets this long to say its last bytes.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A public connection: its bytes, and the TCP socket under them (to reset it).
+pub trait PublicIo: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    fn socket(&self) -> &TcpStream;
+}
+
+impl PublicIo for TcpStream {
+    fn socket(&self) -> &TcpStream {
+        self
+    }
+}
+
+impl PublicIo for TlsStream<Rewind> {
+    fn socket(&self) -> &TcpStream {
+        self.get_ref().0.tcp()
+    }
+}
+
+/// How a stream's pump ended.
+enum Ending {
+    /// Both directions finished: close normally.
+    Finished,
+    /// The agent reset the stream: reset the client (or close cleanly if the service refused).
+    AgentReset(u16),
+    /// The client's connection failed: reset the stream.
+    ClientFailed,
+    /// The tunnel was closed.
+    TunnelClosed,
+}
+
+/// Serve a public connection of `tunnel` until it ends.
+pub async fn serve<S: PublicIo>(shared: Arc<Shared>, tunnel: Arc<Tunnel>, io: S, peer: String) {
+    let session = tunnel
+        .route()
+        .and_then(|route| shared.session(&route.session))
+        .filter(|s| s.state() == State::Open);
+    let Some(session) = session else {
+        return; // (no route or no session any more: the connection is dropped)
+    };
+    let open = tunnel.stats.open.load(Ordering::Relaxed);
+    let refusal = if open >= shared.config.max_streams_per_tunnel as i64 {
+        Some(format!(
+            "tunnel {} has {open} open connections (limit)",
+            tunnel.id
+        ))
+    } else if session.stream_count() >= shared.config.max_streams_per_session {
+        Some(format!(
+            "session {} has {} open streams (limit)",
+            session.id,
+            session.stream_count()
+        ))
+    } else {
+        None
+    };
+    if let Some(refusal) = refusal {
+        shared.log("streams", WARNING, format!("refused {peer}: {refusal}"));
+        return;
+    }
+    let mut closed = tunnel.closed.subscribe();
+    if *closed.borrow_and_update() {
+        return;
+    }
+    let Some((stream, rx)) = session.open_stream(&tunnel.id, &peer) else {
+        return;
+    };
+    tunnel.stats.open.fetch_add(1, Ordering::Relaxed);
+    tunnel.stats.total.fetch_add(1, Ordering::Relaxed);
+    let (mut reader, mut writer) = tokio::io::split(io);
+    let ending = {
+        let up = up(&session, &stream, &tunnel, &mut reader);
+        let down = down(&session, &stream, &tunnel, &mut writer, rx);
+        tokio::pin!(up, down);
+        let (mut up_done, mut down_done) = (false, false);
+        loop {
+            tokio::select! {
+                result = &mut up, if !up_done => match result {
+                    Ok(()) => up_done = true,
+                    Err(()) => break Ending::ClientFailed,
+                },
+                result = &mut down, if !down_done => match result {
+                    Ok(None) => down_done = true,
+                    Ok(Some(code)) => break Ending::AgentReset(code),
+                    Err(()) => break Ending::ClientFailed,
+                },
+                _ = closed.changed() => break Ending::TunnelClosed,
+            }
+            if up_done && down_done {
+                break Ending::Finished;
+            }
+        }
+    };
+    tunnel.stats.open.fetch_sub(1, Ordering::Relaxed);
+    let mut io = reader.unsplit(writer);
+    match ending {
+        Ending::Finished => {
+            session.forget(&stream);
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, io.shutdown()).await;
+        }
+        Ending::AgentReset(code::REFUSED) => {
+            // nothing came back (nothing listens on the local port): nothing to truncate
+            session.forget(&stream);
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, io.shutdown()).await;
+        }
+        Ending::AgentReset(_) => {
+            session.forget(&stream);
+            let _ = io.socket().set_zero_linger();
+        }
+        Ending::ClientFailed => {
+            session.send_rst(&stream, code::CANCELLED, "connection lost");
+            let _ = io.socket().set_zero_linger();
+        }
+        Ending::TunnelClosed => {
+            session.send_rst(&stream, code::TUNNEL_CLOSED, "tunnel closed");
+            let _ = io.socket().set_zero_linger();
+        }
+    }
+}
+
+/// Client to agent, until the client's EOF (then FIN).
+async fn up<S: PublicIo>(
+    session: &Session,
+    stream: &Stream,
+    tunnel: &Tunnel,
+    reader: &mut ReadHalf<S>,
+) -> Result<(), ()> {
+    let mut buf = vec![0u8; FIRST_READ];
+    let most = session.send_payload();
+    loop {
+        let credit = stream.wait_credit().await;
+        if credit == 0 {
+            // reset: the down side reports it
+            return std::future::pending().await;
+        }
+        session.wait_room().await;
+        let want = credit.min(most).min(buf.len());
+        let read = reader.read(&mut buf[..want]).await.map_err(|_| ())?;
+        if read == 0 {
+            session.send_fin(stream);
+            return Ok(());
+        }
+        stream.take_credit(read);
+        tunnel
+            .stats
+            .bytes_in
+            .fetch_add(read as u64, Ordering::Relaxed);
+        session.send_data(stream, &buf[..read]);
+        if read == buf.len() && buf.len() < MAX_READ {
+            buf.resize(buf.len() * 4, 0);
+        }
+    }
+}
+
+/// Agent to client: Ok(None) after the agent's FIN, Ok(Some(code)) on its RST.
+async fn down<S: PublicIo>(
+    session: &Session,
+    stream: &Stream,
+    tunnel: &Tunnel,
+    writer: &mut WriteHalf<S>,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<Message>,
+) -> Result<Option<u16>, ()> {
+    let mut unacked = 0u32;
+    while let Some(message) = rx.recv().await {
+        match message {
+            Message::Data(data) => {
+                writer.write_all(&data).await.map_err(|_| ())?;
+                writer.flush().await.map_err(|_| ())?;
+                tunnel
+                    .stats
+                    .bytes_out
+                    .fetch_add(data.len() as u64, Ordering::Relaxed);
+                session.consumed(stream, &mut unacked, data.len());
+            }
+            Message::Fin => {
+                writer.shutdown().await.map_err(|_| ())?;
+                return Ok(None);
+            }
+            Message::Reset(code) => return Ok(Some(code)),
+        }
+    }
+    Ok(Some(code::CANCELLED))
+}

@@ -1,0 +1,161 @@
+//! The relay's TLS identities (rustls): one server configuration for agents
+//! and one per ALPN offer for tunnels, sharing one certificate resolver.
+//!
+//! With the operator's certificate (a wildcard for `*.<domain>` and
+//! `<domain>`), every name gets it. With the dev CA, Python mints a leaf per
+//! host (with `cryptography`) and hands its PEM over with the route; the
+//! leaves share one key, given once. Both TLS 1.2 and 1.3, AEAD suites only
+//! (ring's defaults: AES-GCM and ChaCha20-Poly1305 with ECDHE), which is
+//! Mozilla's "intermediate" profile.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, RwLock};
+
+use rustls::crypto::ring as provider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::{CertifiedKey, SigningKey};
+use rustls::ServerConfig;
+
+/// ALPN of the agent endpoint, most wanted first (see `burrow/relay/tls.py`).
+pub const AGENT_ALPNS: [&[u8]; 2] = [b"burrow/1+early", b"burrow/1"];
+
+/// ALPN offered by tunnels opened with h2=True.
+pub const H2_ALPNS: [&[u8]; 2] = [b"h2", b"http/1.1"];
+
+/// Why a certificate or key cannot be used (one line, for the operator).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct BadCertificate(pub String);
+
+/// The certificate for each name.
+pub struct Resolver {
+    shared: Option<Arc<CertifiedKey>>,
+    dev_key: Option<Arc<dyn SigningKey>>,
+    hosts: RwLock<HashMap<String, Arc<CertifiedKey>>>,
+}
+
+impl fmt::Debug for Resolver {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Resolver").finish_non_exhaustive()
+    }
+}
+
+fn chain(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, BadCertificate> {
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| BadCertificate(format!("not a PEM certificate chain: {e}")))?;
+    if certs.is_empty() {
+        return Err(BadCertificate("no certificate in the PEM file".into()));
+    }
+    Ok(certs)
+}
+
+fn signing_key(pem: &[u8]) -> Result<Arc<dyn SigningKey>, BadCertificate> {
+    let key = PrivateKeyDer::from_pem_slice(pem)
+        .map_err(|e| BadCertificate(format!("not a PEM private key: {e}")))?;
+    provider::sign::any_supported_type(&key)
+        .map_err(|e| BadCertificate(format!("unusable private key: {e}")))
+}
+
+impl Resolver {
+    /// The operator's certificate chain and key, served for every name.
+    pub fn shared(chain_pem: &[u8], key_pem: &[u8]) -> Result<Self, BadCertificate> {
+        let key = CertifiedKey::new(chain(chain_pem)?, signing_key(key_pem)?);
+        key.keys_match()
+            .map_err(|_| BadCertificate("the key does not match the certificate".into()))?;
+        Ok(Self {
+            shared: Some(Arc::new(key)),
+            dev_key: None,
+            hosts: RwLock::new(HashMap::new()),
+        })
+    }
+
+    /// Dev CA leaves, all signed for one key.
+    pub fn per_host(key_pem: &[u8]) -> Result<Self, BadCertificate> {
+        Ok(Self {
+            shared: None,
+            dev_key: Some(signing_key(key_pem)?),
+            hosts: RwLock::new(HashMap::new()),
+        })
+    }
+
+    /// True when each host needs a leaf of its own.
+    pub fn per_host_leaves(&self) -> bool {
+        self.shared.is_none()
+    }
+
+    /// Serve `host` with the leaf in `cert_pem` (dev CA).
+    pub fn add(&self, host: &str, cert_pem: &[u8]) -> Result<(), BadCertificate> {
+        let Some(key) = &self.dev_key else {
+            return Ok(()); // the operator's certificate serves every name
+        };
+        let leaf = Arc::new(CertifiedKey::new(chain(cert_pem)?, key.clone()));
+        self.hosts
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(host.to_owned(), leaf);
+        Ok(())
+    }
+
+    /// Stop serving `host`.
+    pub fn forget(&self, host: &str) {
+        self.hosts
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(host);
+    }
+
+    fn lookup(&self, host: &str) -> Option<Arc<CertifiedKey>> {
+        if let Some(shared) = &self.shared {
+            return Some(shared.clone());
+        }
+        self.hosts
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(host)
+            .cloned()
+    }
+}
+
+impl ResolvesServerCert for Resolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let name = hello
+            .server_name()?
+            .trim_end_matches('.')
+            .to_ascii_lowercase();
+        self.lookup(&name)
+    }
+}
+
+/// The server configurations of the TLS port.
+pub struct Identities {
+    pub resolver: Arc<Resolver>,
+    pub agent: Arc<ServerConfig>,
+    pub tunnel: Arc<ServerConfig>,
+    pub tunnel_h2: Arc<ServerConfig>,
+}
+
+fn config(resolver: &Arc<Resolver>, alpn: &[&[u8]]) -> Result<Arc<ServerConfig>, BadCertificate> {
+    let mut config = ServerConfig::builder_with_provider(Arc::new(provider::default_provider()))
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| BadCertificate(e.to_string()))?
+        .with_no_client_auth()
+        .with_cert_resolver(resolver.clone());
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(Arc::new(config))
+}
+
+impl Identities {
+    pub fn new(resolver: Resolver) -> Result<Self, BadCertificate> {
+        let resolver = Arc::new(resolver);
+        Ok(Self {
+            agent: config(&resolver, &AGENT_ALPNS)?,
+            tunnel: config(&resolver, &[])?,
+            tunnel_h2: config(&resolver, &H2_ALPNS)?,
+            resolver,
+        })
+    }
+}
