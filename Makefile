@@ -64,6 +64,8 @@ lint: $(VENV)/.test-installed
 test: system-deps lint
 	cd native && cargo test --quiet
 	$(BIN)/pytest
+	# the pure-Python data plane, while it remains selectable: the tests that drive a relay
+	BURROW_ENGINE=asyncio $(BIN)/pytest -q -m "not slow" tests/e2e tests/faults tests/relay
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis native/target src/burrow/_native*.so

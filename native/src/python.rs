@@ -335,6 +335,19 @@ impl RelayEngine {
         self.engine.stats(tunnel_id)
     }
 
+    fn buffered(&self, tunnel_id: &str) -> i64 {
+        self.engine.buffered(tunnel_id)
+    }
+
+    fn session_ids(&self) -> Vec<String> {
+        self.engine.session_ids()
+    }
+
+    /// `(sessions, tunnels, leaves)` the engine holds.
+    fn census(&self) -> (usize, usize, usize) {
+        self.engine.census()
+    }
+
     fn open_streams(&self) -> usize {
         self.engine.open_streams()
     }

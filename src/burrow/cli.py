@@ -23,7 +23,7 @@ from .agent.relay_connection import LOCAL_CONNECT_TIMEOUT
 from .agent.runtime import new_event_loop
 from .connection import TrafficStats
 from .errors import BurrowError, ConfigurationError
-from .relay.config import DEFAULT_TCP_PORTS, DEV_DOMAIN, DEV_PORT, RelayConfig
+from .relay.config import DEFAULT_TCP_PORTS, DEV_DOMAIN, DEV_PORT, ENGINES, RelayConfig
 from .tunnel import TunnelState
 
 #: How often `burrow forward` redraws its status line on a terminal.
@@ -99,6 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     relay.add_argument("--window", type=_size, help="per-stream flow-control window (default 2m)")
     relay.add_argument("--max-frame", type=_size, help="largest DATA frame accepted from agents (default 256k)")
+    relay.add_argument(
+        "--threads", type=int, metavar="N", help="threads that move bytes (default: the cores this process may use)"
+    )
+    relay.add_argument(
+        "--engine",
+        choices=ENGINES,
+        help="data plane: native (Rust, the default) or asyncio (pure Python); default BURROW_ENGINE, else native",
+    )
     relay.add_argument(
         "--ticket-key",
         type=Path,
@@ -209,6 +217,9 @@ def run_relay(args: argparse.Namespace) -> int:
         config.window = args.window
     if args.max_frame is not None:
         config.max_frame = args.max_frame
+    config.threads = args.threads
+    if args.engine is not None:
+        config.engine = args.engine
     loop = new_event_loop()
     try:
         return loop.run_until_complete(_serve(config))

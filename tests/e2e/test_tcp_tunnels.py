@@ -156,12 +156,12 @@ def test_stalled_reader_does_not_stall_others_nor_grow_memory(
             relay = runtime().embedded
             assert relay is not None
             assert relay.plane is not None
-            (public,) = relay.plane.tunnels[stalled_tunnel.id].endpoints
+            held = relay.plane.buffered(stalled_tunnel.id)
             (session,) = [s for s in runtime().sessions if stalled_tunnel.id in s.tunnels]
             agent_tunnel = session.tunnels[stalled_tunnel.id]
             (local,) = [e for e in session.endpoints.values() if e.stats is agent_tunnel.stats]
             return (
-                public.transport.get_write_buffer_size(),
+                held,
                 session.proto.buffered(local.stream_id),
                 agent_tunnel.stats.bytes_out,
             )

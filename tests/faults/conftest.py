@@ -39,9 +39,15 @@ def fast_heartbeat(monkeypatch: pytest.MonkeyPatch) -> float:
 
 
 @pytest.fixture
-def fast_relay(fast_heartbeat: float) -> Iterator[Relay]:
+def relay_heartbeat(fast_heartbeat: float) -> float:
+    """The relay's heartbeat timeout (a test may give the relay more patience than its agent)."""
+    return fast_heartbeat
+
+
+@pytest.fixture
+def fast_relay(relay_heartbeat: float) -> Iterator[Relay]:
     """An in-process relay (on burrow's loop) with fast heartbeats."""
-    relay = on_runtime(Relay(RelayConfig(port=0, heartbeat_timeout=fast_heartbeat)).start())
+    relay = on_runtime(Relay(RelayConfig(port=0, heartbeat_timeout=relay_heartbeat)).start())
     yield relay
 
     async def close() -> None:

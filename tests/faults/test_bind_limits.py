@@ -53,14 +53,14 @@ def test_a_thousand_refused_binds_leave_no_certificate_id_or_memory_behind() -> 
         relay = await Relay(RelayConfig(port=0, max_tunnels_per_token=1, raise_fd_limit=False)).start()
         session = await RelayConnection.connect(AgentSettings(RelayAddress("localhost", relay.port)))
         try:
-            assert relay.plane is not None and relay.plane.certs is not None and relay.control is not None
+            assert relay.plane is not None and relay.control is not None
             first = await session.bind(8000, unencrypted=False, h2=False)
             assert isinstance(first, TunnelAddress)
             # warm-up at the same scale: tables (asyncio's task set, ours) grow to their high-water mark once
             await _bind_all(session, REFUSED_BINDS, unencrypted=False)
             await asyncio.sleep(0.5)  # the ready pool has refilled after the first bind
-            certs, pool = relay.plane.certs, relay.control.ready
-            before = (len(certs._cache), list(pool.ready), len(relay.control.registry), len(relay.plane.tunnels))
+            plane, pool = relay.plane, relay.control.ready
+            before = (plane.census(), list(pool.ready), len(relay.control.registry))
             gc.collect()
             tracemalloc.start(12)
             results = await _bind_all(session, REFUSED_BINDS, unencrypted=False)
@@ -77,7 +77,7 @@ def test_a_thousand_refused_binds_leave_no_certificate_id_or_memory_behind() -> 
             # counted in blocks, not bytes: a table that grows once (a set or dict resized
             # for this batch's concurrency) is one block; anything kept per bind is 1,000+
             kept = len(traces)
-            after = (len(certs._cache), list(pool.ready), len(relay.control.registry), len(relay.plane.tunnels))
+            after = (plane.census(), list(pool.ready), len(relay.control.registry))
             assert after == before
             assert kept < REFUSED_BINDS // 20, f"{kept} blocks kept by {REFUSED_BINDS} refused binds"
         finally:

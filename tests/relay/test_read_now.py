@@ -28,7 +28,9 @@ LINGER_RESET = struct.pack("ii", 1, 0)
 
 @pytest.fixture
 def relay() -> Iterator[Relay]:
-    relay = on_runtime(Relay(RelayConfig(port=0)).start())
+    # the asyncio engine's read_now, spied on through its protocol object (the native engine
+    # queues OPEN and the first DATA together by design: every frame ready at once, one write)
+    relay = on_runtime(Relay(RelayConfig(port=0, engine="asyncio")).start())
     yield relay
 
     async def close() -> None:

@@ -20,6 +20,7 @@ import pytest
 import burrow
 from burrow.relay import Relay, RelayConfig
 from burrow.relay import ready as relay_ready
+from burrow.relay.engine import AsyncioPlane
 
 from ..helpers import EchoServer, ServiceThread, on_runtime, tls_connect
 
@@ -45,23 +46,27 @@ def test_refill_waits_for_a_pause_in_binds_and_starts_at_once_when_low(
     monkeypatch.setattr(relay_ready, "REFILL_DELAY", DELAY)
     relay = on_runtime(Relay(RelayConfig(port=0)).start())
     full = relay_ready.READY_IDS
-    assert relay.control is not None and relay.plane is not None and relay.plane.certs is not None
+    assert relay.control is not None and relay.plane is not None
     pool = relay.control.ready
-    certs = relay.plane.certs
+    # where each engine makes a host's TLS identity: an ssl context, or a dev leaf for rustls
+    if isinstance(relay.plane, AsyncioPlane):
+        maker, name = relay.plane.certs, "make_context"
+    else:
+        maker, name = relay.plane, "_issue"
     made: list[float] = []  # when each context was started (monotonic)
     lock = threading.Lock()
     forwards: list[burrow.Forward] = []
     services: list[EchoServer] = []
     try:
         _wait_for(lambda: len(pool.ready) == full)
-        make = certs.make_context
+        make = getattr(maker, name)
 
-        def counted(host: str, h2: bool) -> object:
+        def counted(*args: object) -> object:
             with lock:
                 made.append(time.monotonic())
-            return make(host, h2)
+            return make(*args)
 
-        monkeypatch.setattr(certs, "make_context", counted)
+        monkeypatch.setattr(maker, name, counted)
 
         def open_one() -> burrow.Tunnel:
             services.append(service_loop.echo_server())  # a port is forwarded once per process

@@ -23,7 +23,6 @@ use tokio::time::{timeout_at, Instant};
 use tokio_rustls::LazyConfigAcceptor;
 
 use super::events::{DEBUG, INFO, WARNING};
-use super::tls::AGENT_ALPNS;
 use super::{format_address, public, session, Shared, Tunnel};
 use crate::sni;
 
@@ -32,7 +31,6 @@ const ACCEPT_RETRY_DELAY: Duration = Duration::from_millis(100);
 
 /// TLS alert descriptions sent to refused clients.
 const UNRECOGNIZED_NAME: u8 = 112;
-const NO_APPLICATION_PROTOCOL: u8 = 120;
 
 /// Reset a connection (SO_LINGER 0): a refused client learns at once, no TIME_WAIT is left here.
 pub fn reset(tcp: TcpStream) {
@@ -151,22 +149,9 @@ async fn handshake(
     let domain = &shared.config.domain;
     let target = match hello.server_name.as_deref() {
         None => None,
-        Some(name) if name == domain => {
-            if !hello
-                .alpn
-                .iter()
-                .any(|p| AGENT_ALPNS.contains(&p.as_slice()))
-            {
-                shared.log(
-                    "alpn",
-                    INFO,
-                    format!("refused {peer}: connected to {name} without ALPN burrow/1"),
-                );
-                send_alert(tcp, NO_APPLICATION_PROTOCOL).await;
-                return;
-            }
-            Some(Target::Agent)
-        }
+        // (an agent must ask for ALPN burrow/1; a client that asks for none still gets the
+        // handshake, so that scanners see the endpoint's TLS, and is let go after it)
+        Some(name) if name == domain => Some(Target::Agent),
         Some(name) => match shared.tunnel_by_host(name) {
             Some(tunnel) if tunnel.route().is_some() => Some(Target::Tunnel(tunnel)),
             _ => {
@@ -210,6 +195,14 @@ async fn handshake(
     };
     tls.get_mut().0.release_replay();
     match target {
+        Target::Agent if tls.get_ref().1.alpn_protocol().is_none() => {
+            shared.log(
+                "alpn",
+                INFO,
+                format!("refused {peer}: connected to {domain} without ALPN burrow/1"),
+            );
+            let _ = tokio::time::timeout(Duration::from_secs(1), tls.shutdown()).await;
+        }
         Target::Agent => session::Session::serve(shared, tls, peer, slot).await,
         Target::Tunnel(tunnel) => {
             drop(slot);

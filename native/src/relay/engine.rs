@@ -181,6 +181,28 @@ impl Engine {
             .unwrap_or_default()
     }
 
+    /// Bytes held for the tunnel's public clients (written to none of them yet).
+    pub fn buffered(&self, tunnel_id: &str) -> i64 {
+        self.shared
+            .tunnel(tunnel_id)
+            .map(|t| t.stats.buffered.load(std::sync::atomic::Ordering::Relaxed))
+            .unwrap_or(0)
+    }
+
+    pub fn session_ids(&self) -> Vec<String> {
+        self.shared.session_ids()
+    }
+
+    /// (sessions, tunnels, leaves) held.
+    pub fn census(&self) -> (usize, usize, usize) {
+        let tunnels = lock(&self.shared.routes).by_id.len();
+        (
+            lock(&self.shared.sessions).len(),
+            tunnels,
+            self.shared.identities.resolver.leaves(),
+        )
+    }
+
     pub fn open_streams(&self) -> usize {
         self.shared.open_streams()
     }

@@ -55,6 +55,8 @@ pub struct Stats {
     pub total: AtomicU64,
     pub bytes_in: AtomicU64,
     pub bytes_out: AtomicU64,
+    /// Bytes from the agent waiting here to be written to the tunnel's public clients.
+    pub buffered: AtomicI64,
 }
 
 /// Where a routed tunnel's connections go.
@@ -260,6 +262,11 @@ impl Shared {
         for tunnel in tunnels {
             tunnel.stop_listening();
         }
+    }
+
+    /// The open sessions' ids.
+    pub fn session_ids(&self) -> Vec<String> {
+        lock(&self.sessions).keys().cloned().collect()
     }
 
     /// Streams open across all sessions.

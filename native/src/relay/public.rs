@@ -63,7 +63,21 @@ pub async fn serve<S: PublicIo>(shared: Arc<Shared>, tunnel: Arc<Tunnel>, io: S,
         .and_then(|route| shared.session(&route.session))
         .filter(|s| s.state() == State::Open);
     let Some(session) = session else {
-        return; // (no route or no session any more: the connection is dropped)
+        // (no route or no session any more: the connection is dropped)
+        let route = tunnel.route();
+        let state = route
+            .as_ref()
+            .and_then(|r| shared.session(&r.session))
+            .map(|s| s.state());
+        shared.log(
+            "",
+            super::events::DEBUG,
+            format!(
+                "dropped {peer}: tunnel {} has no open session {route:?} {state:?}",
+                tunnel.id
+            ),
+        );
+        return;
     };
     let open = tunnel.stats.open.load(Ordering::Relaxed);
     let refusal = if open >= shared.config.max_streams_per_tunnel as i64 {
@@ -88,7 +102,12 @@ pub async fn serve<S: PublicIo>(shared: Arc<Shared>, tunnel: Arc<Tunnel>, io: S,
     if *closed.borrow_and_update() {
         return;
     }
-    let Some((stream, rx)) = session.open_stream(&tunnel.id, &peer) else {
+    let Some((stream, rx)) = session.open_stream(&tunnel, &peer) else {
+        shared.log(
+            "",
+            super::events::DEBUG,
+            format!("dropped {peer}: session {} takes no stream", session.id),
+        );
         return;
     };
     tunnel.stats.open.fetch_add(1, Ordering::Relaxed);
@@ -189,14 +208,16 @@ async fn down<S: PublicIo>(
     let mut unacked = 0u32;
     while let Some(message) = rx.recv().await {
         match message {
-            Message::Data(data) => {
-                writer.write_all(&data).await.map_err(|_| ())?;
+            Message::Data(held) => {
+                writer.write_all(&held.data).await.map_err(|_| ())?;
                 writer.flush().await.map_err(|_| ())?;
+                let size = held.data.len();
+                drop(held);
                 tunnel
                     .stats
                     .bytes_out
-                    .fetch_add(data.len() as u64, Ordering::Relaxed);
-                session.consumed(stream, &mut unacked, data.len());
+                    .fetch_add(size as u64, Ordering::Relaxed);
+                session.consumed(stream, &mut unacked, size);
             }
             Message::Fin => {
                 writer.shutdown().await.map_err(|_| ())?;

@@ -21,7 +21,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, Notify};
 
 use super::events::{Event, INFO, WARNING};
-use super::{lock, PendingSlot, Shared};
+use super::{lock, PendingSlot, Shared, Tunnel};
 use crate::frames::{self, FrameType, HEADER_SIZE};
 
 /// Error codes of GOAWAY and RST (`ErrorCode` in `burrow/protocol/frames.py`).
@@ -98,16 +98,41 @@ impl State {
 }
 
 /// What the agent sends one stream, for its public connection.
-#[derive(Debug)]
 pub enum Message {
-    Data(Bytes),
+    Data(Held),
     Fin,
     Reset(u16),
+}
+
+/// DATA on its way to a public client, counted in its tunnel's `buffered` until dropped.
+pub struct Held {
+    pub data: Bytes,
+    tunnel: Arc<Tunnel>,
+}
+
+impl Held {
+    fn new(data: Bytes, tunnel: Arc<Tunnel>) -> Self {
+        tunnel
+            .stats
+            .buffered
+            .fetch_add(data.len() as i64, Ordering::Relaxed);
+        Self { data, tunnel }
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.tunnel
+            .stats
+            .buffered
+            .fetch_sub(self.data.len() as i64, Ordering::Relaxed);
+    }
 }
 
 /// One stream's shared state.
 pub struct Stream {
     pub id: u32,
+    tunnel: Arc<Tunnel>,
     /// Bytes we may still send the agent on it.
     credit: Mutex<i64>,
     credit_changed: Notify,
@@ -319,17 +344,28 @@ impl Session {
 
     /// Queue bytes for the agent; false if the session is over.
     fn queue(&self, build: impl FnOnce(&mut Vec<u8>)) -> bool {
-        let overflow = {
+        let streams = self.stream_count();
+        self.queue_locked(streams, build)
+    }
+
+    /// [`Self::queue`], for a caller that holds the inner lock (and so knows the stream count).
+    fn queue_locked(&self, streams: usize, build: impl FnOnce(&mut Vec<u8>)) -> bool {
+        let unsent = {
             let mut out = lock(&self.out);
             if out.closed {
                 return false;
             }
             build(&mut out.buf);
-            out.buf.len() > MAX_UNSENT + self.stream_count() * READ_SIZE
+            let unsent = out.buf.len();
+            if unsent > MAX_UNSENT + streams * READ_SIZE {
+                out.buf.clear();
+                Some(unsent)
+            } else {
+                None
+            }
         };
         self.out_ready.notify_one();
-        if overflow {
-            let unsent = lock(&self.out).buf.len();
+        if let Some(unsent) = unsent {
             self.shared.log(
                 "",
                 WARNING,
@@ -338,7 +374,6 @@ impl Session {
                     self.id
                 ),
             );
-            lock(&self.out).buf.clear();
             self.kill();
         }
         true
@@ -481,7 +516,9 @@ impl Session {
                     ));
                 }
                 let data = shared_payload.unwrap_or_else(|| Bytes::copy_from_slice(payload));
-                let _ = stream.tx.send(Message::Data(data));
+                let _ = stream
+                    .tx
+                    .send(Message::Data(Held::new(data, stream.tunnel.clone())));
             }
             FrameType::Window => {
                 let Ok(increment) = <[u8; 4]>::try_from(payload) else {
@@ -711,9 +748,10 @@ impl Session {
             inner.peer_window = peer_window;
             inner.send_payload =
                 send_payload.clamp(frames::MIN_FRAME_PAYLOAD, frames::MAX_FRAME_PAYLOAD);
+            // under the lock that opens the session: no OPEN can go out before the WELCOME
+            self.queue_locked(0, |out| out.extend_from_slice(welcome));
             inner.slot.take()
         };
-        self.queue(|out| out.extend_from_slice(welcome));
         drop(slot);
     }
 
@@ -751,34 +789,37 @@ impl Session {
     /// Open a stream for a public connection of `tunnel`; None unless the session is open.
     pub fn open_stream(
         &self,
-        tunnel: &str,
+        tunnel: &Arc<Tunnel>,
         peer: &str,
     ) -> Option<(Arc<Stream>, mpsc::UnboundedReceiver<Message>)> {
         let (tx, rx) = mpsc::unbounded_channel();
-        let stream = {
-            let mut inner = lock(&self.inner);
-            if inner.state != State::Open || inner.last_stream_id == u32::MAX {
-                return None;
-            }
-            inner.last_stream_id += 1;
-            let stream = Arc::new(Stream {
-                id: inner.last_stream_id,
-                credit: Mutex::new(i64::from(inner.peer_window)),
-                credit_changed: Notify::new(),
-                recv_credit: AtomicI64::new(i64::from(self.shared.config.window)),
-                remote_fin: AtomicBool::new(false),
-                reset: AtomicBool::new(false),
-                tx,
-            });
-            inner.streams.insert(stream.id, stream.clone());
-            stream
-        };
         let open = format!(
             "{{\"tunnel\": \"{}\", \"peer\": \"{}\"}}",
-            json_text(tunnel),
+            json_text(&tunnel.id),
             json_text(peer)
         );
-        if !self.queue(|out| frame(FrameType::Open, stream.id, open.as_bytes(), out)) {
+        let mut inner = lock(&self.inner);
+        if inner.state != State::Open || inner.last_stream_id == u32::MAX {
+            return None;
+        }
+        inner.last_stream_id += 1;
+        let stream = Arc::new(Stream {
+            id: inner.last_stream_id,
+            tunnel: tunnel.clone(),
+            credit: Mutex::new(i64::from(inner.peer_window)),
+            credit_changed: Notify::new(),
+            recv_credit: AtomicI64::new(i64::from(self.shared.config.window)),
+            remote_fin: AtomicBool::new(false),
+            reset: AtomicBool::new(false),
+            tx,
+        });
+        inner.streams.insert(stream.id, stream.clone());
+        // queued under the same lock that gave the id: OPENs leave in the order of their ids
+        let queued = self.queue_locked(inner.streams.len(), |out| {
+            frame(FrameType::Open, stream.id, open.as_bytes(), out)
+        });
+        drop(inner);
+        if !queued {
             return None;
         }
         Some((stream, rx))

@@ -108,6 +108,11 @@ impl Resolver {
             .remove(host);
     }
 
+    /// Leaves held (dev CA): one per routed host, plus the agent endpoint's.
+    pub fn leaves(&self) -> usize {
+        self.hosts.read().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
     fn lookup(&self, host: &str) -> Option<Arc<CertifiedKey>> {
         if let Some(shared) = &self.shared {
             return Some(shared.clone());

@@ -43,7 +43,7 @@ MAX_TUNNELS_PER_TOKEN = 20_000
 
 #: The data plane: "native" (Rust, burrow._native) or "asyncio" (the pure-Python first implementation).
 ENGINES = ("native", "asyncio")
-DEFAULT_ENGINE = "asyncio"
+DEFAULT_ENGINE = "native"
 
 #: On SIGTERM, open streams get this long to finish before they are cut.
 SHUTDOWN_GRACE = 10.0

@@ -39,7 +39,7 @@ from .agent_connection import AgentConnection
 from .config import RelayConfig
 from .descriptors import Descriptors
 from .limits import LogLimiter, PendingHandshakes
-from .plane import ControlPlane, Route
+from .plane import Census, ControlPlane, Route
 from .tls import AGENT_ALPN, AGENT_ALPNS, CertificateStore
 
 logger = logging.getLogger("burrow.relay")
@@ -248,6 +248,19 @@ class AsyncioPlane:
 
     def open_streams(self) -> int:
         return sum(len(s.endpoints) for s in self.sessions.values())
+
+    def session_ids(self) -> list[str]:
+        return list(self.sessions)
+
+    def census(self) -> Census:
+        identities = len(self.certs._cache) if self.certs is not None else 0
+        return Census(len(self.sessions), len(self.tunnels), identities)
+
+    def buffered(self, tunnel_id: str) -> int:
+        tunnel = self.tunnels.get(tunnel_id)
+        if tunnel is None:
+            return 0
+        return sum(e.transport.get_write_buffer_size() for e in tunnel.endpoints if e.transport is not None)
 
     def close(self) -> None:
         self.stop_listening()

@@ -37,7 +37,7 @@ from ..protocol.session import HelloMessage, decode_bind, decode_hello, decode_u
 from .config import HELLO_TIMEOUT, RelayConfig
 from .descriptors import CONNECTION_RESERVE, Descriptors
 from .limits import LogLimiter
-from .plane import BindRequest, ControlPlane, Hello, Route
+from .plane import BindRequest, Census, ControlPlane, Hello, Route
 
 if TYPE_CHECKING:
     from ..certs import DevCA
@@ -165,6 +165,19 @@ class NativePlane:
 
     def open_streams(self) -> int:
         return self.engine.open_streams() if self.engine is not None else 0
+
+    def session_ids(self) -> list[str]:
+        return self.engine.session_ids() if self.engine is not None else []
+
+    def census(self) -> Census:
+        if self.engine is None:
+            return Census(0, 0, 0)
+        sessions, tunnels, leaves = self.engine.census()
+        # (the engine's leaves include the agent endpoint's, made at start)
+        return Census(sessions, tunnels, leaves - 1 + len(self._leaves) if self.ca is not None else 0)
+
+    def buffered(self, tunnel_id: str) -> int:
+        return self.engine.buffered(tunnel_id) if self.engine is not None else 0
 
     def close(self) -> None:
         engine = self.engine

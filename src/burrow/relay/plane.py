@@ -60,6 +60,15 @@ class BindRequest:
     ticket: str | None
 
 
+@dataclass(frozen=True, slots=True)
+class Census:
+    """What a data plane holds: sessions, tunnels (routes or listeners) and TLS identities."""
+
+    sessions: int
+    tunnels: int
+    identities: int  # per-host TLS identities (dev CA leaves or contexts) kept
+
+
 class ControlPlane(Protocol):
     """What the data plane hands up; each call returns at once (slow work is spawned)."""
 
@@ -138,6 +147,15 @@ class DataPlane(Protocol):
 
     def open_streams(self) -> int:
         """Streams open across all sessions (for draining)."""
+
+    def session_ids(self) -> list[str]:
+        """The ids of the sessions the plane carries (for status and tests)."""
+
+    def census(self) -> Census:
+        """What the plane holds, counted (for status and leak tests)."""
+
+    def buffered(self, tunnel_id: str) -> int:
+        """Bytes held for the tunnel's public clients, not yet written to them."""
 
     def close(self) -> None:
         """Close everything now."""
