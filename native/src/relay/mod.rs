@@ -18,6 +18,9 @@ pub mod public;
 pub mod session;
 pub mod tls;
 
+#[cfg(test)]
+mod tests;
+
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -78,7 +81,7 @@ pub struct Tunnel {
 }
 
 impl Tunnel {
-    fn new(id: &str) -> Self {
+    pub(crate) fn new(id: &str) -> Self {
         Self {
             id: id.to_owned(),
             route: Mutex::new(None),
