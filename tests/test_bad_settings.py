@@ -66,6 +66,7 @@ CASES: dict[str, Setup] = {
     "exposed without token": lambda t: (["relay", "--listen", "0.0.0.0:0"], {}),
     "missing token file": lambda t: ([*RELAY, "--token-file", str(t / "none")], {}),
     "window too small": lambda t: ([*RELAY, "--window", "1k"], {}),
+    "budget not a size": lambda t: ([*RELAY, "--session-budget", "2x"], {}),
     "zero handshake timeout": lambda t: ([*RELAY, "--handshake-timeout", "0"], {}),
     "home is a file": lambda t: (RELAY, {"BURROW_HOME": str(_file(t / "home", b"x"))}),
     "damaged dev CA": lambda t: (RELAY, {"BURROW_HOME": _damaged_home(t)}),

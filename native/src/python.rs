@@ -162,7 +162,7 @@ struct RelayEngine {
 impl RelayEngine {
     #[new]
     #[pyo3(signature = (*, domain, threads, handshake_timeout, hello_timeout, heartbeat_timeout,
-        window, max_frame, max_pending, max_pending_per_source, max_streams_per_session,
+        window, base_window, session_budget, relay_budget, max_frame, max_pending, max_pending_per_source, max_streams_per_session,
         max_streams_per_tunnel, fd_ceiling, chain=None, key=None, dev_key=None, agent_leaf=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -172,6 +172,9 @@ impl RelayEngine {
         hello_timeout: f64,
         heartbeat_timeout: f64,
         window: u32,
+        base_window: u32,
+        session_budget: i64,
+        relay_budget: i64,
         max_frame: u32,
         max_pending: usize,
         max_pending_per_source: usize,
@@ -192,6 +195,8 @@ impl RelayEngine {
             hello_timeout: seconds(hello_timeout)?,
             heartbeat_timeout: seconds(heartbeat_timeout)?,
             window,
+            base_window,
+            session_budget,
             max_frame: check_max_payload(max_frame)?,
             max_pending,
             max_pending_per_source,
@@ -208,7 +213,8 @@ impl RelayEngine {
                 ))
             }
         };
-        let engine = Engine::new(config, certificates, threads).map_err(PyValueError::new_err)?;
+        let engine = Engine::new(config, certificates, threads, relay_budget)
+            .map_err(PyValueError::new_err)?;
         Ok(Self { engine })
     }
 
@@ -337,6 +343,12 @@ impl RelayEngine {
 
     fn buffered(&self, tunnel_id: &str) -> i64 {
         self.engine.buffered(tunnel_id)
+    }
+
+    /// Credit the relay may still lend to streams beyond their base windows.
+    #[getter]
+    fn budget_left(&self) -> i64 {
+        self.engine.budget_left()
     }
 
     fn session_ids(&self) -> Vec<String> {

@@ -52,7 +52,7 @@ def _port_range(text: str) -> tuple[int, int]:
 
 
 def _size(text: str) -> int:
-    units = {"k": 1024, "m": 1024**2}
+    units = {"k": 1024, "m": 1024**2, "g": 1024**3}
     scale = units.get(text[-1:].lower(), 1)
     digits = text[:-1] if scale != 1 else text
     if not digits.isdigit():
@@ -99,6 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     relay.add_argument("--window", type=_size, help="per-stream flow-control window (default 2m)")
     relay.add_argument("--max-frame", type=_size, help="largest DATA frame accepted from agents (default 256k)")
+    relay.add_argument(
+        "--session-budget",
+        type=_size,
+        help="bytes one agent's streams may have buffered here for clients that do not read, beyond 64k "
+        "a stream (default 64m)",
+    )
+    relay.add_argument(
+        "--relay-budget", type=_size, help="the same for all agents together (default 512m)"
+    )
     relay.add_argument(
         "--threads", type=int, metavar="N", help="threads that move bytes (default: the cores this process may use)"
     )
@@ -218,6 +227,10 @@ def run_relay(args: argparse.Namespace) -> int:
     if args.max_frame is not None:
         config.max_frame = args.max_frame
     config.threads = args.threads
+    if args.session_budget is not None:
+        config.session_budget = args.session_budget
+    if args.relay_budget is not None:
+        config.relay_budget = args.relay_budget
     if args.engine is not None:
         config.engine = args.engine
     loop = new_event_loop()

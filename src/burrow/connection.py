@@ -37,6 +37,10 @@ HEARTBEAT_TIMEOUT = 8.0
 HEARTBEATS_PER_TIMEOUT = 4
 
 
+#: The least room a stream's read gets, even with no credit left: what a stream whose
+#: reader stopped may hold here beyond its credit.
+MIN_READ = 4096
+
 #: Queued chunks smaller than this in all are joined into one write (one TLS record).
 JOIN_BELOW = 16 * 1024
 
@@ -144,9 +148,13 @@ class StreamEndpoint(asyncio.BufferedProtocol):
 
     def get_buffer(self, sizehint: int) -> memoryview:
         # ask for the most, not for the transport's hint (uvloop: 64 KiB): a read is
-        # a frame, and fewer, bigger frames cost less Python per byte
+        # a frame, and fewer, bigger frames cost less Python per byte; but no more than
+        # the stream's credit, so that what the peer cannot take yet stays in the socket
+        # (a few KiB at most is held here for a stream whose reader stopped)
         self._reads = stream_reads()
-        return self._reads.room(MAX_READ)
+        size = self.session.proto.send_room(self.stream_id)
+        size = MIN_READ if size < MIN_READ else size if size < MAX_READ else MAX_READ
+        return self._reads.room(size)[:size]
 
     def buffer_updated(self, nbytes: int) -> None:
         data = self._reads.take(nbytes)
@@ -294,8 +302,11 @@ class StreamEndpoint(asyncio.BufferedProtocol):
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        if self.credit_blocked or self.session.writing_paused:
+        if self.credit_blocked:
             transport.pause_reading()
+        elif self.session.writing_paused:
+            transport.pause_reading()
+            self.session.held_back[self.stream_id] = self  # resumed with the link
         else:
             transport.resume_reading()
 
@@ -334,6 +345,7 @@ class SessionConnection(asyncio.BufferedProtocol):
         self.transport: asyncio.Transport | None = None
         self.endpoints: dict[int, StreamEndpoint] = {}
         self.writing_paused = False
+        self.held_back: dict[int, StreamEndpoint] = {}  # endpoints paused while the link is full
         self._received = ReceiveBuffer()
         self._resume_turn = 0
         self.last_received = time.monotonic()
@@ -391,14 +403,18 @@ class SessionConnection(asyncio.BufferedProtocol):
     def pause_writing(self) -> None:
         self.writing_paused = True
         for endpoint in self.endpoints.values():
-            endpoint.update_reading()
+            if not endpoint.credit_blocked:  # (those wait for credit, not for the link)
+                endpoint.update_reading()
 
     def resume_writing(self) -> None:
         self.writing_paused = False
+        # only the endpoints the link held back: streams waiting for credit (a client
+        # that stopped reading, by the hundred) cost nothing here
+        endpoints = list(self.held_back.values())
+        self.held_back.clear()
         # resume in a rotating order: the first streams resumed read first and can
         # fill the link again before the last ones get a turn, so no stream may
         # always come first (32 parallel streams starved one to 0.04x the median)
-        endpoints = list(self.endpoints.values())
         if endpoints:
             self._resume_turn = (self._resume_turn + 1) % len(endpoints)
             for endpoint in endpoints[self._resume_turn :] + endpoints[: self._resume_turn]:

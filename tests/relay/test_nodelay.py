@@ -23,9 +23,11 @@ from burrow.relay import Relay, RelayConfig
 from ..helpers import RUNNERS, EchoServer
 
 
-def _tcp_sockets(ports: set[int | None]) -> dict[str, int]:
-    """TCP_NODELAY of every connected TCP socket of this process with an end on one of ``ports``."""
-    found: dict[str, int] = {}
+def tcp_sockets(
+    ports: set[int | None], option: int = socket.TCP_NODELAY
+) -> dict[tuple[int, tuple[str, int], tuple[str, int]], int]:
+    """``option`` (TCP_NODELAY) of every connected TCP socket of this process with an end on one of ``ports``."""
+    found: dict[tuple[int, tuple[str, int], tuple[str, int]], int] = {}
     for name in os.listdir("/proc/self/fd"):
         try:
             sock = socket.socket(fileno=os.dup(int(name)))
@@ -39,7 +41,7 @@ def _tcp_sockets(ports: set[int | None]) -> dict[str, int]:
             except OSError:  # a listener
                 continue
             if here[1] in ports or there[1] in ports:
-                found[f"fd {name} {here[:2]} -> {there[:2]}"] = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+                found[int(name), here[:2], there[:2]] = sock.getsockopt(socket.IPPROTO_TCP, option)
     return found
 
 
@@ -67,7 +69,7 @@ def test_every_socket_of_a_tunnel_has_nagle_off(loop: str, echo: EchoServer) -> 
             # every TCP socket of this process on a port of the tunnel's: the relay's (whatever its
             # engine) and the agent's, seen through the kernel, not through either's objects
             ports = {relay.port, info.unencrypted_port, echo.port}
-            found = _tcp_sockets(ports)
+            found = tcp_sockets(ports)
             local = [e.transport for e in session.endpoints.values()]
             assert len(local) == 2
             # the relay's ends (agent link, TLS public, raw public), the agent's (link, 2 local),

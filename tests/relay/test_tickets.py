@@ -80,3 +80,34 @@ def test_only_the_same_token_can_reclaim_a_tunnel(echo: EchoServer) -> None:
             await asyncio.sleep(0)
 
         on_runtime(close())
+
+
+def test_a_reclaimed_raw_tunnel_keeps_its_tcp_port(echo: EchoServer) -> None:
+    """The ticket's TCP port comes back even while the old listener is still closing."""
+    relay = on_runtime(Relay(RelayConfig(port=0, tokens=frozenset({"token-a"}))).start())
+    try:
+
+        async def reclaim(times: int) -> tuple[int | None, list[int | None]]:
+            settings = AgentSettings(RelayAddress("localhost", relay.port), token="token-a")
+            sessions = [await RelayConnection.connect(settings)]
+            first = await sessions[0].bind(echo.port, True, False)
+            ticket, ports = first.ticket, []
+            for _ in range(times):
+                session = await RelayConnection.connect(settings)
+                sessions.append(session)  # kept open: each bind takes over from a live session
+                info = await session.bind(echo.port, True, False, ticket)
+                ports.append(info.unencrypted_port)
+                ticket = info.ticket
+            for session in sessions:
+                session.close()
+            return first.unencrypted_port, ports
+
+        port, ports = on_runtime(reclaim(20))
+        assert port is not None and ports == [port] * 20
+    finally:
+
+        async def close() -> None:
+            relay.close()
+            await asyncio.sleep(0)
+
+        on_runtime(close())

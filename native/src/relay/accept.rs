@@ -90,6 +90,7 @@ pub async fn tcp_port(shared: Arc<Shared>, listener: TcpListener, tunnel: Arc<Tu
             continue;
         }
         let _ = tcp.set_nodelay(true);
+        public::limit_unsent(&tcp);
         let peer = format_address(address);
         tokio::spawn(public::serve(shared.clone(), tunnel.clone(), tcp, peer));
     }
@@ -169,6 +170,9 @@ async fn handshake(
         send_alert(tcp, UNRECOGNIZED_NAME).await;
         return;
     };
+    if matches!(target, Target::Tunnel(_)) {
+        public::limit_unsent(&tcp);
+    }
     let config = match &target {
         Target::Agent => shared.identities.agent.clone(),
         Target::Tunnel(tunnel) => match tunnel.route() {

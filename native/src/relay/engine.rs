@@ -33,6 +33,7 @@ impl Engine {
         config: Config,
         certificates: Certificates<'_>,
         threads: usize,
+        relay_budget: i64,
     ) -> Result<Self, String> {
         let resolver = match certificates {
             Certificates::Operator { chain, key } => Resolver::shared(chain, key),
@@ -52,7 +53,7 @@ impl Engine {
             .map_err(|e| format!("cannot start the data plane's threads: {e}"))?;
         Ok(Self {
             runtime: Some(runtime),
-            shared: Arc::new(Shared::new(config, events, identities)),
+            shared: Arc::new(Shared::new(config, events, identities, relay_budget)),
             watched: Some(watched),
             pid: std::process::id(),
         })
@@ -187,6 +188,11 @@ impl Engine {
             .tunnel(tunnel_id)
             .map(|t| t.stats.buffered.load(std::sync::atomic::Ordering::Relaxed))
             .unwrap_or(0)
+    }
+
+    /// Credit the relay may still lend beyond base windows.
+    pub fn budget_left(&self) -> i64 {
+        self.shared.budget.left()
     }
 
     pub fn session_ids(&self) -> Vec<String> {

@@ -41,7 +41,12 @@ pub struct Config {
     pub handshake_timeout: Duration,
     pub hello_timeout: Duration,
     pub heartbeat_timeout: Duration,
+    /// The most a stream may be granted (`--window`).
     pub window: u32,
+    /// What every stream is granted whatever the budgets (announced in WELCOME).
+    pub base_window: u32,
+    /// Credit beyond `base_window` that one session's streams may hold in all.
+    pub session_budget: i64,
     pub max_frame: u32,
     pub max_pending: usize,
     pub max_pending_per_source: usize,
@@ -78,11 +83,15 @@ pub struct Tunnel {
     /// Set to true when the tunnel is removed: its connections are reset.
     pub closed: watch::Sender<bool>,
     pub listeners: Mutex<Vec<AbortHandle>>,
+    /// Credit beyond base windows this tunnel's streams may hold: half a session's budget,
+    /// so one tunnel whose clients stop reading leaves room for the session's others.
+    pub budget: Arc<Budget>,
 }
 
 impl Tunnel {
-    pub(crate) fn new(id: &str) -> Self {
+    pub(crate) fn new(id: &str, budget: i64) -> Self {
         Self {
+            budget: Arc::new(Budget::new(budget)),
             id: id.to_owned(),
             route: Mutex::new(None),
             stats: Stats::default(),
@@ -107,6 +116,75 @@ impl Tunnel {
 pub struct Routes {
     pub by_id: HashMap<String, Arc<Tunnel>>,
     pub by_host: HashMap<String, Arc<Tunnel>>,
+}
+
+/// Bytes of credit that may still be lent to streams (beyond their base window).
+///
+/// Whatever a relay grants a stream, the agent may send and the relay may have
+/// to hold while the stream's client does not read; so the sum of what is
+/// granted is what a relay may hold, and budgets bound it.
+#[derive(Debug)]
+pub struct Budget {
+    left: AtomicI64,
+}
+
+impl Budget {
+    pub fn new(size: i64) -> Self {
+        Self {
+            left: AtomicI64::new(size),
+        }
+    }
+
+    /// Take up to `want` bytes; returns how many were taken.
+    pub fn take(&self, want: i64) -> i64 {
+        let mut left = self.left.load(Ordering::Relaxed);
+        loop {
+            let taken = want.min(left).max(0);
+            if taken == 0 {
+                return 0;
+            }
+            match self.left.compare_exchange_weak(
+                left,
+                left - taken,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return taken,
+                Err(now) => left = now,
+            }
+        }
+    }
+
+    pub fn give(&self, size: i64) {
+        self.left.fetch_add(size, Ordering::AcqRel);
+    }
+
+    pub fn left(&self) -> i64 {
+        self.left.load(Ordering::Relaxed)
+    }
+}
+
+/// Take up to `want` from every budget of the chain (a tunnel's, its session's, the relay's):
+/// what all of them could lend.
+pub fn borrow(budgets: &[&Budget], want: i64) -> i64 {
+    let mut taken = want;
+    for (i, budget) in budgets.iter().enumerate() {
+        let got = budget.take(taken);
+        if got < taken {
+            for earlier in &budgets[..i] {
+                earlier.give(taken - got);
+            }
+        }
+        taken = got;
+    }
+    taken
+}
+
+/// Give back what [`borrow`] took.
+pub fn repay(budgets: &[&Budget], size: i64) {
+    for budget in budgets {
+        budget.give(size);
+    }
 }
 
 /// Handshakes in progress, overall and per source address.
@@ -140,6 +218,8 @@ pub struct Shared {
     pub config: Config,
     pub events: Events,
     pub identities: Identities,
+    /// Credit beyond the base windows that all sessions' streams may hold in all.
+    pub budget: Arc<Budget>,
     pub routes: Mutex<Routes>,
     pub sessions: Mutex<HashMap<String, Arc<Session>>>,
     pub pending: Mutex<Pending>,
@@ -154,8 +234,9 @@ pub fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Shared {
-    pub fn new(config: Config, events: Events, identities: Identities) -> Self {
+    pub fn new(config: Config, events: Events, identities: Identities, budget: i64) -> Self {
         Self {
+            budget: Arc::new(Budget::new(budget)),
             config,
             events,
             identities,
@@ -218,7 +299,7 @@ impl Shared {
         lock(&self.routes)
             .by_id
             .entry(id.to_owned())
-            .or_insert_with(|| Arc::new(Tunnel::new(id)))
+            .or_insert_with(|| Arc::new(Tunnel::new(id, self.config.session_budget / 2)))
             .clone()
     }
 
@@ -227,7 +308,7 @@ impl Shared {
         let tunnel = routes
             .by_id
             .entry(id.to_owned())
-            .or_insert_with(|| Arc::new(Tunnel::new(id)))
+            .or_insert_with(|| Arc::new(Tunnel::new(id, self.config.session_budget / 2)))
             .clone();
         routes.by_host.insert(route.host.clone(), tunnel.clone());
         *lock(&tunnel.route) = Some(route);

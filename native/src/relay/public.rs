@@ -27,6 +27,18 @@ const MAX_READ: usize = 256 * 1024;
 /// A connection closed cleanly gets this long to say its last bytes.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Bytes a public socket may hold unsent (TCP_NOTSENT_LOWAT). Without it the kernel lets a
+/// client that does not read queue up to `tcp_wmem`'s maximum (4 MiB on Debian) on the
+/// relay, outside every budget: 500 such clients held 713 MiB of kernel memory and put the
+/// whole machine's TCP under memory pressure. Bytes in flight are not limited by it, so a
+/// reading client on a long path keeps its speed.
+const MAX_UNSENT: u32 = 128 * 1024;
+
+/// Bound what the kernel holds unsent for a public connection (see [`MAX_UNSENT`]).
+pub fn limit_unsent(tcp: &TcpStream) {
+    let _ = socket2::SockRef::from(tcp).set_tcp_notsent_lowat(MAX_UNSENT);
+}
+
 /// A public connection: its bytes, and the TCP socket under them (to reset it).
 pub trait PublicIo: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     fn socket(&self) -> &TcpStream;

@@ -21,7 +21,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, Notify};
 
 use super::events::{Event, INFO, WARNING};
-use super::{lock, PendingSlot, Shared, Tunnel};
+use super::{borrow, lock, repay, Budget, PendingSlot, Shared, Tunnel};
 use crate::frames::{self, FrameType, HEADER_SIZE};
 
 /// Error codes of GOAWAY and RST (`ErrorCode` in `burrow/protocol/frames.py`).
@@ -133,6 +133,10 @@ impl Drop for Held {
 pub struct Stream {
     pub id: u32,
     tunnel: Arc<Tunnel>,
+    /// Credit lent beyond the base window, from the session's and the relay's budgets.
+    extra: Mutex<u32>,
+    session_budget: Arc<Budget>,
+    relay_budget: Arc<Budget>,
     /// Bytes we may still send the agent on it.
     credit: Mutex<i64>,
     credit_changed: Notify,
@@ -143,7 +147,23 @@ pub struct Stream {
     tx: mpsc::UnboundedSender<Message>,
 }
 
+impl Drop for Stream {
+    fn drop(&mut self) {
+        let extra = i64::from(*lock(&self.extra));
+        repay(&self.budgets(), extra);
+    }
+}
+
 impl Stream {
+    /// Where its credit beyond the base window comes from.
+    fn budgets(&self) -> [&Budget; 3] {
+        [
+            &self.tunnel.budget,
+            &self.session_budget,
+            &self.relay_budget,
+        ]
+    }
+
     /// Wait for send credit; 0 once the stream is reset.
     pub async fn wait_credit(&self) -> usize {
         loop {
@@ -212,6 +232,7 @@ pub struct Session {
     pub id: String,
     pub peer: String,
     shared: Arc<Shared>,
+    budget: Arc<Budget>,
     inner: Mutex<Inner>,
     out: Mutex<Outbound>,
     out_ready: Notify,
@@ -278,6 +299,7 @@ impl Session {
             id: session_id(&shared),
             peer,
             shared: shared.clone(),
+            budget: Arc::new(Budget::new(shared.config.session_budget)),
             inner: Mutex::new(Inner {
                 state: State::Handshake,
                 streams: HashMap::new(),
@@ -803,20 +825,33 @@ impl Session {
             return None;
         }
         inner.last_stream_id += 1;
+        let config = &self.shared.config;
+        let base = config.base_window.min(config.window);
+        let extra = borrow(
+            &[&tunnel.budget, &self.budget, &self.shared.budget],
+            i64::from(config.window - base),
+        ) as u32;
         let stream = Arc::new(Stream {
             id: inner.last_stream_id,
             tunnel: tunnel.clone(),
+            extra: Mutex::new(extra),
+            session_budget: self.budget.clone(),
+            relay_budget: self.shared.budget.clone(),
             credit: Mutex::new(i64::from(inner.peer_window)),
             credit_changed: Notify::new(),
-            recv_credit: AtomicI64::new(i64::from(self.shared.config.window)),
+            recv_credit: AtomicI64::new(i64::from(base + extra)),
             remote_fin: AtomicBool::new(false),
             reset: AtomicBool::new(false),
             tx,
         });
         inner.streams.insert(stream.id, stream.clone());
-        // queued under the same lock that gave the id: OPENs leave in the order of their ids
+        // queued under the same lock that gave the id: OPENs leave in the order of their
+        // ids; the credit lent beyond the base window goes with it, in the same write
         let queued = self.queue_locked(inner.streams.len(), |out| {
-            frame(FrameType::Open, stream.id, open.as_bytes(), out)
+            frame(FrameType::Open, stream.id, open.as_bytes(), out);
+            if extra > 0 {
+                frame(FrameType::Window, stream.id, &extra.to_be_bytes(), out);
+            }
         });
         drop(inner);
         if !queued {
@@ -846,17 +881,24 @@ impl Session {
         lock(&self.inner).streams.remove(&stream.id);
     }
 
-    /// `size` bytes of the stream left the process: grant credit back at half a window.
+    /// `size` bytes of the stream left the process: grant credit back at half its allowance,
+    /// topped up from the budgets towards the full window when they have room again.
     pub fn consumed(&self, stream: &Stream, unacked: &mut u32, size: usize) {
         *unacked += size as u32;
-        let window = self.shared.config.window;
-        if *unacked >= window / 2 && !stream.remote_fin.load(Ordering::Relaxed) {
-            let grant = std::mem::take(unacked);
-            stream
-                .recv_credit
-                .fetch_add(i64::from(grant), Ordering::AcqRel);
-            self.queue(|out| frame(FrameType::Window, stream.id, &grant.to_be_bytes(), out));
+        let config = &self.shared.config;
+        let base = config.base_window.min(config.window);
+        let mut extra = lock(&stream.extra);
+        if *unacked < (base + *extra) / 2 || stream.remote_fin.load(Ordering::Relaxed) {
+            return;
         }
+        let more = borrow(&stream.budgets(), i64::from(config.window - base - *extra)) as u32;
+        *extra += more;
+        drop(extra);
+        let grant = std::mem::take(unacked) + more;
+        stream
+            .recv_credit
+            .fetch_add(i64::from(grant), Ordering::AcqRel);
+        self.queue(|out| frame(FrameType::Window, stream.id, &grant.to_be_bytes(), out));
     }
 }
 

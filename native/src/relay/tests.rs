@@ -24,12 +24,22 @@ const WINDOW: u32 = 16 * 1024;
 const WAIT: Duration = Duration::from_secs(5);
 
 fn shared() -> (Arc<Shared>, std::os::unix::net::UnixStream) {
+    shared_with(WINDOW, 0, 0)
+}
+
+fn shared_with(
+    base_window: u32,
+    session_budget: i64,
+    relay_budget: i64,
+) -> (Arc<Shared>, std::os::unix::net::UnixStream) {
     let config = Config {
         domain: "localhost".into(),
         handshake_timeout: Duration::from_secs(10),
         hello_timeout: Duration::from_secs(10),
         heartbeat_timeout: Duration::from_secs(60),
         window: WINDOW,
+        base_window,
+        session_budget,
         max_frame: frames::MAX_FRAME_PAYLOAD,
         max_pending: 16,
         max_pending_per_source: 16,
@@ -39,7 +49,10 @@ fn shared() -> (Arc<Shared>, std::os::unix::net::UnixStream) {
     };
     let (events, watched) = Events::new().unwrap();
     let identities = Identities::new(Resolver::per_host(TEST_KEY).unwrap()).unwrap();
-    (Arc::new(Shared::new(config, events, identities)), watched)
+    (
+        Arc::new(Shared::new(config, events, identities, relay_budget)),
+        watched,
+    )
 }
 
 /// The agent's end of the link.
@@ -165,7 +178,7 @@ async fn hello_goes_up_welcome_comes_down_and_pings_are_answered() {
 async fn a_stream_carries_bytes_both_ways_and_counts_what_waits() {
     let (shared, _watched) = shared();
     let (mut agent, session) = welcomed(&shared).await;
-    let tunnel = Arc::new(Tunnel::new("abc"));
+    let tunnel = Arc::new(Tunnel::new("abc", i64::MAX / 4));
     let (stream, mut rx) = session.open_stream(&tunnel, "203.0.113.9:4000").unwrap();
     let (stream_id, open) = agent.expect(FrameType::Open).await;
     assert_eq!(stream_id, stream.id);
@@ -208,7 +221,7 @@ async fn a_stream_carries_bytes_both_ways_and_counts_what_waits() {
 async fn credit_comes_back_at_half_a_window() {
     let (shared, _watched) = shared();
     let (mut agent, session) = welcomed(&shared).await;
-    let tunnel = Arc::new(Tunnel::new("abc"));
+    let tunnel = Arc::new(Tunnel::new("abc", i64::MAX / 4));
     let (stream, _rx) = session.open_stream(&tunnel, "peer").unwrap();
     agent.expect(FrameType::Open).await;
     let mut unacked = 0;
@@ -226,7 +239,7 @@ async fn credit_comes_back_at_half_a_window() {
 async fn data_beyond_the_window_ends_the_session_with_flow_control() {
     let (shared, _watched) = shared();
     let (mut agent, session) = welcomed(&shared).await;
-    let tunnel = Arc::new(Tunnel::new("abc"));
+    let tunnel = Arc::new(Tunnel::new("abc", i64::MAX / 4));
     let (stream, mut rx) = session.open_stream(&tunnel, "peer").unwrap();
     agent.expect(FrameType::Open).await;
     agent
@@ -312,4 +325,82 @@ async fn nothing_but_hello_is_taken_before_it() {
     // the slot it held as a pending handshake is free again
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert_eq!(super::lock(&shared.pending).total, 0);
+}
+
+#[tokio::test]
+async fn credit_beyond_the_base_window_comes_from_the_budgets_and_goes_back() {
+    let base = 4 * 1024;
+    let extra = WINDOW - base; // 12 KiB a stream, when the budgets have it
+                               // the session may lend 20 KiB, the relay 100 KiB: the session's budget binds
+    let (shared, _watched) = shared_with(base, 20 * 1024, 100 * 1024);
+    let (mut agent, session) = welcomed(&shared).await;
+    let tunnel = Arc::new(Tunnel::new("abc", i64::MAX / 4));
+    let mut lent = Vec::new();
+    let mut streams = Vec::new();
+    for _ in 0..3 {
+        let (stream, rx) = session.open_stream(&tunnel, "peer").unwrap();
+        agent.expect(FrameType::Open).await;
+        streams.push((stream, rx));
+        // the extra credit follows the OPEN in the same write, or not at all
+        let follows = agent.buf.first() == Some(&(FrameType::Window as u8));
+        lent.push(if follows {
+            let (_, grant) = agent.expect(FrameType::Window).await;
+            u32::from_be_bytes(grant.try_into().unwrap())
+        } else {
+            0
+        });
+    }
+    assert_eq!(lent, [extra, 20 * 1024 - extra, 0]);
+    assert_eq!(shared.budget.left(), 100 * 1024 - 20 * 1024);
+    // a stream that holds no extra credit may send its base window and no more
+    let (third, _rx) = &streams[2];
+    agent
+        .send(FrameType::Data, third.id, &vec![0; base as usize])
+        .await;
+    agent.send(FrameType::Data, third.id, b"x").await;
+    assert_eq!(goaway_code(&mut agent).await.0, code::FLOW_CONTROL);
+    // the session is gone: every stream's extra credit is back in the relay's budget
+    drop(streams);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(shared.budget.left(), 100 * 1024);
+}
+
+#[tokio::test]
+async fn a_tunnel_takes_at_most_its_share_and_leaves_the_rest_to_the_others() {
+    let base = 4 * 1024;
+    let extra = WINDOW - base;
+    let (shared, _watched) = shared_with(base, 100 * 1024, 100 * 1024);
+    let (mut agent, session) = welcomed(&shared).await;
+    // a share of one stream's extra credit each
+    let stalled = Arc::new(Tunnel::new("stalled", i64::from(extra)));
+    let other = Arc::new(Tunnel::new("other", i64::from(extra)));
+    let mut lent = Vec::new();
+    let mut streams = Vec::new();
+    for tunnel in [&stalled, &stalled, &other] {
+        let (stream, rx) = session.open_stream(tunnel, "peer").unwrap();
+        agent.expect(FrameType::Open).await;
+        streams.push((stream, rx));
+        let follows = agent.buf.first() == Some(&(FrameType::Window as u8));
+        lent.push(if follows {
+            let (_, grant) = agent.expect(FrameType::Window).await;
+            u32::from_be_bytes(grant.try_into().unwrap())
+        } else {
+            0
+        });
+    }
+    assert_eq!(lent, [extra, 0, extra]);
+    assert_eq!(shared.budget.left(), 100 * 1024 - 2 * i64::from(extra));
+    assert_eq!((stalled.budget.left(), other.budget.left()), (0, 0));
+}
+
+#[test]
+fn borrowing_takes_what_every_budget_of_the_chain_can_lend() {
+    use super::{borrow, repay, Budget};
+    let (a, b, c) = (Budget::new(10), Budget::new(4), Budget::new(7));
+    assert_eq!(borrow(&[&a, &b, &c], 6), 4);
+    assert_eq!((a.left(), b.left(), c.left()), (6, 0, 3));
+    assert_eq!(borrow(&[&a, &b, &c], 6), 0);
+    assert_eq!((a.left(), b.left(), c.left()), (6, 0, 3));
+    repay(&[&a, &b, &c], 4);
+    assert_eq!((a.left(), b.left(), c.left()), (10, 4, 7));
 }

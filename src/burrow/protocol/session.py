@@ -458,6 +458,11 @@ class SessionProtocol:
         stream = self._streams.get(stream_id)
         return StreamState.CLOSED if stream is None else stream.state
 
+    def send_room(self, stream_id: int) -> int:
+        """Bytes :meth:`send_data` would send on a stream at once (0 while anything waits)."""
+        stream = self._streams.get(stream_id)
+        return 0 if stream is None or stream.pending_size else max(0, stream.send_credit)
+
     def buffered(self, stream_id: int) -> int:
         """Bytes handed to :meth:`send_data` that still wait for credit."""
         stream = self._streams.get(stream_id)

@@ -45,6 +45,16 @@ MAX_TUNNELS_PER_TOKEN = 20_000
 ENGINES = ("native", "asyncio")
 DEFAULT_ENGINE = "native"
 
+#: Every stream is granted this much credit whatever the budgets (the native relay's WELCOME
+#: window); the rest of ``--window`` is lent from the budgets below when they have room.
+BASE_WINDOW = 64 * 1024
+
+#: Credit beyond the base windows that one session's streams, and all streams of the relay,
+#: may hold at once: what the relay may have to hold for public clients that stop reading
+#: (beyond BASE_WINDOW each). 64 MiB lets 32 streams of a session run at the full 2 MiB window.
+SESSION_BUDGET = 64 * 1024 * 1024
+RELAY_BUDGET = 512 * 1024 * 1024
+
 #: On SIGTERM, open streams get this long to finish before they are cut.
 SHUTDOWN_GRACE = 10.0
 
@@ -74,6 +84,8 @@ class RelayConfig:
     tcp_ports: tuple[int, int] = DEFAULT_TCP_PORTS
     tokens: frozenset[str] = field(default_factory=frozenset, repr=False)
     window: int = DEFAULT_WINDOW
+    session_budget: int = SESSION_BUDGET  # (native engine) see SESSION_BUDGET
+    relay_budget: int = RELAY_BUDGET
     max_frame: int = MAX_FRAME_PAYLOAD  # largest DATA frame accepted from agents
     handshake_timeout: float = HANDSHAKE_TIMEOUT
     data_dir: Path | None = None  # dev CA and ticket key; default: burrow's data directory
@@ -127,6 +139,9 @@ class RelayConfig:
         for name, value in limits.items():
             if value <= 0:
                 raise ConfigurationError(f"{name} must be positive, not {value}")
+        for name, value in (("session budget", self.session_budget), ("relay budget", self.relay_budget)):
+            if value < 0:
+                raise ConfigurationError(f"{name} must be 0 or more bytes, not {value}")
         if self.shutdown_grace < 0:
             raise ConfigurationError(f"shutdown grace must be 0 or more seconds, not {self.shutdown_grace}")
         if not MIN_WINDOW <= self.window <= MAX_WINDOW:

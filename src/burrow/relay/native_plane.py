@@ -33,8 +33,8 @@ from ..connection import TrafficStats
 from ..errors import ConfigurationError, RemoteProtocolError
 from ..protocol.frames import ErrorCode, Frame, FrameType, encode_code, encode_json
 from ..protocol.messages import BindFailure, TunnelAddress
-from ..protocol.session import HelloMessage, decode_bind, decode_hello, decode_unbind
-from .config import HELLO_TIMEOUT, RelayConfig
+from ..protocol.session import MIN_WINDOW, HelloMessage, decode_bind, decode_hello, decode_unbind
+from .config import BASE_WINDOW, HELLO_TIMEOUT, RelayConfig
 from .descriptors import CONNECTION_RESERVE, Descriptors
 from .limits import LogLimiter
 from .plane import BindRequest, Census, ControlPlane, Hello, Route
@@ -46,6 +46,12 @@ logger = logging.getLogger("burrow.relay")
 
 #: Dev leaves made ahead of their routes and kept until used (the ready-id pool holds a few).
 MAX_PREPARED_LEAVES = 64
+
+#: How long a raw TCP port stays "being released" after its tunnel's route goes: the engine
+#: closes a listener on one of its threads, a moment after ``remove_route`` returns, and a
+#: resumed tunnel asking for that same port waits for it this long before taking another.
+RELEASE_WAIT = 0.5
+RELEASE_POLL = 0.005
 
 
 def data_threads() -> int:
@@ -69,11 +75,18 @@ class NativePlane:
         self._ports: list[int] = []
         self._watched: socket.socket | None = None
         self._tunnels: set[str] = set()  # ids with a listener or a route in the engine
+        self._tcp_ports: dict[str, int] = {}  # tunnel id -> its raw TCP port
+        self._released: dict[int, float] = {}  # port -> when its listener was told to close
         self._leaves: OrderedDict[str, bytes] = OrderedDict()
         self._hellos: dict[str, HelloMessage] = {}  # session id -> its HELLO, until welcomed or gone
         self._open: set[str] = set()
 
     # ---------------------------------------------------------------- lifecycle
+
+    @property
+    def base_window(self) -> int:
+        """What each stream is granted whatever the budgets (announced in WELCOME)."""
+        return max(MIN_WINDOW, min(BASE_WINDOW, self.config.window))
 
     @property
     def ports(self) -> Sequence[int]:
@@ -95,6 +108,9 @@ class NativePlane:
             hello_timeout=HELLO_TIMEOUT,
             heartbeat_timeout=config.heartbeat_timeout,
             window=config.window,
+            base_window=self.base_window,
+            session_budget=config.session_budget,
+            relay_budget=config.relay_budget,
             max_frame=config.max_frame,
             max_pending=config.max_pending_handshakes,
             max_pending_per_source=config.max_pending_per_source,
@@ -185,6 +201,7 @@ class NativePlane:
             return
         engine.close(encode_code(FrameType.GOAWAY, 0, ErrorCode.SHUTDOWN, "relay shutting down"))
         self._tunnels.clear()
+        self._tcp_ports.clear()
         if self._watched is not None:
             try:
                 asyncio.get_running_loop().remove_reader(self._watched.fileno())
@@ -266,19 +283,42 @@ class NativePlane:
 
     async def listen_tcp(self, tunnel_id: str, ports: Sequence[int]) -> int:
         assert self.engine is not None
-        if tunnel_id in self._tunnels:  # a rival bind for the same id got here first
-            raise OSError(errno.EADDRINUSE, f"tunnel {tunnel_id} already has a route or a listener")
         host = self.config.tcp_host or self.config.host
         hosts = [_address(host)]
         if self.config.also_ipv6 and host == "127.0.0.1" and socket.has_ipv6:
             # the address given is "localhost" (the domain): it must answer on ::1 too
             hosts.append("::1")
+        candidates = list(ports)
+        if candidates and self._releasing(candidates[0]):
+            # the port a resumed tunnel had, its listener still closing: wait for it a moment
+            deadline = self._released[candidates[0]] + RELEASE_WAIT
+            while True:
+                try:
+                    return self._listen(tunnel_id, hosts, candidates[:1])
+                except OSError as exc:
+                    if exc.errno != errno.EADDRINUSE or asyncio.get_running_loop().time() >= deadline:
+                        break
+                await asyncio.sleep(RELEASE_POLL)
+        return self._listen(tunnel_id, hosts, candidates)
+
+    def _listen(self, tunnel_id: str, hosts: list[str], ports: list[int]) -> int:
+        assert self.engine is not None
+        if tunnel_id in self._tunnels:  # a rival bind for the same id got here first
+            raise OSError(errno.EADDRINUSE, f"tunnel {tunnel_id} already has a route or a listener")
         try:
-            port: int = self.engine.listen_tcp(tunnel_id, hosts, list(ports))
+            port: int = self.engine.listen_tcp(tunnel_id, hosts, ports)
         except ValueError as exc:
             raise OSError(errno.EINVAL, str(exc)) from None
         self._tunnels.add(tunnel_id)
+        self._tcp_ports[tunnel_id] = port
         return port
+
+    def _releasing(self, port: int) -> bool:
+        """Whether ``port``'s listener was told to close a moment ago (older releases are forgotten)."""
+        now = asyncio.get_running_loop().time()
+        for old in [p for p, at in self._released.items() if now - at > RELEASE_WAIT]:
+            del self._released[old]
+        return port in self._released
 
     def add_route(self, route: Route) -> None:
         assert self.engine is not None
@@ -290,6 +330,9 @@ class NativePlane:
 
     def remove_route(self, tunnel_id: str) -> None:
         self._tunnels.discard(tunnel_id)
+        port = self._tcp_ports.pop(tunnel_id, None)
+        if port is not None:
+            self._released[port] = asyncio.get_running_loop().time()
         if self.engine is not None:
             self.engine.remove_route(tunnel_id)
 
@@ -311,7 +354,7 @@ class NativePlane:
         message = {
             "version": hello.version,
             "session": session_id,
-            "window": config.window,
+            "window": self.base_window,  # the rest of a window is lent from the budgets
             "max_frame": config.max_frame,
         }
         frame = encode_json(FrameType.WELCOME, message)
