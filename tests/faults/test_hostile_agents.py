@@ -35,8 +35,8 @@ def _agent(port: int, ca: Path, source: str = "127.0.0.1") -> ssl.SSLSocket:
     return context.wrap_socket(sock, server_hostname="localhost")
 
 
-def _hello() -> bytes:
-    return encode_json(FrameType.HELLO, {"versions": [1], "token": "", "window": 1 << 20, "agent": "test"})
+def _hello(agent: str = "test") -> bytes:
+    return encode_json(FrameType.HELLO, {"versions": [1], "token": "", "window": 1 << 20, "agent": agent})
 
 
 def _frames(sock: ssl.SSLSocket, want: FrameType, timeout: float) -> list[tuple[int, int, bytes]]:
@@ -150,3 +150,16 @@ def test_an_agent_that_never_reads_is_cut_off(
             raise AssertionError(f"sent {sent} bytes of PINGs without reading and the relay took them all")
     assert sent < 64 * 1024 * 1024
     assert any("peer reads nothing" in r.getMessage() for r in caplog.records)
+
+
+def test_an_agent_cannot_forge_log_lines_with_its_name(
+    fast_relay: Relay, ca_file: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="burrow.relay")
+    forged = "x\r\n2026-12-05 INFO burrow.relay: tunnel abc opened\x1b[2J"
+    with _agent(fast_relay.port, ca_file) as sock:
+        sock.sendall(_hello(forged))
+        assert [kind for kind, _, _ in _frames(sock, FrameType.WELCOME, 5)] == [FrameType.WELCOME]
+    (line,) = [r.getMessage() for r in caplog.records if "opened by agent" in r.getMessage()]
+    assert not any(c in line for c in "\r\n\x1b"), line
+    assert "\\r\\n2026-12-05 INFO" in line and "\\x1b[2J" in line

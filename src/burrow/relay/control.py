@@ -109,7 +109,8 @@ class RelayControl:
             return
         self.token_fps[hello.session_id] = token_fingerprint(hello.token)
         self.plane.welcome(hello.session_id)
-        logger.info("session %s opened by agent %s (%s)", hello.session_id, hello.peer, hello.agent)
+        # (the agent's name is the peer's text: %r escapes CR, LF and ESC, so it cannot forge log lines)
+        logger.info("session %s opened by agent %s (%r)", hello.session_id, hello.peer, hello.agent)
 
     def session_closed(self, session_id: str) -> None:
         for record in self.registry.of_session(session_id):
