@@ -69,7 +69,7 @@ def _no_traceback(text: str) -> None:
     assert "Traceback" not in text, text
 
 
-@pytest.mark.parametrize("command", [[], ["relay"], ["forward"], ["demo"]])
+@pytest.mark.parametrize("command", [[], ["relay"], ["forward"], ["run"], ["demo"]])
 def test_every_command_has_help(command: list[str]) -> None:
     result = run(*command, "--help")
     assert result.returncode == 0

@@ -1,4 +1,4 @@
-"""The ``burrow`` command: ``relay``, ``forward PORT`` and ``demo``."""
+"""The ``burrow`` command: ``relay``, ``forward PORT``, ``run --port PORT -- CMD`` and ``demo``."""
 
 from __future__ import annotations
 
@@ -105,9 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="bytes one agent's streams may have buffered here for clients that do not read, beyond 64k "
         "a stream (default 64m)",
     )
-    relay.add_argument(
-        "--relay-budget", type=_size, help="the same for all agents together (default 512m)"
-    )
+    relay.add_argument("--relay-budget", type=_size, help="the same for all agents together (default 512m)")
     relay.add_argument(
         "--threads", type=int, metavar="N", help="threads that move bytes (default: the cores this process may use)"
     )
@@ -148,20 +146,30 @@ def build_parser() -> argparse.ArgumentParser:
         "Token: BURROW_TOKEN or BURROW_TOKEN_FILE; extra CA to trust: BURROW_CA.",
     )
     fwd.add_argument("port", type=int, metavar="PORT", help="the local TCP port")
-    fwd.add_argument("--unencrypted", action="store_true", help="also give a raw TCP address on a random port")
-    fwd.add_argument("--h2", action="store_true", help="negotiate HTTP/2 (ALPN h2) on the TLS address")
-    fwd.add_argument("--relay", metavar="HOST:PORT", help="the relay (default: BURROW_RELAY, else embedded)")
-    fwd.add_argument(
-        "--token-file", type=Path, help="file holding the token (default: BURROW_TOKEN, BURROW_TOKEN_FILE)"
+    _tunnel_options(fwd)
+
+    run = commands.add_parser(
+        "run",
+        help="start a command, tunnel its port once it listens, stop with it",
+        description="Start CMD, wait until local PORT accepts connections, open a tunnel to it and print its "
+        "address; pass SIGINT, SIGTERM and SIGHUP on to CMD; when CMD ends, close the tunnel and exit with "
+        "CMD's exit code. Relay, token and CA as for burrow forward.",
     )
-    fwd.add_argument("--ca", type=Path, help="CA certificate to trust for the relay (default: BURROW_CA)")
-    fwd.add_argument(
-        "--connect-timeout",
+    run.add_argument("--port", type=int, required=True, metavar="PORT", help="the local TCP port CMD listens on")
+    run.add_argument(
+        "--json",
+        action="store_true",
+        help='print exactly one line on stdout: {"url", "tls_socket", "tcp_socket"} (CMD\'s stdout goes to stderr)',
+    )
+    run.add_argument(
+        "--ready-timeout",
         type=float,
-        default=LOCAL_CONNECT_TIMEOUT,
+        default=30.0,
         metavar="SECONDS",
-        help=f"how long a public connection waits for the local service to accept (default {LOCAL_CONNECT_TIMEOUT:g})",
+        help="how long CMD has to start listening (default 30); then it is stopped",
     )
+    _tunnel_options(run)
+    run.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD ARGS", help="the command to run")
 
     commands.add_parser(
         "demo",
@@ -172,12 +180,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _tunnel_options(parser: argparse.ArgumentParser) -> None:
+    """The tunnel's options, shared by ``forward`` and ``run``."""
+    parser.add_argument("--unencrypted", action="store_true", help="also give a raw TCP address on a random port")
+    parser.add_argument("--h2", action="store_true", help="negotiate HTTP/2 (ALPN h2) on the TLS address")
+    parser.add_argument("--relay", metavar="HOST:PORT", help="the relay (default: BURROW_RELAY, else embedded)")
+    parser.add_argument(
+        "--token-file", type=Path, help="file holding the token (default: BURROW_TOKEN, BURROW_TOKEN_FILE)"
+    )
+    parser.add_argument("--ca", type=Path, help="CA certificate to trust for the relay (default: BURROW_CA)")
+    parser.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=LOCAL_CONNECT_TIMEOUT,
+        metavar="SECONDS",
+        help=f"how long a public connection waits for the local service to accept (default {LOCAL_CONNECT_TIMEOUT:g})",
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``burrow`` console script."""
     args = build_parser().parse_args(argv)
     commands: dict[str, Callable[[argparse.Namespace], int]] = {
         "relay": run_relay,
         "forward": run_forward,
+        "run": run_run,
         "demo": run_demo,
     }
     try:
@@ -381,6 +408,41 @@ def run_forward(args: argparse.Namespace) -> int:
         code = _watch(forward)
     print("burrow: tunnel closed", flush=True)
     return code
+
+
+# -------------------------------------------------------------------------- run
+
+
+def run_run(args: argparse.Namespace) -> int:
+    """``burrow run --port P -- CMD ARGS``."""
+    from . import run
+
+    command = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+    if not command:
+        raise ConfigurationError("give the command to run after --, e.g. burrow run --port 8888 -- jupyter lab")
+    if not args.ready_timeout > 0:
+        raise ConfigurationError(f"--ready-timeout {args.ready_timeout:g} is not a positive number of seconds")
+    forward = _open_forward(args)  # (settings are checked before anything starts)
+    child = run.start(command, args.json)
+    try:
+        run.wait_until_listening(child, args.port, args.ready_timeout, _listening)
+        with forward as tunnel:
+            if args.json:
+                print(run.address_line(forward), flush=True)
+            else:
+                print(f"burrow: {command[0]} (pid {child.pid}) listens on local port {args.port}", flush=True)
+                print(f"  url  {tunnel.url}", flush=True)
+                if tunnel.unencrypted_port is not None:
+                    host, port = tunnel.tcp_socket
+                    print(f"  tcp  {host}:{port}", flush=True)
+            code = run.serve(child, forward)
+        print(f"burrow: tunnel closed; {command[0]} exited with code {code}", file=sys.stderr, flush=True)
+        return code
+    except run.RunFailed as exc:
+        print(f"burrow run: error: {exc}", file=sys.stderr, flush=True)
+        return exc.code
+    finally:
+        run.stop(child)
 
 
 # ------------------------------------------------------------------------- demo
