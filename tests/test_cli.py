@@ -83,7 +83,9 @@ def test_every_command_has_help(command: list[str]) -> None:
         (["forward", "abc"], "invalid int value: 'abc'", 2),
         (["forward", "8000", "--relay", "10.1.2.3:443"], "is an IP address", 1),
         (["relay", "--listen", "0.0.0.0:0"], "without a token; set BURROW_TOKEN", 1),
-        (["relay", "--tcp-ports", "9-2"], "is not within 1-65535", 1),
+        (["relay", "--tcp-ports", "9-2"], "starts above its end; write the lower port first, e.g. 2-9", 1),
+        (["relay", "--tcp-ports", "0-70000"], "is not within 1-65535", 1),
+        (["forward", "8000", "--relay", "localhost:99999"], "--relay='localhost:99999' has a bad port", 1),
         (["relay", "--cert", "/nonexistent.pem", "--key", "/nonexistent.pem"], "cannot read", 1),
         (["forward", "8000", "--token-file", "/nonexistent"], "cannot read --token-file", 1),
         (["bogus"], "invalid choice", 2),
@@ -96,12 +98,29 @@ def test_failures_are_one_clear_line(args: list[str], message: str, code: int) -
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
-def test_forward_to_unreachable_relay() -> None:
+@pytest.mark.parametrize("flag", [True, False])
+def test_forward_to_unreachable_relay_names_the_setting(flag: bool) -> None:
     port = free_port()
-    result = run("forward", "8000", "--relay", f"localhost:{port}")
+    env = {k: v for k, v in os.environ.items() if k != "BURROW_RELAY"}
+    if flag:
+        result = run("forward", "8000", "--relay", f"localhost:{port}", env=env)
+    else:
+        result = run("forward", "8000", env={**env, "BURROW_RELAY": f"localhost:{port}"})
     assert result.returncode == 1
-    assert f"cannot reach relay localhost:{port} (connection refused); check BURROW_RELAY" in result.stderr
+    setting = "--relay" if flag else "BURROW_RELAY"
+    assert f"cannot reach relay localhost:{port} (connection refused); check {setting}" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_two_tokens_are_an_error_not_a_choice(tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text("from-file\n")
+    env = {**os.environ, "BURROW_TOKEN": "from-env", "BURROW_TOKEN_FILE": str(token_file)}
+    result = run("forward", "8000", env=env)
+    assert result.returncode == 1
+    assert (
+        result.stderr == "burrow forward: error: BURROW_TOKEN and BURROW_TOKEN_FILE are both set; unset one of them\n"
+    )
 
 
 def test_agents_do_not_import_the_relay() -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from . import __version__
-from .agent.config import read_token_file
+from .agent.config import RelayAddress, read_token_file
 from .agent.forward import Forward
 from .agent.relay_connection import LOCAL_CONNECT_TIMEOUT
 from .agent.runtime import new_event_loop
@@ -329,7 +329,7 @@ def _open_forward(args: argparse.Namespace) -> Forward:
         args.port,
         unencrypted=args.unencrypted,
         h2=args.h2,
-        relay=args.relay,
+        relay=RelayAddress.parse(args.relay, "--relay") if args.relay is not None else None,
         ca=args.ca,
         connect_timeout=args.connect_timeout,
     )

@@ -162,7 +162,9 @@ def test_token_from_environment_file(
 
 def test_unreachable_relay_says_so() -> None:
     port = free_port()
-    with pytest.raises(burrow.RelayUnavailable, match=rf"cannot reach relay localhost:{port} .*check BURROW_RELAY"):
+    with pytest.raises(
+        burrow.RelayUnavailable, match=rf"cannot reach relay localhost:{port} .*check forward\(relay=\.\.\.\)"
+    ):
         with burrow.forward(8000, relay=f"localhost:{port}"):
             pass
 
@@ -239,12 +241,12 @@ def test_relay_refusing_the_name_says_which_setting_to_check(
     if relay.config.engine == "native":  # it says why, with an alert
         expected = (
             f"relay nosuch.localhost:{relay.port} refused the TLS handshake (TLSV1_UNRECOGNIZED_NAME); "
-            "check that BURROW_RELAY names the relay's domain\n"
+            "check that forward(relay=...) names the relay's domain\n"
         )
     else:
         expected = (
             f"relay nosuch.localhost:{relay.port} closed the connection during the TLS handshake; check that "
-            "BURROW_RELAY names the relay's domain and TLS port (a relay hangs up on names it does not serve)\n"
+            "forward(relay=...) names the relay's domain and TLS port (a relay hangs up on names it does not serve)\n"
         )
     assert done.stdout == expected, done.stderr
 
@@ -270,6 +272,6 @@ def test_relay_setting_naming_another_service_says_so(greeting: bytes) -> None:
     assert re.fullmatch(
         rf"relay localhost:{port} answered in another protocol than TLS "
         r"\((WRONG_VERSION_NUMBER|RECORD_LAYER_FAILURE)\); "
-        "check that BURROW_RELAY names the relay's TLS port, not another service's",
+        r"check that forward\(relay=\.\.\.\) names the relay's TLS port, not another service's",
         str(caught.value),
     ), caught.value

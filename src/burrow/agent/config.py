@@ -26,9 +26,15 @@ class RelayAddress:
     host: str
     port: int = DEFAULT_RELAY_PORT
     connect_host: str | None = None  # dial this address instead of resolving host (embedded relay)
+    source: str = field(default="BURROW_RELAY", compare=False)  # the setting it came from, for messages
 
     def __str__(self) -> str:
         return f"{self.host}:{self.port}"
+
+    @property
+    def setting(self) -> str:
+        """The setting to check when this relay cannot be reached, as its user wrote it."""
+        return "forward(relay=...)" if self.source == "relay" else self.source
 
     @classmethod
     def parse(cls, text: str, source: str = "BURROW_RELAY") -> RelayAddress:
@@ -54,7 +60,7 @@ class RelayAddress:
         try:
             ipaddress.ip_address(host)
         except ValueError:
-            return cls(host.lower().rstrip("."), port)
+            return cls(host.lower().rstrip("."), port, source=source)
         raise ConfigurationError(
             f"{source}={text!r} is an IP address; name the relay by its domain (e.g. localhost:4443), "
             "which the relay routes by"
@@ -74,13 +80,19 @@ class AgentSettings:
 
     @classmethod
     def resolve(
-        cls, relay: str | None = None, token: str | None = None, ca: str | os.PathLike[str] | None = None
+        cls,
+        relay: str | RelayAddress | None = None,
+        token: str | None = None,
+        ca: str | os.PathLike[str] | None = None,
     ) -> AgentSettings:
         """Arguments first, then ``BURROW_RELAY``, ``BURROW_TOKEN``/``BURROW_TOKEN_FILE``, ``BURROW_CA``."""
-        relay_text = (relay if relay is not None else os.environ.get("BURROW_RELAY", "")).strip()
-        address = (
-            RelayAddress.parse(relay_text, "relay" if relay is not None else "BURROW_RELAY") if relay_text else None
-        )
+        if isinstance(relay, RelayAddress):  # (parsed already, by a caller that names its source)
+            address: RelayAddress | None = relay
+        else:
+            relay_text = (relay if relay is not None else os.environ.get("BURROW_RELAY", "")).strip()
+            address = (
+                RelayAddress.parse(relay_text, "relay" if relay is not None else "BURROW_RELAY") if relay_text else None
+            )
         if token is not None:
             found, source = token, "token="
         else:
@@ -156,9 +168,11 @@ def _client_context(ca: Path | None, dev_ca: Path | None) -> ssl.SSLContext:
 def read_token() -> tuple[str, str]:
     """``BURROW_TOKEN``, else the contents of ``BURROW_TOKEN_FILE``, else empty; and where it came from."""
     token = os.environ.get("BURROW_TOKEN")
+    path = os.environ.get("BURROW_TOKEN_FILE")
+    if token and path:
+        raise ConfigurationError("BURROW_TOKEN and BURROW_TOKEN_FILE are both set; unset one of them")
     if token:
         return token.strip(), "BURROW_TOKEN"
-    path = os.environ.get("BURROW_TOKEN_FILE")
     if path:
         return read_token_file(Path(path), "BURROW_TOKEN_FILE"), f"BURROW_TOKEN_FILE ({path})"
     return "", ""

@@ -14,7 +14,7 @@ from ..connection import TrafficStats
 from ..errors import BurrowError, ConfigurationError, TunnelClosed
 from ..protocol.messages import TunnelAddress
 from ..tunnel import Tunnel, TunnelState
-from .config import AgentSettings
+from .config import AgentSettings, RelayAddress
 from .link import RelayLink
 from .relay_connection import CONNECT_TIMEOUT, LOCAL_CONNECT_TIMEOUT, REQUEST_TIMEOUT, AgentTunnel
 from .runtime import runtime
@@ -52,7 +52,7 @@ class Forward:
         *,
         unencrypted: bool = False,
         h2: bool = False,
-        relay: str | None = None,
+        relay: str | RelayAddress | None = None,
         token: str | None = None,
         ca: str | os.PathLike[str] | None = None,
         on_state: Callable[[TunnelState], None] | None = None,

@@ -223,24 +223,26 @@ class RelayConnection(SessionConnection):
             if exc.reason in NOT_TLS:
                 raise RelayUnavailable(
                     f"relay {address} answered in another protocol than TLS ({exc.reason}); check that "
-                    "BURROW_RELAY names the relay's TLS port, not another service's"
+                    f"{address.setting} names the relay's TLS port, not another service's"
                 ) from None
             raise RelayUnavailable(
-                f"relay {address} refused the TLS handshake ({exc.reason}); check that BURROW_RELAY names "
+                f"relay {address} refused the TLS handshake ({exc.reason}); check that {address.setting} names "
                 "the relay's domain"
             ) from None
         except socket.gaierror as exc:
-            raise RelayUnavailable(f"cannot resolve relay {address} ({exc.strerror}); check BURROW_RELAY") from None
+            raise RelayUnavailable(
+                f"cannot resolve relay {address} ({exc.strerror}); check {address.setting}"
+            ) from None
         except TimeoutError:
             raise RelayUnavailable(f"relay {address} did not answer within {CONNECT_TIMEOUT:.0f} s") from None
         except OSError as exc:
             reason = (exc.strerror or str(exc)).lower()
             if not reason:  # a bare ConnectionResetError: the relay hung up inside the TLS handshake
                 raise RelayUnavailable(
-                    f"relay {address} closed the connection during the TLS handshake; check that BURROW_RELAY "
+                    f"relay {address} closed the connection during the TLS handshake; check that {address.setting} "
                     "names the relay's domain and TLS port (a relay hangs up on names it does not serve)"
                 ) from None
-            raise RelayUnavailable(f"cannot reach relay {address} ({reason}); check BURROW_RELAY") from None
+            raise RelayUnavailable(f"cannot reach relay {address} ({reason}); check {address.setting}") from None
         logger.debug("session to relay %s: HELLO sent%s", address, "" if session.welcome.done() else " (early)")
         return session
 

@@ -118,6 +118,10 @@ class RelayConfig:
             if path is not None and not path.is_file():
                 raise ConfigurationError(f"cannot read {path}; check the --cert/--key paths")
         low, high = self.tcp_ports
+        if low > high:
+            raise ConfigurationError(
+                f"TCP port range {low}-{high} starts above its end; write the lower port first, e.g. {high}-{low}"
+            )
         if not 1 <= low <= high <= 65535:
             raise ConfigurationError(f"TCP port range {low}-{high} is not within 1-65535; use e.g. 20000-32767")
         for port in (self.port, self.public_port):
