@@ -139,14 +139,15 @@ def test_agents_do_not_import_the_relay() -> None:
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
-def test_relay_and_forward_processes(relay_process: tuple[Background, int]) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_relay_and_forward_processes(relay_process: tuple[Background, int], sig: signal.Signals) -> None:
     relay, port = relay_process
     app = start_sample_app()
     env = {**os.environ, "BURROW_RELAY": f"localhost:{port}"}
     forward = Background("forward", str(app.port), "--unencrypted", env=env)
-    url = forward.wait_for(r"url  (https://\S+)").group(1)
-    tcp_port = int(forward.wait_for(r"tcp  localhost:(\d+)").group(1))
-    assert forward.wait_for(r"try  (curl --cacert \S+ https://\S+/)$").group(1).endswith(url + "/")
+    # stdout holds the addresses and nothing else: the URL first (`| head -1`), then tcp://
+    url = forward.wait_for(r"^(https://\S+)$").group(1)
+    tcp_port = int(forward.wait_for(r"^tcp://localhost:(\d+)$").group(1))
     assert url.endswith(f".localhost:{port}")
     ca = Path(os.environ["BURROW_HOME"]) / "ca.pem"
     result = subprocess.run(
@@ -156,14 +157,46 @@ def test_relay_and_forward_processes(relay_process: tuple[Background, int]) -> N
     with socket.create_connection(("127.0.0.1", tcp_port), timeout=10) as sock:
         sock.sendall(b"GET / HTTP/1.0\r\n\r\n")
         assert b"Hello from burrow" in recv_all(sock)
-    forward.wait_for(r"0 open \(2 total\)")
-    code, out, err = forward.stop()
-    assert code == 0 and "tunnel closed" in out
+    code, out, err = forward.stop(sig)  # Ctrl-C, SIGTERM and SIGHUP alike: closed at the relay, exit 0
+    assert code == 0, err
+    assert out.splitlines() == [url, f"tcp://localhost:{tcp_port}"]
+    assert f"burrow: forwarding local port {app.port} to {url}" in err
+    assert re.search(r"try  curl --cacert \S+ https://\S+/", err)
+    assert "burrow: tunnel closed; 0 open (2 total)" in err
     _no_traceback(err)
     code, out, err = relay.stop(signal.SIGTERM)
     assert code == 0 and "burrow relay stopped" in out
     assert re.search(r"tunnel [0-9a-z]{14} opened by session", err)
     assert re.search(r"tunnel [0-9a-z]{14} closed \(closed by the agent\): 2 connections", err)
+    _no_traceback(err)
+    app.stop()
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_forward_keeps_serving_after_head_closes_its_stdout(relay_process: tuple[Background, int]) -> None:
+    """``burrow forward 8000 | head -1``: the URL, and burrow serves on without a BrokenPipeError."""
+    relay, port = relay_process
+    app = start_sample_app()
+    env = {**os.environ, "BURROW_RELAY": f"localhost:{port}"}
+    forward = Background("forward", str(app.port), "--unencrypted", env=env)
+    url = forward.wait_for(r"^(https://\S+)$").group(1)
+    assert forward.process.stdout is not None
+    forward.process.stdout.close()  # what head does after its line: the tcp:// line meets a closed pipe
+    ca = Path(os.environ["BURROW_HOME"]) / "ca.pem"
+    for _ in range(2):
+        result = subprocess.run(
+            ["curl", "-sS", "--cacert", str(ca), "--max-time", "10", url + "/"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert result.returncode == 0 and "Hello from burrow" in result.stdout, result.stderr
+    assert forward.process.poll() is None
+    forward.process.send_signal(signal.SIGTERM)
+    assert forward.process.stderr is not None
+    err = forward.process.stderr.read()
+    assert forward.process.wait(20) == 0
+    assert "burrow: tunnel closed; 0 open (2 total)" in err
     _no_traceback(err)
     app.stop()
 
@@ -176,8 +209,7 @@ def test_demo_runs_the_main_job() -> None:
     curl = demo.wait_for(r"try   (curl .*)$").group(1)
     result = subprocess.run(curl.split(), capture_output=True, text=True, timeout=30)
     assert result.returncode == 0 and "Hello from burrow" in result.stdout
-    demo.wait_for(r"0 open \(2 total\)")
-    code, out, err = demo.stop()
+    code, out, err = demo.stop(signal.SIGTERM)
     assert code == 0
     _no_traceback(err)
     assert "no BURROW_RELAY set" in err and "curl --cacert" in err  # the hint, once per process

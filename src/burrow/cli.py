@@ -182,6 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _tunnel_options(parser: argparse.ArgumentParser) -> None:
     """The tunnel's options, shared by ``forward`` and ``run``."""
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="say more on stderr (-vv: everything)")
+    parser.add_argument(
+        "--log-level", choices=("debug", "info", "warning", "error"), help="what to log on stderr (default warning)"
+    )
     parser.add_argument("--unencrypted", action="store_true", help="also give a raw TCP address on a random port")
     parser.add_argument("--h2", action="store_true", help="negotiate HTTP/2 (ALPN h2) on the TLS address")
     parser.add_argument("--relay", metavar="HOST:PORT", help="the relay (default: BURROW_RELAY, else embedded)")
@@ -341,35 +345,56 @@ def _open_forward(args: argparse.Namespace) -> Forward:
     return forward
 
 
+class _Stop(Exception):
+    """SIGTERM or SIGHUP: leave like Ctrl-C, closing the tunnels at the relay."""
+
+
+def _stop_on_signals() -> None:
+    def stop(signum: int, frame: object) -> None:
+        raise _Stop(signal.Signals(signum).name)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, stop)
+
+
+def say(text: str) -> None:
+    """A line on stdout (the URLs), which may be a pipe its reader closed (``| head -1``): then
+    stdout goes to /dev/null and burrow keeps serving."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
+def note(text: str) -> None:
+    """A line for people, on stderr (never glued to the live counters, which it replaces)."""
+    print(f"\r\033[K{text}" if sys.stderr.isatty() else text, file=sys.stderr, flush=True)
+
+
 def _watch(forward: Forward) -> int:
-    """Show live counters and reconnections until Ctrl-C; 1 if the relay closed the tunnel."""
-    tty = sys.stdout.isatty()
-    last = ""
+    """Live counters on a terminal, reconnections always, until Ctrl-C, SIGTERM or SIGHUP; 1 if the
+    relay closed the tunnel."""
+    tty = sys.stderr.isatty()
     state = forward.state
     try:
         while forward.is_open:
             if forward.state is not state:
                 state = forward.state
-                note = (
-                    "link to the relay lost; reconnecting..."
-                    if state is TunnelState.RECONNECTING
-                    else f"reconnected: {forward.tunnel.url}"
-                )
-                print(f"\r  {note}\033[K" if tty else f"  {note}", flush=True)
-            line = status_line(forward.stats)
+                if state is TunnelState.RECONNECTING:
+                    note("burrow: link to the relay lost; reconnecting...")
+                else:
+                    note(f"burrow: reconnected: {forward.tunnel.url}")
+                    say(forward.tunnel.url)  # (it may have changed)
             if tty:
-                print(f"\r  {line}\033[K", end="", flush=True)
-            elif line.split(" · ")[0] != last.split(" · ")[0]:  # on a pipe: when the counts change
-                print(f"  {line}", flush=True)
-            last = line
+                print(f"\r  {status_line(forward.stats)}\033[K", end="", file=sys.stderr, flush=True)
             time.sleep(STATUS_INTERVAL)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, _Stop):
         if tty:
-            print()
+            print(file=sys.stderr)
         return 0
-    if tty:
-        print()
-    print("burrow: the relay closed the tunnel", file=sys.stderr)
+    note("burrow: the relay closed the tunnel")
     return 1
 
 
@@ -385,29 +410,42 @@ def _listening(port: int) -> bool:
 
 
 def run_forward(args: argparse.Namespace) -> int:
-    """``burrow forward PORT``."""
+    """``burrow forward PORT``: the URLs on stdout, everything else on stderr."""
+    _log_level(args)
     forward = _open_forward(args)
+    _stop_on_signals()
     with forward as tunnel:
         if not _listening(args.port):  # (once the tunnel is open: a failure stays one line)
-            print(
+            note(
                 f"burrow: nothing listens on local port {args.port} yet; public connections wait up to "
-                f"{forward.connect_timeout:g} s for it (--connect-timeout)",
-                file=sys.stderr,
-                flush=True,
+                f"{forward.connect_timeout:g} s for it (--connect-timeout)"
             )
-        print(f"burrow: forwarding local port {args.port}", flush=True)
-        print(f"  url  {tunnel.url}", flush=True)
+        note(f"burrow: forwarding local port {args.port} to {tunnel.url}")
+        say(tunnel.url)
         if tunnel.unencrypted_port is not None:
             host, port = tunnel.tcp_socket
-            print(f"  tcp  {host}:{port}", flush=True)
+            note(f"  tcp  {host}:{port}")
+            say(f"tcp://{host}:{port}")
         from .client import ca_for  # (http.client: ~7 ms to import, for this line only)
 
         cafile = ca_for(tunnel)
-        print(f"  try  curl {f'--cacert {cafile} ' if cafile else ''}{tunnel.url}/", flush=True)
-        print("  Ctrl-C to stop", flush=True)
+        note(f"  try  curl {f'--cacert {cafile} ' if cafile else ''}{tunnel.url}/")
+        note("  Ctrl-C to stop")
         code = _watch(forward)
-    print("burrow: tunnel closed", flush=True)
+        stats = forward.stats
+    note(f"burrow: tunnel closed; {status_line(stats)}")
     return code
+
+
+def _log_level(args: argparse.Namespace) -> None:
+    """Warnings by default, bare; ``-v``: info, ``-vv`` or ``--log-level debug``: everything, stamped."""
+    level = args.log_level.upper() if args.log_level else ("WARNING", "INFO", "DEBUG")[min(args.verbose, 2)]
+    plain = level in ("WARNING", "ERROR")
+    logging.basicConfig(
+        level=level,
+        format="%(message)s" if plain else "%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
 
 
 # -------------------------------------------------------------------------- run
@@ -422,6 +460,7 @@ def run_run(args: argparse.Namespace) -> int:
         raise ConfigurationError("give the command to run after --, e.g. burrow run --port 8888 -- jupyter lab")
     if not args.ready_timeout > 0:
         raise ConfigurationError(f"--ready-timeout {args.ready_timeout:g} is not a positive number of seconds")
+    _log_level(args)
     forward = _open_forward(args)  # (settings are checked before anything starts)
     child = run.start(command, args.json)
     try:
@@ -455,6 +494,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
     app = start_sample_app()
     forward = Forward(app.port)
+    _stop_on_signals()
     with forward as tunnel:
         print(f"burrow demo: sample web app on 127.0.0.1:{app.port}, tunnel open", flush=True)
         cafile = ca_for(tunnel)
