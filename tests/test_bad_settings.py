@@ -73,7 +73,11 @@ CASES: dict[str, Setup] = {
     "damaged dev CA (embedded relay)": lambda t: (["forward", "8000"], {"BURROW_HOME": _damaged_home(t)}),
     "relay is an IP": lambda t: (["forward", "8000"], {"BURROW_RELAY": "127.0.0.1:4443"}),
     "relay port is junk": lambda t: (["forward", "8000"], {"BURROW_RELAY": "localhost:http"}),
-    "nobody at the relay": lambda t: (["forward", "8000"], {"BURROW_RELAY": f"localhost:{free_port()}"}),
+    "nobody at the relay": lambda t: (
+        ["forward", "8000", "--relay-timeout", "0"],
+        {"BURROW_RELAY": f"localhost:{free_port()}"},
+    ),
+    "negative relay timeout": lambda t: (["forward", "8000", "--relay-timeout", "-1"], {}),
     "missing token file (agent)": lambda t: (["forward", "8000"], {"BURROW_TOKEN_FILE": str(t / "none")}),
     "empty token file": lambda t: (["forward", "8000"], {"BURROW_TOKEN_FILE": str(_file(t / "tok", b""))}),
     "CA is not a file": lambda t: (["forward", "8000"], {"BURROW_CA": str(t)}),

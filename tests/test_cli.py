@@ -103,13 +103,54 @@ def test_forward_to_unreachable_relay_names_the_setting(flag: bool) -> None:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "BURROW_RELAY"}
     if flag:
-        result = run("forward", "8000", "--relay", f"localhost:{port}", env=env)
+        result = run("forward", "8000", "--relay-timeout", "0", "--relay", f"localhost:{port}", env=env)
     else:
-        result = run("forward", "8000", env={**env, "BURROW_RELAY": f"localhost:{port}"})
+        result = run("forward", "8000", "--relay-timeout", "0", env={**env, "BURROW_RELAY": f"localhost:{port}"})
     assert result.returncode == 1
     setting = "--relay" if flag else "BURROW_RELAY"
     assert f"cannot reach relay localhost:{port} (connection refused); check {setting}" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_relay_down_at_start_is_tried_again_until_it_answers() -> None:
+    port = free_port()
+    env = {**os.environ, "BURROW_RELAY": f"localhost:{port}"}
+    app = start_sample_app()
+    forward = Background("forward", str(app.port), env=env)
+    time.sleep(1.5)  # two or three attempts
+    relay = Background("relay", "--listen", f"127.0.0.1:{port}")
+    try:
+        url = forward.wait_for(r"^(https://\S+)$").group(1)
+        assert url.endswith(f".localhost:{port}")
+        code, _, err = forward.stop(signal.SIGTERM)
+        assert code == 0
+        retries = [line for line in err.splitlines() if "trying again in" in line]
+        assert retries and all(
+            re.fullmatch(
+                rf"burrow: cannot reach relay localhost:{port} \(connection refused\); check BURROW_RELAY; "
+                r"trying again in \d\.\d s \(--relay-timeout 30\)",
+                line,
+            )
+            for line in retries
+        ), retries
+        _no_traceback(err)
+    finally:
+        relay.stop(signal.SIGTERM)
+        app.stop()
+
+
+def test_a_relay_that_never_answers_is_given_up_on() -> None:
+    port = free_port()
+    started = time.monotonic()
+    result = run("forward", "8000", "--relay-timeout", "1", "--relay", f"localhost:{port}")
+    assert 1 <= time.monotonic() - started < 10
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1] == (
+        f"burrow forward: error: cannot reach relay localhost:{port} (connection refused); check --relay "
+        "(gave up after 1 s, --relay-timeout)"
+    )
+    assert all("trying again in" in line for line in lines[:-1]) and len(lines) >= 2
 
 
 def test_two_tokens_are_an_error_not_a_choice(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
@@ -12,7 +13,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import NoReturn
 
@@ -22,7 +23,7 @@ from .agent.forward import Forward
 from .agent.relay_connection import LOCAL_CONNECT_TIMEOUT
 from .agent.runtime import new_event_loop
 from .connection import TrafficStats
-from .errors import BurrowError, ConfigurationError
+from .errors import BurrowError, ConfigurationError, RelayUnavailable
 from .relay.config import DEFAULT_TCP_PORTS, DEV_DOMAIN, DEV_PORT, ENGINES, RelayConfig
 from .tunnel import TunnelState
 
@@ -182,6 +183,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _tunnel_options(parser: argparse.ArgumentParser) -> None:
     """The tunnel's options, shared by ``forward`` and ``run``."""
+    parser.add_argument(
+        "--relay-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="keep trying a relay that cannot be reached yet for this long (default 30; 0: fail at once)",
+    )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="say more on stderr (-vv: everything)")
     parser.add_argument(
         "--log-level", choices=("debug", "info", "warning", "error"), help="what to log on stderr (default warning)"
@@ -328,7 +336,42 @@ def status_line(stats: TrafficStats) -> str:
     )
 
 
+#: Between attempts to reach a relay at start: doubling from the first, capped at the last.
+RELAY_RETRY_FIRST = 0.5
+RELAY_RETRY_CAP = 5.0
+
+
+@contextlib.contextmanager
+def _opened(args: argparse.Namespace, wait: Callable[[float], None] = time.sleep) -> Iterator[Forward]:
+    """The tunnel open (closed at the relay on exit). A relay that cannot be reached yet is tried
+    again with backoff for up to ``--relay-timeout`` seconds, saying so at each attempt; settings
+    that must change (an untrusted certificate, a refused token) fail at once."""
+    deadline = time.monotonic() + args.relay_timeout
+    attempt = 0
+    while True:
+        forward = _open_forward(args)
+        try:
+            forward.open()
+            break
+        except RelayUnavailable as exc:
+            left = deadline - time.monotonic()
+            if not exc.transient or left <= 0:
+                if attempt:
+                    raise RelayUnavailable(f"{exc} (gave up after {args.relay_timeout:g} s, --relay-timeout)") from None
+                raise
+            delay = min(RELAY_RETRY_FIRST * 2**attempt, RELAY_RETRY_CAP, left)
+            note(f"burrow: {exc}; trying again in {delay:.1f} s (--relay-timeout {args.relay_timeout:g})")
+            wait(delay)
+            attempt += 1
+    try:
+        yield forward
+    finally:
+        forward.close()
+
+
 def _open_forward(args: argparse.Namespace) -> Forward:
+    if not args.relay_timeout >= 0:
+        raise ConfigurationError(f"--relay-timeout {args.relay_timeout:g} is not 0 or more seconds")
     forward = Forward(
         args.port,
         unencrypted=args.unencrypted,
@@ -345,7 +388,7 @@ def _open_forward(args: argparse.Namespace) -> Forward:
     return forward
 
 
-class _Stop(Exception):
+class _Stop(KeyboardInterrupt):
     """SIGTERM or SIGHUP: leave like Ctrl-C, closing the tunnels at the relay."""
 
 
@@ -412,29 +455,37 @@ def _listening(port: int) -> bool:
 def run_forward(args: argparse.Namespace) -> int:
     """``burrow forward PORT``: the URLs on stdout, everything else on stderr."""
     _log_level(args)
-    forward = _open_forward(args)
+    _open_forward(args)  # (bad settings: one line, before any waiting)
     _stop_on_signals()
-    with forward as tunnel:
-        if not _listening(args.port):  # (once the tunnel is open: a failure stays one line)
-            note(
-                f"burrow: nothing listens on local port {args.port} yet; public connections wait up to "
-                f"{forward.connect_timeout:g} s for it (--connect-timeout)"
-            )
-        note(f"burrow: forwarding local port {args.port} to {tunnel.url}")
-        say(tunnel.url)
-        if tunnel.unencrypted_port is not None:
-            host, port = tunnel.tcp_socket
-            note(f"  tcp  {host}:{port}")
-            say(f"tcp://{host}:{port}")
-        from .client import ca_for  # (http.client: ~7 ms to import, for this line only)
-
-        cafile = ca_for(tunnel)
-        note(f"  try  curl {f'--cacert {cafile} ' if cafile else ''}{tunnel.url}/")
-        note("  Ctrl-C to stop")
-        code = _watch(forward)
+    with _opened(args) as forward:
         stats = forward.stats
+        try:
+            _announce(args, forward)
+            code = _watch(forward)
+        except KeyboardInterrupt:  # (Ctrl-C, SIGTERM or SIGHUP before the watch began)
+            code = 0
     note(f"burrow: tunnel closed; {status_line(stats)}")
     return code
+
+
+def _announce(args: argparse.Namespace, forward: Forward) -> None:
+    tunnel = forward.tunnel
+    if not _listening(args.port):  # (once the tunnel is open: a failure stays one line)
+        note(
+            f"burrow: nothing listens on local port {args.port} yet; public connections wait up to "
+            f"{forward.connect_timeout:g} s for it (--connect-timeout)"
+        )
+    note(f"burrow: forwarding local port {args.port} to {tunnel.url}")
+    say(tunnel.url)
+    if tunnel.unencrypted_port is not None:
+        host, port = tunnel.tcp_socket
+        note(f"  tcp  {host}:{port}")
+        say(f"tcp://{host}:{port}")
+    from .client import ca_for  # (http.client: ~7 ms to import, for this line only)
+
+    cafile = ca_for(tunnel)
+    note(f"  try  curl {f'--cacert {cafile} ' if cafile else ''}{tunnel.url}/")
+    note("  Ctrl-C to stop")
 
 
 def _log_level(args: argparse.Namespace) -> None:
@@ -465,7 +516,8 @@ def run_run(args: argparse.Namespace) -> int:
     child = run.start(command, args.json)
     try:
         run.wait_until_listening(child, args.port, args.ready_timeout, _listening)
-        with forward as tunnel:
+        with _opened(args, lambda seconds: run.pause(child, seconds)) as forward:
+            tunnel = forward.tunnel
             if args.json:
                 print(run.address_line(forward), flush=True)
             else:

@@ -34,7 +34,16 @@ class ConfigurationError(BurrowError, ValueError):
 
 
 class RelayUnavailable(BurrowError):
-    """The relay cannot be reached, or its certificate cannot be trusted."""
+    """The relay cannot be reached, or its certificate cannot be trusted.
+
+    ``transient`` is True when trying again later may work (nothing listens
+    there yet, no route, no answer), False when the settings must change (a
+    certificate not trusted, another service on that port).
+    """
+
+    def __init__(self, message: str, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 class AuthenticationFailed(BurrowError):

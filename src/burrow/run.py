@@ -82,7 +82,7 @@ def wait_until_listening(
 ) -> None:
     """Return once ``port`` accepts; RunFailed (CMD stopped) if CMD ends first or ``timeout`` passes."""
     deadline = time.monotonic() + timeout
-    name = os.path.basename(str(child.args[0])) if isinstance(child.args, list) else str(child.args)
+    name = _name(child)
     while True:
         code = child.poll()
         if code is not None:
@@ -98,6 +98,20 @@ def wait_until_listening(
                 "Check the port it listens on"
             )
         _forward_signals(child, POLL)
+
+
+def pause(child: subprocess.Popen[bytes], seconds: float) -> None:
+    """Wait ``seconds`` passing signals on to CMD; RunFailed if CMD ends meanwhile."""
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        _forward_signals(child, min(left, POLL))
+        code = child.poll()
+        if code is not None:
+            raise RunFailed(f"{_name(child)} exited with code {exit_code(code)}", exit_code(code) or 1)
+
+
+def _name(child: subprocess.Popen[bytes]) -> str:
+    return os.path.basename(str(child.args[0])) if isinstance(child.args, list) else str(child.args)
 
 
 def _forward_signals(child: subprocess.Popen[bytes], timeout: float) -> None:

@@ -231,10 +231,12 @@ class RelayConnection(SessionConnection):
             ) from None
         except socket.gaierror as exc:
             raise RelayUnavailable(
-                f"cannot resolve relay {address} ({exc.strerror}); check {address.setting}"
+                f"cannot resolve relay {address} ({exc.strerror}); check {address.setting}", transient=True
             ) from None
         except TimeoutError:
-            raise RelayUnavailable(f"relay {address} did not answer within {CONNECT_TIMEOUT:.0f} s") from None
+            raise RelayUnavailable(
+                f"relay {address} did not answer within {CONNECT_TIMEOUT:.0f} s", transient=True
+            ) from None
         except OSError as exc:
             reason = (exc.strerror or str(exc)).lower()
             if not reason:  # a bare ConnectionResetError: the relay hung up inside the TLS handshake
@@ -242,7 +244,9 @@ class RelayConnection(SessionConnection):
                     f"relay {address} closed the connection during the TLS handshake; check that {address.setting} "
                     "names the relay's domain and TLS port (a relay hangs up on names it does not serve)"
                 ) from None
-            raise RelayUnavailable(f"cannot reach relay {address} ({reason}); check {address.setting}") from None
+            raise RelayUnavailable(
+                f"cannot reach relay {address} ({reason}); check {address.setting}", transient=True
+            ) from None
         logger.debug("session to relay %s: HELLO sent%s", address, "" if session.welcome.done() else " (early)")
         return session
 
