@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import trustme
 
 from .helpers import free_port
 
@@ -24,6 +25,21 @@ Setup = Callable[[Path], tuple[list[str], dict[str, str]]]
 def _file(path: Path, data: bytes) -> Path:
     path.write_bytes(data)
     return path
+
+
+def _issued(tmp: Path, *names: str, key_of: tuple[str, ...] | None = None) -> list[str]:
+    """--cert and --key for a certificate naming ``names`` (with the key of another, if ``key_of``)."""
+    ca = trustme.CA()
+    cert = ca.issue_cert(*names)
+    key = ca.issue_cert(*key_of) if key_of else cert
+    return [
+        "--domain",
+        "r1.example.com",
+        "--cert",
+        str(_file(tmp / "cert.pem", cert.cert_chain_pems[0].bytes())),
+        "--key",
+        str(_file(tmp / "key.pem", key.private_key_pem.bytes())),
+    ]
 
 
 def _busy_port() -> tuple[socket.socket, int]:
@@ -59,6 +75,12 @@ CASES: dict[str, Setup] = {
         {},
     ),
     "missing certificate": lambda t: ([*RELAY, "--cert", str(t / "none.pem"), "--key", str(t / "none.pem")], {}),
+    "certificate for another domain": lambda t: ([*RELAY, *_issued(t, "other.example.com")], {}),
+    "certificate without the wildcard": lambda t: ([*RELAY, *_issued(t, "r1.example.com")], {}),
+    "key of another certificate": lambda t: (
+        [*RELAY, *_issued(t, "r1.example.com", "*.r1.example.com", key_of=("x.example",))],
+        {},
+    ),
     "cert without key": lambda t: ([*RELAY, "--cert", str(_file(t / "c.pem", b"junk"))], {}),
     "port in use": _listen_on_busy_port,
     "bad domain": lambda t: ([*RELAY, "--domain", "a..b"], {}),

@@ -137,3 +137,30 @@ def _key_usage(*, ca: bool) -> x509.KeyUsage:
         encipher_only=False,
         decipher_only=False,
     )
+
+
+def uncovered(cert_pem: bytes, domain: str) -> tuple[list[str], list[str]] | None:
+    """The DNS names a relay's certificate lacks of ``domain`` and ``*.domain``, with the names it has.
+
+    None when all are covered, or when ``cert_pem`` holds no certificate (its
+    loader says so). Matching as a TLS client does: exact, or a wildcard for
+    one leftmost label.
+    """
+    try:
+        cert = x509.load_pem_x509_certificate(cert_pem)
+    except ValueError:
+        return None
+    try:
+        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+            x509.DNSName
+        )
+    except x509.ExtensionNotFound:
+        names = []
+    names = [name.lower().rstrip(".") for name in names]
+
+    def covers(host: str) -> bool:
+        parent = host.partition(".")[2]
+        return host in names or (bool(parent) and f"*.{parent}" in names)
+
+    missing = [want for want, probe in ((domain, domain), (f"*.{domain}", f"x.{domain}")) if not covers(probe)]
+    return (missing, names) if missing else None

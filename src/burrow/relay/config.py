@@ -107,6 +107,22 @@ class RelayConfig:
         """True when certificates come from the local dev CA."""
         return self.cert is None
 
+    def _check_names(self, cert: Path) -> None:
+        """The certificate must cover the domain (agents) and every ``<id>.<domain>`` (tunnels)."""
+        from ..certs import uncovered  # (cryptography: ~70 ms to import, for relays with --cert only)
+
+        try:
+            found = uncovered(cert.read_bytes(), self.domain)
+        except OSError as exc:
+            raise ConfigurationError(f"cannot read --cert {cert} ({exc.strerror}); check the path") from None
+        if found is not None:
+            missing, names = found
+            has = ", ".join(names) if names else "no DNS name"
+            raise ConfigurationError(
+                f"--cert {cert} does not cover {' and '.join(missing)} (it names {has}); "
+                f"get one for {self.domain} and *.{self.domain}, or set --domain to the name it is for"
+            )
+
     def check(self) -> None:
         """Raise :class:`ConfigurationError` for settings that cannot work or are unsafe."""
         self.domain = self.domain.lower().rstrip(".")
@@ -117,6 +133,8 @@ class RelayConfig:
         for path in (self.cert, self.key):
             if path is not None and not path.is_file():
                 raise ConfigurationError(f"cannot read {path}; check the --cert/--key paths")
+        if self.cert is not None:
+            self._check_names(self.cert)
         low, high = self.tcp_ports
         if low > high:
             raise ConfigurationError(
