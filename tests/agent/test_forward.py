@@ -73,14 +73,30 @@ def test_h2_with_unencrypted_makes_no_sense() -> None:
         burrow.forward(8000, unencrypted=True, h2=True)
 
 
-def test_h2_tunnel_negotiates_alpn(echo: EchoServer, ca_file: Path) -> None:
-    context = client_context(ca_file)
-    context.set_alpn_protocols(["h2", "http/1.1"])
-    for h2, expected in ((True, "h2"), (False, None)):
-        with burrow.forward(echo.port, h2=h2) as tunnel:
-            raw = socket.create_connection(("127.0.0.1", tunnel.port), timeout=10)
-            with context.wrap_socket(raw, server_hostname=tunnel.host) as sock:
-                assert sock.selected_alpn_protocol() == expected
+@pytest.mark.parametrize(
+    "h2, offered, expected",
+    [
+        (True, ["h2", "http/1.1"], "h2"),
+        (True, ["http/1.1"], "http/1.1"),
+        (False, ["h2", "http/1.1"], "http/1.1"),  # ALPN is always answered when it can be
+        (False, ["http/1.1"], "http/1.1"),
+        (True, ["postgresql"], None),  # a protocol the tunnel does not name: no ALPN, no refusal
+        (False, ["postgresql"], None),
+        (False, [], None),
+    ],
+)
+def test_tls_tunnels_negotiate_alpn(
+    echo: EchoServer, ca_file: Path, h2: bool, offered: list[str], expected: str | None
+) -> None:
+    with burrow.forward(echo.port, h2=h2) as tunnel:
+        context = client_context(ca_file)  # (the dev CA exists once a relay started)
+        if offered:
+            context.set_alpn_protocols(offered)
+        raw = socket.create_connection(("127.0.0.1", tunnel.port), timeout=10)
+        with context.wrap_socket(raw, server_hostname=tunnel.host) as sock:
+            assert sock.selected_alpn_protocol() == expected
+            sock.sendall(b"through")  # and the tunnel carries bytes
+            assert sock.recv(7) == b"through"
 
 
 def test_async_forward_on_the_callers_loop(echo: EchoServer, ca_file: Path) -> None:

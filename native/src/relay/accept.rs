@@ -173,14 +173,6 @@ async fn handshake(
     if matches!(target, Target::Tunnel(_)) {
         public::limit_unsent(&tcp);
     }
-    let config = match &target {
-        Target::Agent => shared.identities.agent.clone(),
-        Target::Tunnel(tunnel) => match tunnel.route() {
-            Some(route) if route.h2 => shared.identities.tunnel_h2.clone(),
-            Some(_) => shared.identities.tunnel.clone(),
-            None => return, // closed meanwhile
-        },
-    };
     let replay = Rewind {
         first,
         offset: 0,
@@ -191,6 +183,16 @@ async fn handshake(
         Err(_) => return refused("no TLS handshake in time"),
         Ok(Err(error)) => return refused(&error.to_string()),
         Ok(Ok(started)) => started,
+    };
+    let config = match &target {
+        Target::Agent => shared.identities.agent.clone(),
+        Target::Tunnel(tunnel) => match tunnel.route() {
+            Some(route) => {
+                let offered = started.client_hello().alpn().map(|offer| offer.collect());
+                shared.identities.for_tunnel(route.h2, offered)
+            }
+            None => return, // closed meanwhile
+        },
     };
     let mut tls = match timeout_at(deadline, started.into_stream(config)).await {
         Err(_) => return refused("no TLS handshake in time"),

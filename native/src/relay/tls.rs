@@ -25,6 +25,9 @@ pub const AGENT_ALPNS: [&[u8]; 2] = [b"burrow/1+early", b"burrow/1"];
 /// ALPN offered by tunnels opened with h2=True.
 pub const H2_ALPNS: [&[u8]; 2] = [b"h2", b"http/1.1"];
 
+/// ALPN offered by the other tunnels.
+pub const HTTP1_ALPNS: [&[u8]; 1] = [b"http/1.1"];
+
 /// Why a certificate or key cannot be used (one line, for the operator).
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -139,8 +142,25 @@ impl ResolvesServerCert for Resolver {
 pub struct Identities {
     pub resolver: Arc<Resolver>,
     pub agent: Arc<ServerConfig>,
+    /// Tunnels offer ALPN `http/1.1` (and `h2` with h2=True) ...
     pub tunnel: Arc<ServerConfig>,
     pub tunnel_h2: Arc<ServerConfig>,
+    /// ... and none to a client whose offer names neither (rustls would refuse it, while a
+    /// tunnel may carry any protocol over TLS: PostgreSQL's direct TLS asks for "postgresql").
+    pub tunnel_any: Arc<ServerConfig>,
+}
+
+impl Identities {
+    /// The configuration for a tunnel's client, by what its ClientHello offers.
+    pub fn for_tunnel(&self, h2: bool, offered: Option<Vec<&[u8]>>) -> Arc<ServerConfig> {
+        let ours: &[&[u8]] = if h2 { &H2_ALPNS } else { &HTTP1_ALPNS };
+        let speaks = offered.is_some_and(|offer| offer.iter().any(|p| ours.contains(p)));
+        match (speaks, h2) {
+            (false, _) => self.tunnel_any.clone(),
+            (true, true) => self.tunnel_h2.clone(),
+            (true, false) => self.tunnel.clone(),
+        }
+    }
 }
 
 fn config(resolver: &Arc<Resolver>, alpn: &[&[u8]]) -> Result<Arc<ServerConfig>, BadCertificate> {
@@ -158,8 +178,9 @@ impl Identities {
         let resolver = Arc::new(resolver);
         Ok(Self {
             agent: config(&resolver, &AGENT_ALPNS)?,
-            tunnel: config(&resolver, &[])?,
+            tunnel: config(&resolver, &HTTP1_ALPNS)?,
             tunnel_h2: config(&resolver, &H2_ALPNS)?,
+            tunnel_any: config(&resolver, &[])?,
             resolver,
         })
     }

@@ -27,6 +27,9 @@ AGENT_ALPNS = [EARLY_ALPN, AGENT_ALPN]
 
 #: ALPN offered for tunnels opened with h2=True (the service speaks HTTP/2).
 H2_ALPN = ["h2", "http/1.1"]
+#: ALPN offered for the other tunnels. A client that offers neither gets no ALPN, not a
+#: refusal (OpenSSL's server acknowledges nothing when nothing matches).
+HTTP1_ALPN = ["http/1.1"]
 
 #: Dev leaf contexts kept at once; a relay holding more tunnels re-issues on demand.
 MAX_CACHED_CONTEXTS = 4096
@@ -62,7 +65,7 @@ class CertificateStore:
                 self.agent_context.load_cert_chain(cert, key)
                 self._shared = {}
                 for h2 in (False, True):
-                    self._shared[h2] = _server_context(H2_ALPN if h2 else None)
+                    self._shared[h2] = _server_context(H2_ALPN if h2 else HTTP1_ALPN)
                     self._shared[h2].load_cert_chain(cert, key)
             except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
                 reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or str(exc)
@@ -114,7 +117,7 @@ class CertificateStore:
 
     def make_context(self, host: str, h2: bool) -> ssl.SSLContext:
         """A new dev context for ``host`` (a few ms; safe to call from a worker thread)."""
-        return self._dev_context(host, H2_ALPN if h2 else None)
+        return self._dev_context(host, H2_ALPN if h2 else HTTP1_ALPN)
 
     def keep(self, host: str, h2: bool, context: ssl.SSLContext) -> None:
         """Cache a context made by :meth:`make_context` (on the loop thread)."""
