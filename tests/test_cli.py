@@ -80,7 +80,7 @@ def test_every_command_has_help(command: list[str]) -> None:
     "args, message, code",
     [
         (["forward", "70000"], "port 70000 is not a TCP port", 1),
-        (["forward", "abc"], "invalid int value: 'abc'", 2),
+        (["forward", "abc"], "'abc' is not a port, HOST:PORT or unix:PATH", 1),
         (["forward", "8000", "--relay", "10.1.2.3:443"], "is an IP address", 1),
         (["relay", "--listen", "0.0.0.0:0"], "without a token; set BURROW_TOKEN", 1),
         (["relay", "--tcp-ports", "9-2"], "starts above its end; write the lower port first, e.g. 2-9", 1),

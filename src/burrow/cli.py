@@ -9,7 +9,6 @@ import dataclasses
 import logging
 import os
 import signal
-import socket
 import sys
 import threading
 import time
@@ -22,6 +21,7 @@ from .agent.config import RelayAddress, read_token_file
 from .agent.forward import Forward
 from .agent.relay_connection import LOCAL_CONNECT_TIMEOUT
 from .agent.runtime import new_event_loop
+from .agent.target import LocalTarget
 from .connection import TrafficStats
 from .errors import BurrowError, ConfigurationError, RelayUnavailable
 from .relay.config import DEFAULT_TCP_PORTS, DEV_DOMAIN, DEV_PORT, ENGINES, RelayConfig
@@ -143,10 +143,15 @@ def build_parser() -> argparse.ArgumentParser:
     fwd = commands.add_parser(
         "forward",
         help="expose a local port until Ctrl-C",
-        description="Expose local PORT through a relay (BURROW_RELAY, else an embedded one) until Ctrl-C. "
+        description="Expose TARGET (a local port, HOST:PORT or unix:PATH) through a relay (BURROW_RELAY, else an "
+        "embedded one) until Ctrl-C. "
         "Token: BURROW_TOKEN or BURROW_TOKEN_FILE; extra CA to trust: BURROW_CA.",
     )
-    fwd.add_argument("port", type=int, metavar="PORT", help="the local TCP port")
+    fwd.add_argument(
+        "port",
+        metavar="TARGET",
+        help="what to expose: a local TCP port (8000), HOST:PORT this machine reaches, or unix:/path/to.sock",
+    )
     _tunnel_options(fwd)
 
     run = commands.add_parser(
@@ -443,13 +448,7 @@ def _watch(forward: Forward) -> int:
 
 def _listening(port: int) -> bool:
     """Something accepts on loopback ``port`` (IPv4 or IPv6), as the agent will dial it."""
-    for host in ("127.0.0.1", "::1"):
-        try:
-            socket.create_connection((host, port), timeout=1).close()
-            return True
-        except OSError:
-            continue
-    return False
+    return LocalTarget(port).accepting()
 
 
 def run_forward(args: argparse.Namespace) -> int:
@@ -470,12 +469,12 @@ def run_forward(args: argparse.Namespace) -> int:
 
 def _announce(args: argparse.Namespace, forward: Forward) -> None:
     tunnel = forward.tunnel
-    if not _listening(args.port):  # (once the tunnel is open: a failure stays one line)
+    if not forward.target.accepting():  # (once the tunnel is open: a failure stays one line)
         note(
-            f"burrow: nothing listens on local port {args.port} yet; public connections wait up to "
+            f"burrow: nothing accepts on {forward.target} yet; public connections wait up to "
             f"{forward.connect_timeout:g} s for it (--connect-timeout)"
         )
-    note(f"burrow: forwarding local port {args.port} to {tunnel.url}")
+    note(f"burrow: forwarding {forward.target} to {tunnel.url}")
     say(tunnel.url)
     if tunnel.unencrypted_port is not None:
         host, port = tunnel.tcp_socket

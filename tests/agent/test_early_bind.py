@@ -10,6 +10,7 @@ import pytest
 from burrow.agent import config
 from burrow.agent.config import AgentSettings, RelayAddress
 from burrow.agent.relay_connection import AgentTunnel, RelayConnection
+from burrow.agent.target import LocalTarget
 from burrow.client import client_context
 from burrow.errors import AuthenticationFailed
 from burrow.relay import Relay, RelayConfig
@@ -21,7 +22,7 @@ from ..helpers import RUNNERS, EchoServer
 
 async def _bind_and_echo(relay: Relay, session: RelayConnection, port: int) -> None:
     """Bind a tunnel on ``session`` and echo a byte through its TLS URL."""
-    tunnel = AgentTunnel(port, unencrypted=False, h2=False)
+    tunnel = AgentTunnel(LocalTarget(port), unencrypted=False, h2=False)
     info = tunnel.address = await session.bind(port, unencrypted=False, h2=False)
     session.tunnels[tunnel.id] = tunnel
     assert relay.ca_path is not None

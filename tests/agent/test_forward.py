@@ -62,7 +62,7 @@ def test_forwarding_a_port_twice_fails_clearly(echo: EchoServer) -> None:
         assert again.id != first.id
 
 
-@pytest.mark.parametrize("port", [0, -1, 65536, 70000, "8000", 8000.0, True, None])
+@pytest.mark.parametrize("port", [0, -1, 65536, 70000, "70000", 8000.0, True, None])
 def test_bad_ports_are_refused(port: object) -> None:
     with pytest.raises(burrow.ConfigurationError, match="not a TCP port"):
         burrow.forward(port)  # type: ignore[arg-type]

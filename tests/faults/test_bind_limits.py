@@ -21,6 +21,7 @@ import pytest
 
 from burrow.agent.config import AgentSettings, RelayAddress
 from burrow.agent.relay_connection import AgentTunnel, RelayConnection
+from burrow.agent.target import LocalTarget
 from burrow.errors import TunnelRefused
 from burrow.protocol import events as ev
 from burrow.protocol.messages import BindFailure, TunnelAddress
@@ -136,7 +137,9 @@ def test_a_relay_short_of_descriptors_refuses_in_one_line_and_never_misroutes(
             ports = [b.unencrypted_port for b in bound]
             assert len(set(ports)) == len(ports), "two tunnels were given one port"
             for address in bound:  # the agent serves each tunnel from the echo service
-                session.tunnels[address.id] = AgentTunnel(echo.port, unencrypted=True, h2=False, address=address)
+                session.tunnels[address.id] = AgentTunnel(
+                    LocalTarget(echo.port), unencrypted=True, h2=False, address=address
+                )
 
             # every BOUND port listens, and its connections reach its own tunnel
             for address in bound:

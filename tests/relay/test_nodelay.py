@@ -17,6 +17,7 @@ import pytest
 
 from burrow.agent.config import AgentSettings, RelayAddress
 from burrow.agent.relay_connection import AgentTunnel, RelayConnection
+from burrow.agent.target import LocalTarget
 from burrow.client import client_context
 from burrow.relay import Relay, RelayConfig
 
@@ -56,7 +57,7 @@ def test_every_socket_of_a_tunnel_has_nagle_off(loop: str, echo: EchoServer) -> 
         relay = await Relay(RelayConfig(port=0)).start()
         session = await RelayConnection.connect(AgentSettings(RelayAddress("localhost", relay.port), token=""))
         try:
-            tunnel = AgentTunnel(echo.port, unencrypted=True, h2=False)
+            tunnel = AgentTunnel(LocalTarget(echo.port), unencrypted=True, h2=False)
             info = tunnel.address = await session.bind(echo.port, unencrypted=True, h2=False)
             session.tunnels[tunnel.id] = tunnel
             assert relay.ca_path is not None

@@ -18,6 +18,7 @@ from .config import AgentSettings, RelayAddress
 from .link import RelayLink
 from .relay_connection import CONNECT_TIMEOUT, LOCAL_CONNECT_TIMEOUT, REQUEST_TIMEOUT, AgentTunnel
 from .runtime import runtime
+from .target import LocalTarget
 
 #: A synchronous caller never waits longer than connecting plus one request.
 SYNC_TIMEOUT = CONNECT_TIMEOUT + 2 * REQUEST_TIMEOUT
@@ -31,10 +32,13 @@ def _check_connect_timeout(value: object) -> float:
     return float(value)
 
 
-def _check_port(port: object) -> int:
-    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
-        raise ConfigurationError(f"port {port!r} is not a TCP port; give a number from 1 to 65535")
-    return port
+def _check_h2(h2: bool, h2_enabled: bool | None) -> bool:
+    """``h2_enabled=`` is the reference API's spelling of ``h2=``."""
+    if h2_enabled is None:
+        return bool(h2)
+    if h2 and not h2_enabled:
+        raise ConfigurationError("h2=True and h2_enabled=False disagree; give one of them")
+    return bool(h2_enabled)
 
 
 class Forward:
@@ -48,17 +52,20 @@ class Forward:
 
     def __init__(
         self,
-        port: int,
+        port: int | str,
         *,
         unencrypted: bool = False,
         h2: bool = False,
+        h2_enabled: bool | None = None,
         relay: str | RelayAddress | None = None,
         token: str | None = None,
         ca: str | os.PathLike[str] | None = None,
         on_state: Callable[[TunnelState], None] | None = None,
         connect_timeout: float = LOCAL_CONNECT_TIMEOUT,
     ) -> None:
-        self.port = _check_port(port)
+        self.target = LocalTarget.parse(port)
+        self.port = self.target.port  # (0 for a unix socket)
+        h2 = _check_h2(h2, h2_enabled)
         self.connect_timeout = _check_connect_timeout(connect_timeout)
         if unencrypted and h2:
             raise ConfigurationError(
@@ -69,7 +76,7 @@ class Forward:
         self.h2 = bool(h2)
         self.settings = AgentSettings.resolve(relay, token, ca)
         self._tunnel = AgentTunnel(
-            self.port, self.unencrypted, self.h2, on_state=on_state, connect_timeout=self.connect_timeout
+            self.target, self.unencrypted, self.h2, on_state=on_state, connect_timeout=self.connect_timeout
         )
         self._link: RelayLink | None = None
         self._opened = False
@@ -79,7 +86,7 @@ class Forward:
     def __repr__(self) -> str:
         address = self._tunnel.address
         where = _tunnel_from(address).url if address is not None else "not open"
-        return f"<burrow.Forward port={self.port} {self.state.value} {where}>"
+        return f"<burrow.Forward {self.target} {self.state.value} {where}>"
 
     @property
     def tunnel(self) -> Tunnel:
@@ -90,7 +97,7 @@ class Forward:
         """
         address = self._tunnel.address
         if address is None or self._tunnel.closed:
-            raise TunnelClosed(f"the tunnel to port {self.port} is not open; use it inside its with-block")
+            raise TunnelClosed(f"the tunnel to {self.target} is not open; use it inside its with-block")
         return _tunnel_from(address)
 
     @property
@@ -162,7 +169,7 @@ class Forward:
     def _submit_open(self) -> concurrent.futures.Future[Tunnel]:
         with self._lock:
             if self._opened:
-                raise BurrowError(f"this forward() of port {self.port} was already opened; call forward() again")
+                raise BurrowError(f"this forward() of {self.target} was already opened; call forward() again")
             self._opened = True
         self._generation = runtime().generation
         return runtime().submit(self._open())
@@ -193,10 +200,11 @@ def _tunnel_from(address: TunnelAddress) -> Tunnel:
 
 
 def forward(
-    port: int,
+    port: int | str,
     *,
     unencrypted: bool = False,
     h2: bool = False,
+    h2_enabled: bool | None = None,
     relay: str | None = None,
     token: str | None = None,
     ca: str | os.PathLike[str] | None = None,
@@ -206,8 +214,11 @@ def forward(
     """Expose local TCP ``port`` to the Internet through a relay.
 
     ``with burrow.forward(8000) as tunnel: print(tunnel.url)``; ``async with``
-    works too. ``unencrypted=True`` adds a raw TCP address on a random port
-    (``tunnel.tcp_socket``); ``h2=True`` makes the TLS address negotiate
+    works too. ``port`` may also be ``"HOST:PORT"`` (a host this machine
+    reaches, e.g. ``"127.0.0.2:8000"`` or a sibling container) or
+    ``"unix:/path/to.sock"``; the agent dials only that. ``unencrypted=True``
+    adds a raw TCP address on a random port (``tunnel.tcp_socket``);
+    ``h2=True`` (or ``h2_enabled=True``) makes the TLS address negotiate
     HTTP/2 (for services that speak it). ``relay``, ``token`` and ``ca``
     override ``BURROW_RELAY``, ``BURROW_TOKEN``/``BURROW_TOKEN_FILE`` and
     ``BURROW_CA``; with no relay at all, an embedded one on loopback is used.
@@ -224,6 +235,7 @@ def forward(
         port,
         unencrypted=unencrypted,
         h2=h2,
+        h2_enabled=h2_enabled,
         relay=relay,
         token=token,
         ca=ca,

@@ -22,6 +22,7 @@ from ..relay.tls import EARLY_ALPN
 from ..tunnel import TunnelState
 from .config import AgentSettings
 from .plane import SessionOwner
+from .target import LOOPBACK, LocalTarget
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +43,8 @@ LOCAL_CONNECT_TIMEOUT = 10.0
 DIAL_RETRY_FIRST = 0.05
 DIAL_RETRY_CAP = 1.0
 
-#: The service may listen on IPv4 or IPv6 loopback; nothing else is ever dialled.
-LOCAL_HOSTS = ("127.0.0.1", "::1")
+#: A relay named localhost (RFC 6761) is loopback, IPv4 or IPv6, whatever the resolver says.
+LOCAL_HOSTS = LOOPBACK
 
 AGENT_NAME = "burrow-python"
 
@@ -57,7 +58,7 @@ NOT_TLS = frozenset({"WRONG_VERSION_NUMBER", "PACKET_LENGTH_TOO_LONG", "RECORD_L
 class AgentTunnel:
     """The agent's record of one tunnel; it outlives sessions (reconnects keep it)."""
 
-    local_port: int
+    target: LocalTarget
     unencrypted: bool
     h2: bool
     address: TunnelAddress | None = None  # the latest BOUND: id, addresses, ticket
@@ -65,6 +66,11 @@ class AgentTunnel:
     stats: TrafficStats = field(default_factory=TrafficStats)
     state: TunnelState = TunnelState.OPENING
     on_state: Callable[[TunnelState], None] | None = None
+
+    @property
+    def local_port(self) -> int:
+        """The port named in BIND (0 for a unix socket: the relay only records it)."""
+        return self.target.port
 
     @property
     def id(self) -> str:
@@ -130,8 +136,8 @@ class LocalEndpoint(StreamEndpoint):
         if self.early_fin:
             super().peer_fin()
 
-    async def connect(self, port: int, give_up_after: float) -> None:
-        """Dial the service on loopback, again and again for up to ``give_up_after`` s; then reset the stream.
+    async def connect(self, target: LocalTarget, give_up_after: float) -> None:
+        """Dial the service, again and again for up to ``give_up_after`` s; then reset the stream.
 
         A service that is not listening yet (started right after the tunnel)
         gets the connection once it is: what the client sent meanwhile waits
@@ -142,12 +148,11 @@ class LocalEndpoint(StreamEndpoint):
         delay = DIAL_RETRY_FIRST
         error: OSError | None = None
         while not self.done:
-            for host in LOCAL_HOSTS:
-                try:
-                    await loop.create_connection(lambda: self, host, port)
-                    return
-                except OSError as exc:
-                    error = exc
+            try:
+                await target.dial(lambda: self)
+                return
+            except OSError as exc:
+                error = exc
             remaining = deadline - loop.time()
             if remaining <= 0:
                 break
@@ -156,15 +161,15 @@ class LocalEndpoint(StreamEndpoint):
         if not self.done:
             reason = (error.strerror or str(error)).lower() if error is not None else "refused"
             _refused.log(
-                f"port {port}",
+                str(target),
                 logging.WARNING,
-                "burrow: nothing accepts on local port %d (%s) after %.1f s: a public connection was closed; "
+                "burrow: nothing accepts on %s (%s) after %.1f s: a public connection was closed; "
                 "start the service there, or forward the port it listens on",
-                port,
+                target,
                 reason,
                 give_up_after,
             )
-            self.abort(ErrorCode.REFUSED, f"local port {port} refused the connection")
+            self.abort(ErrorCode.REFUSED, f"{target} refused the connection")
 
 
 class RelayConnection(SessionConnection):
@@ -358,7 +363,7 @@ class RelayConnection(SessionConnection):
             self.proto.send_rst(event.stream_id, ErrorCode.TUNNEL_CLOSED, "no such tunnel here")
             return
         endpoint = LocalEndpoint(self, event.stream_id, tunnel)
-        dial = endpoint.connect(tunnel.local_port, tunnel.connect_timeout)
+        dial = endpoint.connect(tunnel.target, tunnel.connect_timeout)
         endpoint.dial = asyncio.get_running_loop().create_task(dial)
 
     def session_closed(self, exc: Exception | None) -> None:

@@ -25,6 +25,7 @@ from .config import AgentSettings, RelayAddress
 from .link import RelayLink
 from .plane import AgentSession
 from .relay_connection import AgentTunnel
+from .target import LocalTarget
 
 logger = logging.getLogger("burrow")
 
@@ -61,7 +62,7 @@ class Runtime:
         self.links: dict[tuple[object, ...], RelayLink] = {}
         self.embedded: Relay | None = None
         self._embedded_starting: asyncio.Future[Relay] | None = None
-        self.forwarded: dict[int, object] = {}  # port -> whoever forwards it
+        self.forwarded: dict[LocalTarget, object] = {}  # target -> whoever forwards it
 
     def after_fork_in_child(self) -> None:
         """A forked child starts with no runtime of its own (its loop thread did not survive the fork).
@@ -166,18 +167,18 @@ class Runtime:
 
     async def open(self, owner: object, tunnel: AgentTunnel, settings: AgentSettings) -> RelayLink:
         """Reserve the tunnel's port for ``owner`` and open the tunnel; returns its link."""
-        port = tunnel.local_port
-        holder = self.forwarded.get(port)
+        target = tunnel.target
+        holder = self.forwarded.get(target)
         if holder is not None:
             raise PortAlreadyForwarded(
-                f"port {port} is already forwarded by this process ({holder}); close that tunnel or reuse it"
+                f"{target} is already forwarded by this process ({holder}); close that tunnel or reuse it"
             )
-        self.forwarded[port] = owner
+        self.forwarded[target] = owner
         try:
             link = await self.link_for(settings)
             await link.open(tunnel)
         except BaseException:
-            del self.forwarded[port]
+            del self.forwarded[target]
             raise
         return link
 
@@ -186,7 +187,7 @@ class Runtime:
         try:
             await link.close(tunnel)
         finally:
-            self.forwarded.pop(tunnel.local_port, None)
+            self.forwarded.pop(tunnel.target, None)
 
 
 _runtime = Runtime()

@@ -147,8 +147,8 @@ class RelayControl:
         token_fp = self.token_fps.get(session_id)
         if token_fp is None or not self.plane.session_open(session_id):
             raise BindRefused(BindFailure.SHUTTING_DOWN, "the relay is shutting down; try again shortly")
-        if not 1 <= request.port <= 65535:
-            raise BindRefused(BindFailure.BAD_PORT, f"port {request.port} is outside 1-65535")
+        if not 0 <= request.port <= 65535:  # (0: the agent forwards to a unix socket)
+            raise BindRefused(BindFailure.BAD_PORT, f"port {request.port} is outside 0-65535")
         claims, holder = self._claims(request, token_fp)
         count = self.registry.count_for_token(token_fp) - (holder is not None and holder.token_fp == token_fp)
         if count >= self.config.max_tunnels_per_token:
