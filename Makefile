@@ -36,9 +36,9 @@ setup: $(VENV)/.test-installed
 
 # the end-to-end tests drive real curl and openssl clients, and testssl.sh scans the TLS edge; the bench (and its quick run in
 # the test suite) drives OpenSSH (sshd and ssh -R), HAProxy, iperf3 and wrk
-SYSTEM_PACKAGES := curl openssl openssh-server openssh-client haproxy iperf3 wrk testssl.sh socat
+SYSTEM_PACKAGES := curl wget openssl openssh-server openssh-client haproxy iperf3 wrk testssl.sh socat
 system-deps:
-	@if ! command -v curl >/dev/null || ! command -v openssl >/dev/null || ! command -v ssh >/dev/null \
+	@if ! command -v curl >/dev/null || ! command -v wget >/dev/null || ! command -v openssl >/dev/null || ! command -v ssh >/dev/null \
 			|| [ ! -x /usr/sbin/sshd ] || [ ! -x /usr/sbin/haproxy ] || ! command -v iperf3 >/dev/null \
 			|| ! command -v wrk >/dev/null || ! command -v testssl >/dev/null || ! command -v socat >/dev/null; then \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \

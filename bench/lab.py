@@ -343,8 +343,8 @@ frontend http
         proc = self.procs.start(f"burrow-agent-{target}", argv, env=self.burrow_env(relay=True), nofile=65536)
 
         def ready() -> None:
-            url = proc.wait_for(r"^\s*url\s+https://([^:/\s]+):(\d+)")
-            tcp = proc.wait_for(r"^\s*tcp\s+\S+:(\d+)")
+            url = proc.wait_for(r"^https://([^:/\s]+):(\d+)$")
+            tcp = proc.wait_for(r"^tcp://\S+:(\d+)$")
             self.agents[target] = Agent(proc, url[1], int(tcp[1]))
 
         return ready

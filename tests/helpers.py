@@ -118,6 +118,16 @@ def on_runtime(coro: Coroutine[Any, Any, T]) -> T:
     return runtime().submit(coro).result(timeout=30)
 
 
+def embedded_url(tunnel: Tunnel) -> str:
+    """The URL the embedded relay gives a tunnel: ``https://localhost:PORT`` (a TLS port of its
+    own, native engine) or ``https://<id>.localhost:PORT`` (the asyncio engine, SNI routed)."""
+    from burrow.relay.config import RelayConfig
+
+    if RelayConfig().engine == "native":
+        return f"https://localhost:{tunnel.port}"
+    return f"https://{tunnel.id}.localhost:{tunnel.port}"
+
+
 def free_port() -> int:
     """A loopback port nothing listens on (just now)."""
     with socket.socket() as sock:

@@ -163,7 +163,8 @@ impl RelayEngine {
     #[new]
     #[pyo3(signature = (*, domain, threads, handshake_timeout, hello_timeout, heartbeat_timeout,
         window, base_window, session_budget, relay_budget, max_frame, max_pending, max_pending_per_source, max_streams_per_session,
-        max_streams_per_tunnel, fd_ceiling, chain=None, key=None, dev_key=None, agent_leaf=None))]
+        max_streams_per_tunnel, fd_ceiling, chain=None, key=None, dev_key=None, agent_leaf=None,
+        loopback_leaf=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         domain: String,
@@ -185,6 +186,7 @@ impl RelayEngine {
         key: Option<Vec<u8>>,
         dev_key: Option<Vec<u8>>,
         agent_leaf: Option<Vec<u8>>,
+        loopback_leaf: Option<Vec<u8>>,
     ) -> PyResult<Self> {
         let seconds = |s: f64| {
             Duration::try_from_secs_f64(s).map_err(|e| PyValueError::new_err(e.to_string()))
@@ -206,7 +208,11 @@ impl RelayEngine {
         };
         let certificates = match (&chain, &key, &dev_key, &agent_leaf) {
             (Some(chain), Some(key), _, _) => Certificates::Operator { chain, key },
-            (_, _, Some(key), Some(agent)) => Certificates::Dev { key, agent },
+            (_, _, Some(key), Some(agent)) => Certificates::Dev {
+                key,
+                agent,
+                loopback: loopback_leaf.as_deref(),
+            },
             _ => {
                 return Err(PyValueError::new_err(
                     "give chain and key, or dev_key and agent_leaf",
@@ -284,6 +290,13 @@ impl RelayEngine {
         let hosts = addresses(hosts)?;
         self.engine
             .listen_tcp(tunnel_id, &hosts, &ports)
+            .map_err(os_error)
+    }
+
+    fn listen_tls(&self, tunnel_id: &str, hosts: Vec<String>, ports: Vec<u16>) -> PyResult<u16> {
+        let hosts = addresses(hosts)?;
+        self.engine
+            .listen_tls(tunnel_id, &hosts, &ports)
             .map_err(os_error)
     }
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime
 import fcntl
+import ipaddress
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,7 +78,7 @@ class DevCA:
         return cls(cert, key, cert_path)
 
     def issue(self, *hosts: str) -> IssuedCert:
-        """A leaf certificate for ``hosts`` (DNS names), signed by this CA."""
+        """A leaf certificate for ``hosts`` (DNS names, or IP addresses), signed by this CA."""
         now = datetime.datetime.now(datetime.UTC)
         builder = (
             x509.CertificateBuilder()
@@ -87,7 +88,7 @@ class DevCA:
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - CLOCK_SKEW)
             .not_valid_after(now + LEAF_LIFETIME)
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(h) for h in hosts]), critical=False)
+            .add_extension(x509.SubjectAlternativeName([_san(h) for h in hosts]), critical=False)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
             .add_extension(_key_usage(ca=False), critical=True)
@@ -95,6 +96,13 @@ class DevCA:
         )
         cert = builder.sign(self.key, hashes.SHA256())
         return IssuedCert(cert.public_bytes(serialization.Encoding.PEM), self.leaf_key_pem)
+
+
+def _san(host: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        return x509.DNSName(host)
 
 
 def _new_ca() -> tuple[bytes, bytes]:

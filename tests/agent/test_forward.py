@@ -20,7 +20,7 @@ import burrow
 from burrow.client import client_context
 from burrow.relay import Relay, RelayConfig
 
-from ..helpers import EchoServer, ServiceThread, echo_once, free_port, on_runtime
+from ..helpers import EchoServer, ServiceThread, echo_once, embedded_url, free_port, on_runtime
 
 
 @pytest.fixture
@@ -40,7 +40,7 @@ def test_sync_forward_returns_an_immutable_tunnel(echo: EchoServer, ca_file: Pat
         assert isinstance(tunnel, burrow.Tunnel)
         assert forward.is_open and forward.tunnel == tunnel and forward.state is burrow.TunnelState.OPEN
         assert tunnel.tls_socket == (tunnel.host, tunnel.port)
-        assert tunnel.host == f"{tunnel.id}.localhost"
+        assert tunnel.url == embedded_url(tunnel)
         assert tunnel.unencrypted_port is None
         with pytest.raises(burrow.ConfigurationError, match="unencrypted=True"):
             tunnel.tcp_socket  # noqa: B018

@@ -107,10 +107,10 @@ def test_burrow_forward_warns_when_nothing_listens_yet() -> None:
         assert process.stderr is not None
         deadline = time.monotonic() + 20
         line = ""
-        while "nothing listens" not in line and time.monotonic() < deadline:
+        while "nothing accepts" not in line and time.monotonic() < deadline:
             line = process.stderr.readline()
         assert line.strip() == (
-            f"burrow: nothing listens on local port {port} yet; public connections wait up to 2 s for it "
+            f"burrow: nothing accepts on local port {port} yet; public connections wait up to 2 s for it "
             "(--connect-timeout)"
         )
     finally:

@@ -19,7 +19,7 @@ from burrow.connection import MIN_READ
 from burrow.protocol.frames import MAX_FRAME_PAYLOAD
 from burrow.protocol.session import DEFAULT_WINDOW
 
-from ..helpers import EchoServer, ServiceThread, on_runtime, recv_all, tls_connect
+from ..helpers import EchoServer, ServiceThread, embedded_url, on_runtime, recv_all, tls_connect
 
 MB = 1024 * 1024
 
@@ -62,7 +62,7 @@ def test_raw_tcp_200mb_each_way_through_echo(echo: EchoServer) -> None:
     with burrow.forward(echo.port, unencrypted=True) as tunnel:
         host, port = tunnel.tcp_socket
         assert host == "localhost" and 20000 <= port <= 32767
-        assert tunnel.tls_socket[0].endswith(".localhost")  # an unencrypted tunnel keeps its TLS address
+        assert tunnel.url == embedded_url(tunnel)  # an unencrypted tunnel keeps its TLS address
         with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
             sent, received = _pump(sock, 200 * MB, os.urandom(16))
         assert sent == received

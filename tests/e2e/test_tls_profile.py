@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 import burrow
+from burrow.agent.runtime import runtime
 
 from ..helpers import EchoServer
 
@@ -22,7 +23,7 @@ AEAD = ("GCM", "CHACHA20", "POLY1305")
 
 
 def _scan(host: str, port: int, out: Path) -> dict[str, str]:
-    report = out / f"{host}.json"
+    report = out / f"{host}-{port}.json"
     subprocess.run(
         [
             "testssl",
@@ -51,8 +52,14 @@ def _scan(host: str, port: int, out: Path) -> dict[str, str]:
 @pytest.mark.timeout(300)
 def test_the_tls_edge_meets_the_intermediate_profile(echo: EchoServer, tmp_path: Path) -> None:
     with burrow.forward(echo.port, h2=True) as tunnel:
-        for host in ("localhost", tunnel.host):
-            findings = _scan(host, tunnel.port, tmp_path)
+        shared = runtime().embedded.port  # type: ignore[union-attr]
+        # the agent endpoint, a tunnel by name on the shared port, and the tunnel's own
+        # loopback port (https://localhost:PORT, native engine) when it has one
+        scans = [("localhost", shared, False), (f"{tunnel.id}.localhost", shared, True)]
+        if tunnel.port != shared:
+            scans.append(("localhost", tunnel.port, True))
+        for host, port, is_tunnel in scans:
+            findings = _scan(host, port, tmp_path)
             offered = {name: findings.get(name, "") for name in ("SSLv2", "SSLv3", "TLS1", "TLS1_1")}
             assert all(f.startswith("not offered") for f in offered.values()), (host, offered)
             assert findings["TLS1_2"].startswith("offered") and findings["TLS1_3"].startswith("offered"), host
@@ -61,5 +68,5 @@ def test_the_tls_edge_meets_the_intermediate_profile(echo: EchoServer, tmp_path:
             weak = [v.split()[-1] for v in suites.values() if not any(a in v.split()[-1] for a in AEAD)]
             assert weak == [], (host, weak)
             assert all("ECDH" in v for k, v in suites.items() if k.startswith("cipher-tls1_2_")), host
-            if host == tunnel.host:  # (testssl.sh's ALPN probe asks for HTTP protocols only)
+            if is_tunnel:  # (testssl.sh's ALPN probe asks for HTTP protocols only)
                 assert "h2" in findings.get("ALPN_HTTP2", "") + findings.get("ALPN", ""), findings

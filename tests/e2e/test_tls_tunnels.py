@@ -18,9 +18,10 @@ from pathlib import Path
 import pytest
 
 import burrow
+from burrow.agent.runtime import runtime
 from burrow.client import client_context
 
-from ..helpers import EchoServer, free_port, recv_all, sha256, tls_connect
+from ..helpers import EchoServer, embedded_url, free_port, recv_all, sha256, tls_connect
 
 needs_curl = pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 needs_openssl = pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")
@@ -53,7 +54,7 @@ def http_server(tmp_path: Path) -> Iterator[tuple[int, bytes]]:
 def test_curl_fetches_through_tls_tunnel(http_server: tuple[int, bytes], ca_file: Path) -> None:
     port, payload = http_server
     with burrow.forward(port) as tunnel:
-        assert tunnel.url == f"https://{tunnel.id}.localhost:{tunnel.port}"
+        assert tunnel.url == embedded_url(tunnel)
         result = subprocess.run(
             ["curl", "--silent", "--show-error", "--fail", "--cacert", str(ca_file), f"{tunnel.url}/blob.bin"],
             capture_output=True,
@@ -105,11 +106,13 @@ def test_openssl_unknown_id_and_missing_sni_are_refused(echo: EchoServer, ca_fil
         # asyncio drops the unrecognized_name alert on a failed handshake (its SSL
         # protocol does not flush outgoing bytes then), so clients see an EOF; what
         # matters is that no certificate is sent and nothing is routed
+        # the relay's shared TLS port (a tunnel's own loopback port serves that tunnel only)
+        shared = runtime().embedded.port  # type: ignore[union-attr]
         for refused in (
-            _openssl(tunnel.port, "-servername", "aaaaaaaaaaaaaa.localhost"),
-            _openssl(tunnel.port, "-servername", f"x{tunnel.host}"),
-            _openssl(tunnel.port, "-noservername"),
-            _openssl(tunnel.port, "-servername", "127.0.0.1"),
+            _openssl(shared, "-servername", "aaaaaaaaaaaaaa.localhost"),
+            _openssl(shared, "-servername", f"x{tunnel.id}.localhost"),
+            _openssl(shared, "-noservername"),
+            _openssl(shared, "-servername", "127.0.0.1"),
         ):
             assert refused.returncode != 0
             assert "no peer certificate available" in refused.stdout

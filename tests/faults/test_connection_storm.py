@@ -88,7 +88,7 @@ def _start_agent(port: int, relay: RelayProcess) -> tuple[subprocess.Popen[str],
     deadline = time.monotonic() + 30
     while True:
         text = "".join(log)
-        url, tcp = re.search(r"url\s+https://([^:/\s]+):\d+", text), re.search(r"tcp\s+\S+:(\d+)", text)
+        url, tcp = re.search(r"^https://([^:/\s]+):\d+$", text, re.M), re.search(r"^tcp://\S+:(\d+)$", text, re.M)
         if url and tcp:
             return agent, url[1], int(tcp[1]), log
         if agent.poll() is not None or time.monotonic() > deadline:

@@ -152,14 +152,25 @@ def test_an_agent_that_never_reads_is_cut_off(
     assert any("peer reads nothing" in r.getMessage() for r in caplog.records)
 
 
-def test_an_agent_cannot_forge_log_lines_with_its_name(
-    fast_relay: Relay, ca_file: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    caplog.set_level(logging.INFO, logger="burrow.relay")
+def test_an_agent_cannot_forge_log_lines_with_its_name(fast_relay: Relay, ca_file: Path) -> None:
+    # (a handler of our own on the relay's logger: whatever earlier tests did to logging)
+    lines: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
+    relay_logger = logging.getLogger("burrow.relay")
+    level, disabled = relay_logger.level, relay_logger.disabled
+    relay_logger.addHandler(handler)
+    relay_logger.setLevel(logging.INFO)
+    relay_logger.disabled = False
     forged = "x\r\n2026-12-05 INFO burrow.relay: tunnel abc opened\x1b[2J"
-    with _agent(fast_relay.port, ca_file) as sock:
-        sock.sendall(_hello(forged))
-        assert [kind for kind, _, _ in _frames(sock, FrameType.WELCOME, 5)] == [FrameType.WELCOME]
-    (line,) = [r.getMessage() for r in caplog.records if "opened by agent" in r.getMessage()]
+    try:
+        with _agent(fast_relay.port, ca_file) as sock:
+            sock.sendall(_hello(forged))
+            assert [kind for kind, _, _ in _frames(sock, FrameType.WELCOME, 5)] == [FrameType.WELCOME]
+    finally:
+        relay_logger.removeHandler(handler)
+        relay_logger.setLevel(level)
+        relay_logger.disabled = disabled
+    (line,) = [line for line in lines if "opened by agent" in line]
     assert not any(c in line for c in "\r\n\x1b"), line
     assert "\\r\\n2026-12-05 INFO" in line and "\\x1b[2J" in line

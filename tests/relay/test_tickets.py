@@ -10,6 +10,7 @@ import pytest
 import burrow
 from burrow.agent.config import AgentSettings, RelayAddress
 from burrow.agent.relay_connection import RelayConnection
+from burrow.protocol.messages import TunnelAddress
 from burrow.relay import Relay, RelayConfig
 from burrow.relay.tickets import (
     TICKET_LIFETIME,
@@ -82,12 +83,14 @@ def test_only_the_same_token_can_reclaim_a_tunnel(echo: EchoServer) -> None:
         on_runtime(close())
 
 
-def test_a_reclaimed_raw_tunnel_keeps_its_tcp_port(echo: EchoServer) -> None:
-    """The ticket's TCP port comes back even while the old listener is still closing."""
-    relay = on_runtime(Relay(RelayConfig(port=0, tokens=frozenset({"token-a"}))).start())
+@pytest.mark.parametrize("loopback_urls", [False, True])
+def test_a_reclaimed_raw_tunnel_keeps_its_ports(echo: EchoServer, loopback_urls: bool) -> None:
+    """The ticket's TCP port (and loopback TLS port) come back even while the old listeners close."""
+    config = RelayConfig(port=0, tokens=frozenset({"token-a"}), engine="native", loopback_urls=loopback_urls)
+    relay = on_runtime(Relay(config).start())
     try:
 
-        async def reclaim(times: int) -> tuple[int | None, list[int | None]]:
+        async def reclaim(times: int) -> tuple[TunnelAddress, list[tuple[str, int, int | None]]]:
             settings = AgentSettings(RelayAddress("localhost", relay.port), token="token-a")
             sessions = [await RelayConnection.connect(settings)]
             first = await sessions[0].bind(echo.port, True, False)
@@ -96,14 +99,16 @@ def test_a_reclaimed_raw_tunnel_keeps_its_tcp_port(echo: EchoServer) -> None:
                 session = await RelayConnection.connect(settings)
                 sessions.append(session)  # kept open: each bind takes over from a live session
                 info = await session.bind(echo.port, True, False, ticket)
-                ports.append(info.unencrypted_port)
+                ports.append((info.host, info.port, info.unencrypted_port))
                 ticket = info.ticket
             for session in sessions:
                 session.close()
-            return first.unencrypted_port, ports
+            return first, ports
 
-        port, ports = on_runtime(reclaim(20))
-        assert port is not None and ports == [port] * 20
+        first, ports = on_runtime(reclaim(20))
+        assert first.unencrypted_port is not None
+        assert (first.host == "localhost") is loopback_urls and (first.port != relay.port) is loopback_urls
+        assert ports == [(first.host, first.port, first.unencrypted_port)] * 20
     finally:
 
         async def close() -> None:

@@ -38,8 +38,9 @@ pub fn reset(tcp: TcpStream) {
     drop(tcp);
 }
 
-/// The TLS port's accept loop.
-pub async fn tls_port(shared: Arc<Shared>, listener: TcpListener) {
+/// The TLS port's accept loop; with `pinned`, a tunnel's own loopback TLS port (every
+/// connection is that tunnel's, whatever name it asks for: see [`handshake`]).
+pub async fn tls_port(shared: Arc<Shared>, listener: TcpListener, pinned: Option<Arc<Tunnel>>) {
     loop {
         let (tcp, address) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -63,7 +64,13 @@ pub async fn tls_port(shared: Arc<Shared>, listener: TcpListener) {
                 );
             }
             Ok(slot) => {
-                tokio::spawn(handshake(shared.clone(), tcp, address, slot));
+                tokio::spawn(handshake(
+                    shared.clone(),
+                    tcp,
+                    address,
+                    slot,
+                    pinned.clone(),
+                ));
             }
         }
     }
@@ -112,12 +119,16 @@ async fn send_alert(mut tcp: TcpStream, description: u8) {
 /// Read the ClientHello, route it, run TLS, hand the connection over.
 ///
 /// The slot counts the connection as pending until its TLS is done, or, for
-/// an agent, until it is welcomed.
+/// an agent, until it is welcomed. A `pinned` tunnel's port (the embedded relay's
+/// `https://localhost:PORT`) skips routing and serves the loopback certificate, which
+/// names localhost, 127.0.0.1 and ::1: clients that cannot resolve `<id>.localhost`
+/// reach it, and a client dialling an IP address sends no server name at all.
 async fn handshake(
     shared: Arc<Shared>,
     mut tcp: TcpStream,
     address: SocketAddr,
     slot: super::PendingSlot,
+    pinned: Option<Arc<Tunnel>>,
 ) {
     let _ = tcp.set_nodelay(true);
     let peer = format_address(address);
@@ -148,7 +159,9 @@ async fn handshake(
         }
     };
     let domain = &shared.config.domain;
+    let loopback = pinned.is_some();
     let target = match hello.server_name.as_deref() {
+        _ if loopback => pinned.map(Target::Tunnel),
         None => None,
         // (an agent must ask for ALPN burrow/1; a client that asks for none still gets the
         // handshake, so that scanners see the endpoint's TLS, and is let go after it)
@@ -189,7 +202,11 @@ async fn handshake(
         Target::Tunnel(tunnel) => match tunnel.route() {
             Some(route) => {
                 let offered = started.client_hello().alpn().map(|offer| offer.collect());
-                shared.identities.for_tunnel(route.h2, offered)
+                let configs = match &shared.identities.loopback {
+                    Some(loopback_configs) if loopback => loopback_configs,
+                    _ => &shared.identities.tunnels,
+                };
+                configs.for_alpn(route.h2, offered)
             }
             None => return, // closed meanwhile
         },

@@ -17,8 +17,13 @@ use super::{accept, lock, stats_tuple, Config, Route, Shared};
 pub enum Certificates<'a> {
     /// The operator's chain and key, for every name.
     Operator { chain: &'a [u8], key: &'a [u8] },
-    /// Dev CA leaves (one key); the agent endpoint's leaf is given now, the tunnels' with their routes.
-    Dev { key: &'a [u8], agent: &'a [u8] },
+    /// Dev CA leaves (one key); the agent endpoint's leaf is given now, the tunnels' with their
+    /// routes; with `loopback`, the leaf of tunnels' own loopback ports ([`Engine::listen_tls`]).
+    Dev {
+        key: &'a [u8],
+        agent: &'a [u8],
+        loopback: Option<&'a [u8]>,
+    },
 }
 
 pub struct Engine {
@@ -35,15 +40,22 @@ impl Engine {
         threads: usize,
         relay_budget: i64,
     ) -> Result<Self, String> {
-        let resolver = match certificates {
-            Certificates::Operator { chain, key } => Resolver::shared(chain, key),
-            Certificates::Dev { key, agent } => Resolver::per_host(key).and_then(|r| {
-                r.add(&config.domain, agent)?;
-                Ok(r)
-            }),
-        }
-        .map_err(|BadCertificate(why)| why)?;
-        let identities = Identities::new(resolver).map_err(|BadCertificate(why)| why)?;
+        let (resolver, loopback) = match certificates {
+            Certificates::Operator { chain, key } => (Resolver::shared(chain, key), None),
+            Certificates::Dev {
+                key,
+                agent,
+                loopback,
+            } => (
+                Resolver::per_host(key).and_then(|r| {
+                    r.add(&config.domain, agent)?;
+                    Ok(r)
+                }),
+                loopback,
+            ),
+        };
+        let resolver = resolver.map_err(|BadCertificate(why)| why)?;
+        let identities = Identities::new(resolver, loopback).map_err(|BadCertificate(why)| why)?;
         let (events, watched) = Events::new().map_err(|e| e.to_string())?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(threads.max(1))
@@ -82,13 +94,34 @@ impl Engine {
         let listener = TcpListener::from_std(listener)?;
         let task = self
             .runtime()
-            .spawn(accept::tls_port(self.shared.clone(), listener));
+            .spawn(accept::tls_port(self.shared.clone(), listener, None));
         lock(&self.shared.accepting).push(task.abort_handle());
         Ok(bound)
     }
 
     /// Hold a raw TCP listener for the tunnel on the first port of `ports` free on every host.
     pub fn listen_tcp(&self, tunnel_id: &str, hosts: &[IpAddr], ports: &[u16]) -> io::Result<u16> {
+        self.listen_tunnel(tunnel_id, hosts, ports, false)
+    }
+
+    /// Hold a TLS listener of the tunnel's own (the loopback certificate; see `accept::handshake`).
+    pub fn listen_tls(&self, tunnel_id: &str, hosts: &[IpAddr], ports: &[u16]) -> io::Result<u16> {
+        if self.shared.identities.loopback.is_none() {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "no loopback certificate: this relay gives no tunnel a TLS port of its own",
+            ));
+        }
+        self.listen_tunnel(tunnel_id, hosts, ports, true)
+    }
+
+    fn listen_tunnel(
+        &self,
+        tunnel_id: &str,
+        hosts: &[IpAddr],
+        ports: &[u16],
+        tls: bool,
+    ) -> io::Result<u16> {
         let mut last = io::Error::new(io::ErrorKind::AddrNotAvailable, "no port to try");
         for &port in ports {
             let bound: io::Result<Vec<_>> = hosts
@@ -106,11 +139,17 @@ impl Engine {
             let _entered = self.runtime().enter();
             for listener in listeners {
                 let listener = TcpListener::from_std(listener)?;
-                let task = self.runtime().spawn(accept::tcp_port(
-                    self.shared.clone(),
-                    listener,
-                    tunnel.clone(),
-                ));
+                let task = if tls {
+                    let pinned = Some(tunnel.clone());
+                    self.runtime()
+                        .spawn(accept::tls_port(self.shared.clone(), listener, pinned))
+                } else {
+                    self.runtime().spawn(accept::tcp_port(
+                        self.shared.clone(),
+                        listener,
+                        tunnel.clone(),
+                    ))
+                };
                 lock(&tunnel.listeners).push(task.abort_handle());
             }
             return Ok(port);

@@ -48,7 +48,7 @@ fn shared_with(
         fd_ceiling: i64::MAX,
     };
     let (events, watched) = Events::new().unwrap();
-    let identities = Identities::new(Resolver::per_host(TEST_KEY).unwrap()).unwrap();
+    let identities = Identities::new(Resolver::per_host(TEST_KEY).unwrap(), None).unwrap();
     (
         Arc::new(Shared::new(config, events, identities, relay_budget)),
         watched,

@@ -138,49 +138,85 @@ impl ResolvesServerCert for Resolver {
     }
 }
 
-/// The server configurations of the TLS port.
-pub struct Identities {
-    pub resolver: Arc<Resolver>,
-    pub agent: Arc<ServerConfig>,
-    /// Tunnels offer ALPN `http/1.1` (and `h2` with h2=True) ...
-    pub tunnel: Arc<ServerConfig>,
-    pub tunnel_h2: Arc<ServerConfig>,
-    /// ... and none to a client whose offer names neither (rustls would refuse it, while a
-    /// tunnel may carry any protocol over TLS: PostgreSQL's direct TLS asks for "postgresql").
-    pub tunnel_any: Arc<ServerConfig>,
+/// One certificate whatever the name asked for (a tunnel's loopback port).
+#[derive(Debug)]
+struct Fixed(Arc<CertifiedKey>);
+
+impl ResolvesServerCert for Fixed {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
 }
 
-impl Identities {
+/// A tunnel's server configurations, one per ALPN answer.
+pub struct TunnelConfigs {
+    /// ALPN `http/1.1` (and `h2` first with h2=True) ...
+    http1: Arc<ServerConfig>,
+    h2: Arc<ServerConfig>,
+    /// ... and none to a client whose offer names neither (rustls would refuse it, while a
+    /// tunnel may carry any protocol over TLS: PostgreSQL's direct TLS asks for "postgresql").
+    any: Arc<ServerConfig>,
+}
+
+impl TunnelConfigs {
+    fn new(resolver: Arc<dyn ResolvesServerCert>) -> Result<Self, BadCertificate> {
+        Ok(Self {
+            http1: config(resolver.clone(), &HTTP1_ALPNS)?,
+            h2: config(resolver.clone(), &H2_ALPNS)?,
+            any: config(resolver, &[])?,
+        })
+    }
+
     /// The configuration for a tunnel's client, by what its ClientHello offers.
-    pub fn for_tunnel(&self, h2: bool, offered: Option<Vec<&[u8]>>) -> Arc<ServerConfig> {
+    pub fn for_alpn(&self, h2: bool, offered: Option<Vec<&[u8]>>) -> Arc<ServerConfig> {
         let ours: &[&[u8]] = if h2 { &H2_ALPNS } else { &HTTP1_ALPNS };
         let speaks = offered.is_some_and(|offer| offer.iter().any(|p| ours.contains(p)));
         match (speaks, h2) {
-            (false, _) => self.tunnel_any.clone(),
-            (true, true) => self.tunnel_h2.clone(),
-            (true, false) => self.tunnel.clone(),
+            (false, _) => self.any.clone(),
+            (true, true) => self.h2.clone(),
+            (true, false) => self.http1.clone(),
         }
     }
 }
 
-fn config(resolver: &Arc<Resolver>, alpn: &[&[u8]]) -> Result<Arc<ServerConfig>, BadCertificate> {
+/// The server configurations of the TLS port (and of tunnels' loopback ports).
+pub struct Identities {
+    pub resolver: Arc<Resolver>,
+    pub agent: Arc<ServerConfig>,
+    /// Tunnels reached by name on the TLS port.
+    pub tunnels: TunnelConfigs,
+    /// Tunnels' own loopback ports (dev relays that give `https://localhost:PORT`).
+    pub loopback: Option<TunnelConfigs>,
+}
+
+fn config(
+    resolver: Arc<dyn ResolvesServerCert>,
+    alpn: &[&[u8]],
+) -> Result<Arc<ServerConfig>, BadCertificate> {
     let mut config = ServerConfig::builder_with_provider(Arc::new(provider::default_provider()))
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| BadCertificate(e.to_string()))?
         .with_no_client_auth()
-        .with_cert_resolver(resolver.clone());
+        .with_cert_resolver(resolver);
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(Arc::new(config))
 }
 
 impl Identities {
-    pub fn new(resolver: Resolver) -> Result<Self, BadCertificate> {
+    /// With `loopback_leaf` (dev CA), tunnels may also get loopback ports serving that leaf.
+    pub fn new(resolver: Resolver, loopback_leaf: Option<&[u8]>) -> Result<Self, BadCertificate> {
         let resolver = Arc::new(resolver);
+        let loopback = match (loopback_leaf, &resolver.dev_key) {
+            (Some(leaf), Some(key)) => {
+                let fixed = Fixed(Arc::new(CertifiedKey::new(chain(leaf)?, key.clone())));
+                Some(TunnelConfigs::new(Arc::new(fixed))?)
+            }
+            _ => None,
+        };
         Ok(Self {
-            agent: config(&resolver, &AGENT_ALPNS)?,
-            tunnel: config(&resolver, &HTTP1_ALPNS)?,
-            tunnel_h2: config(&resolver, &H2_ALPNS)?,
-            tunnel_any: config(&resolver, &[])?,
+            agent: config(resolver.clone(), &AGENT_ALPNS)?,
+            tunnels: TunnelConfigs::new(resolver.clone())?,
+            loopback,
             resolver,
         })
     }

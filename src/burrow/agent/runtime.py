@@ -144,7 +144,7 @@ class Runtime:
             from ..relay.server import Relay  # ~20 ms to import: only for the embedded relay
 
             try:
-                relay = await Relay(RelayConfig(port=0, raise_fd_limit=False)).start()
+                relay = await Relay(RelayConfig(port=0, raise_fd_limit=False, loopback_urls=True)).start()
             except BaseException as exc:
                 self._embedded_starting.set_exception(exc)
                 self._embedded_starting.exception()
@@ -153,11 +153,9 @@ class Runtime:
             self.embedded = relay
             self._embedded_starting.set_result(relay)
             logger.warning(
-                "burrow: no BURROW_RELAY set: tunnels go through a relay inside this process, "
-                "https://<id>.localhost:%d\n"
+                "burrow: no BURROW_RELAY set: tunnels go through a relay inside this process, on loopback\n"
                 "burrow: trust its CA to open the URLs: curl --cacert %s (or add it to your system/browser store)\n"
                 "burrow: for a public relay, set BURROW_RELAY=host:port and BURROW_TOKEN",
-                relay.port,
                 relay.ca_path,
             )
         relay = await asyncio.shield(self._embedded_starting)

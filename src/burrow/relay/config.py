@@ -98,6 +98,9 @@ class RelayConfig:
     max_tunnels_per_token: int = MAX_TUNNELS_PER_TOKEN
     shutdown_grace: float = SHUTDOWN_GRACE
     also_ipv6: bool = True  # dev: also listen on ::1 when host is 127.0.0.1
+    #: give each tunnel a TLS port of its own on loopback, https://localhost:PORT (the embedded
+    #: relay: clients that cannot resolve <id>.localhost reach it); native engine, dev CA only
+    loopback_urls: bool = False
     raise_fd_limit: bool = True  # raise the soft descriptor limit at start (not inside a user's process)
     engine: str = field(default_factory=lambda: os.environ.get("BURROW_ENGINE", DEFAULT_ENGINE))
     threads: int | None = None  # the native engine's threads; default: the cores this process may use
@@ -126,6 +129,8 @@ class RelayConfig:
     def check(self) -> None:
         """Raise :class:`ConfigurationError` for settings that cannot work or are unsafe."""
         self.domain = self.domain.lower().rstrip(".")
+        if self.engine != "native" or not self.dev:
+            self.loopback_urls = False  # (the native engine's, with dev CA leaves)
         if not self.domain or any(not label for label in self.domain.split(".")):
             raise ConfigurationError(f"--domain {self.domain!r} is not a DNS name")
         if (self.cert is None) != (self.key is None):

@@ -33,6 +33,9 @@ from .tickets import Claims, TicketInvalid, TicketSigner, token_fingerprint
 
 logger = logging.getLogger("burrow.relay")
 
+#: Where a tunnel's own loopback TLS port is reached (``loopback_urls``).
+LOOPBACK_HOST = "localhost"
+
 
 class BindRefused(Exception):
     """A BIND cannot be honoured; ``code`` and the message go back to the agent."""
@@ -197,6 +200,7 @@ class RelayControl:
                 logger.warning("session %s: no TCP port for a tunnel: %s", request.session_id, exc)
                 message = f"relay has no free TCP port in {self._port_range()}"
                 raise BindRefused(BindFailure.NO_TCP_PORT, message) from None
+        tls_port = await self._loopback_port(tunnel_id, claims) if self.config.loopback_urls else None
         if not plane.session_open(request.session_id) or tunnel_id in self.registry:
             if tunnel_id not in self.registry:  # (a rival's route is the rival's)
                 plane.remove_route(tunnel_id)  # the session died meanwhile: drop our listener
@@ -206,7 +210,7 @@ class RelayControl:
             tunnel_id, host, request.session_id, token_fp, request.port, request.h2, request.unencrypted, tcp_port
         )
         # nothing below may fail: a failure above gives the id back, and this one is now live
-        ticket = self.tickets.issue(token_fp, Claims(tunnel_id, request.unencrypted, request.h2, tcp_port))
+        ticket = self.tickets.issue(token_fp, Claims(tunnel_id, request.unencrypted, request.h2, tcp_port, tls_port))
         self.registry.add(record)
         plane.add_route(Route(tunnel_id, host, request.session_id, request.h2, tcp_port))
         logger.info(
@@ -217,11 +221,24 @@ class RelayControl:
             host,
             f" and tcp port {tcp_port}" if tcp_port else "",
         )
-        public_port = self.config.public_port or plane.ports[0]
+        public_host, public_port = host, self.config.public_port or plane.ports[0]
+        if tls_port is not None:  # https://localhost:PORT: every client resolves it
+            public_host, public_port = LOOPBACK_HOST, tls_port
         if tcp_port is None:
-            return TunnelAddress(tunnel_id, host, public_port, ticket)
+            return TunnelAddress(tunnel_id, public_host, public_port, ticket)
         tcp_host = self.config.tcp_public_host or self.config.domain
-        return TunnelAddress(tunnel_id, host, public_port, ticket, tcp_host, tcp_port)
+        return TunnelAddress(tunnel_id, public_host, public_port, ticket, tcp_host, tcp_port)
+
+    async def _loopback_port(self, tunnel_id: str, claims: Claims | None) -> int | None:
+        """The tunnel's own loopback TLS port (the ticket's when resuming); None: its SNI URL serves."""
+        low, high = self.config.tcp_ports
+        wanted = [claims.tls_port] if claims is not None and claims.tls_port is not None else []
+        candidates = wanted + [random.randint(low, high) for _ in range(min(TCP_PORT_ATTEMPTS, high - low + 1))]
+        try:
+            return await self.plane.listen_tls(tunnel_id, candidates)
+        except OSError as exc:
+            logger.warning("tunnel %s keeps only its name's URL (no loopback TLS port: %s)", tunnel_id, exc)
+            return None
 
     def _tcp_candidates(self, claims: Claims | None) -> list[int]:
         """The ticket's port first (when resuming), then random ports of the range."""

@@ -432,6 +432,11 @@ class AsyncioPlane:
             self.tunnels.pop(tunnel_id, None)
         raise last
 
+    async def listen_tls(self, tunnel_id: str, ports: Sequence[int]) -> int:
+        # (the embedded relay's https://localhost:PORT is the native engine's; this one gives
+        # tunnels their SNI URL only, as before)
+        raise OSError(errno.EOPNOTSUPP, "the asyncio engine gives no tunnel a TLS port of its own")
+
     def add_route(self, route: Route) -> None:
         tunnel = self.tunnels.setdefault(route.tunnel_id, RoutedTunnel(route.tunnel_id))
         tunnel.route = route

@@ -51,6 +51,9 @@ MAX_PREPARED_LEAVES = 64
 #: closes a listener on one of its threads, a moment after ``remove_route`` returns, and a
 #: resumed tunnel asking for that same port waits for it this long before taking another.
 RELEASE_WAIT = 0.5
+
+#: The names a tunnel's loopback TLS port answers to (its certificate's).
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 RELEASE_POLL = 0.005
 
 
@@ -75,7 +78,7 @@ class NativePlane:
         self._ports: list[int] = []
         self._watched: socket.socket | None = None
         self._tunnels: set[str] = set()  # ids with a listener or a route in the engine
-        self._tcp_ports: dict[str, int] = {}  # tunnel id -> its raw TCP port
+        self._tcp_ports: dict[str, list[int]] = {}  # tunnel id -> its own ports (raw TCP, loopback TLS)
         self._released: dict[int, float] = {}  # port -> when its listener was told to close
         self._leaves: OrderedDict[str, bytes] = OrderedDict()
         self._hellos: dict[str, HelloMessage] = {}  # session id -> its HELLO, until welcomed or gone
@@ -133,7 +136,11 @@ class NativePlane:
         try:
             self.ca = DevCA.load_or_create(config.data_dir)
             agent_leaf = self.ca.issue(config.domain).cert_pem
-            return RelayEngine(dev_key=self.ca.leaf_key_pem, agent_leaf=agent_leaf, **settings)
+            # tunnels' own loopback ports: one leaf for every name a client may dial them by
+            loopback = self.ca.issue(*LOOPBACK_NAMES).cert_pem if config.loopback_urls else None
+            return RelayEngine(
+                dev_key=self.ca.leaf_key_pem, agent_leaf=agent_leaf, loopback_leaf=loopback, **settings
+            )
         except OSError as exc:
             reason = (exc.strerror or str(exc)).lower()
             raise ConfigurationError(
@@ -282,7 +289,13 @@ class NativePlane:
         return self.ca.issue(host).cert_pem
 
     async def listen_tcp(self, tunnel_id: str, ports: Sequence[int]) -> int:
-        assert self.engine is not None
+        return await self._listen(tunnel_id, ports, tls=False)
+
+    async def listen_tls(self, tunnel_id: str, ports: Sequence[int]) -> int:
+        return await self._listen(tunnel_id, ports, tls=True)
+
+    async def _listen(self, tunnel_id: str, ports: Sequence[int], tls: bool) -> int:
+        """A listener of the tunnel's own, raw TCP or TLS (``https://localhost:PORT``), on the first free port."""
         host = self.config.tcp_host or self.config.host
         hosts = [_address(host)]
         if self.config.also_ipv6 and host == "127.0.0.1" and socket.has_ipv6:
@@ -294,23 +307,24 @@ class NativePlane:
             deadline = self._released[candidates[0]] + RELEASE_WAIT
             while True:
                 try:
-                    return self._listen(tunnel_id, hosts, candidates[:1])
+                    return self._bind(tunnel_id, hosts, candidates[:1], tls)
                 except OSError as exc:
                     if exc.errno != errno.EADDRINUSE or asyncio.get_running_loop().time() >= deadline:
                         break
                 await asyncio.sleep(RELEASE_POLL)
-        return self._listen(tunnel_id, hosts, candidates)
+        return self._bind(tunnel_id, hosts, candidates, tls)
 
-    def _listen(self, tunnel_id: str, hosts: list[str], ports: list[int]) -> int:
+    def _bind(self, tunnel_id: str, hosts: list[str], ports: list[int], tls: bool) -> int:
         assert self.engine is not None
-        if tunnel_id in self._tunnels:  # a rival bind for the same id got here first
+        if tunnel_id in self._tunnels and not tls:  # a rival bind for the same id got here first
             raise OSError(errno.EADDRINUSE, f"tunnel {tunnel_id} already has a route or a listener")
+        listen = self.engine.listen_tls if tls else self.engine.listen_tcp
         try:
-            port: int = self.engine.listen_tcp(tunnel_id, hosts, ports)
+            port: int = listen(tunnel_id, hosts, ports)
         except ValueError as exc:
             raise OSError(errno.EINVAL, str(exc)) from None
         self._tunnels.add(tunnel_id)
-        self._tcp_ports[tunnel_id] = port
+        self._tcp_ports.setdefault(tunnel_id, []).append(port)
         return port
 
     def _releasing(self, port: int) -> bool:
@@ -330,9 +344,9 @@ class NativePlane:
 
     def remove_route(self, tunnel_id: str) -> None:
         self._tunnels.discard(tunnel_id)
-        port = self._tcp_ports.pop(tunnel_id, None)
-        if port is not None:
-            self._released[port] = asyncio.get_running_loop().time()
+        now = asyncio.get_running_loop().time()
+        for port in self._tcp_ports.pop(tunnel_id, ()):
+            self._released[port] = now
         if self.engine is not None:
             self.engine.remove_route(tunnel_id)
 

@@ -109,6 +109,10 @@ class DataPlane(Protocol):
     async def listen_tcp(self, tunnel_id: str, ports: Sequence[int]) -> int:
         """Hold a raw TCP listener for the tunnel on the first free port of ``ports``; OSError if none."""
 
+    async def listen_tls(self, tunnel_id: str, ports: Sequence[int]) -> int:
+        """Hold a TLS listener of the tunnel's own (``https://localhost:PORT``, the loopback
+        certificate); OSError if none is free, or the engine cannot (``loopback_urls``)."""
+
     def add_route(self, route: Route) -> None:
         """Route public connections for the tunnel (SNI name and, if any, TCP port) to its session."""
 

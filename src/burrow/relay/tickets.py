@@ -45,6 +45,7 @@ class Claims:
     unencrypted: bool
     h2: bool
     tcp_port: int | None
+    tls_port: int | None = None  # a tunnel's own loopback TLS port (embedded relay)
 
 
 def token_fingerprint(token: str) -> str:
@@ -100,6 +101,7 @@ class TicketSigner:
             "u": claims.unencrypted,
             "h2": claims.h2,
             "tcp": claims.tcp_port,
+            "tls": claims.tls_port,
             "iat": int(now if now is not None else time.time()),
         }
         payload = json.dumps(body, separators=(",", ":"), sort_keys=True).encode()
@@ -125,8 +127,14 @@ class TicketSigner:
         tunnel_id = body.get("id")
         if not isinstance(tunnel_id, str):
             raise TicketInvalid("malformed ticket")
-        tcp = body.get("tcp")
-        return Claims(tunnel_id, bool(body.get("u")), bool(body.get("h2")), tcp if isinstance(tcp, int) else None)
+        tcp, tls = body.get("tcp"), body.get("tls")
+        return Claims(
+            tunnel_id,
+            bool(body.get("u")),
+            bool(body.get("h2")),
+            tcp if isinstance(tcp, int) else None,
+            tls if isinstance(tls, int) else None,
+        )
 
 
 def default_key_path(data_dir: Path) -> Path:

@@ -1,0 +1,182 @@
+"""Every client reaches the embedded default's URL, on a stock machine, with no system change.
+
+Stock Debian resolves ``<id>.localhost`` for curl and Chromium only: Python's
+clients, wget and ``openssl s_client -connect`` say "Name or service not
+known". So the embedded relay gives each tunnel a TLS port of its own on
+loopback, ``https://localhost:PORT``, with a certificate for localhost,
+127.0.0.1 and ::1 (native engine; the pure-Python engine, on its way out,
+keeps the SNI URL and is not asked).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import os
+import shutil
+import socket
+import ssl
+import subprocess
+import threading
+import urllib.request
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+import burrow
+from burrow.relay.config import RelayConfig
+
+pytestmark = pytest.mark.skipif(
+    RelayConfig().engine != "native", reason="https://localhost:PORT is the native engine's (BURROW_ENGINE)"
+)
+
+BODY = b"served through burrow\n" * 100
+
+
+class _Page(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:  # noqa: N802
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(BODY)))
+        self.end_headers()
+        self.wfile.write(BODY)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def tunnel() -> Iterator[burrow.Tunnel]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Page)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with burrow.forward(server.server_address[1]) as opened:
+            yield opened
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture(scope="module")
+def cafile(tunnel: burrow.Tunnel) -> str:
+    return str(Path(os.environ["BURROW_HOME"]) / "ca.pem")
+
+
+def _urllib(url: str, cafile: str) -> bytes:
+    context = ssl.create_default_context(cafile=cafile)
+    with urllib.request.urlopen(url, context=context, timeout=10) as response:
+        return bytes(response.read())
+
+
+def _http_client(url: str, cafile: str) -> bytes:
+    host, port = url.removeprefix("https://").rstrip("/").rsplit(":", 1)
+    connection = http.client.HTTPSConnection(
+        host.strip("[]"), int(port), context=ssl.create_default_context(cafile=cafile), timeout=10
+    )
+    try:
+        connection.request("GET", "/")
+        return connection.getresponse().read()
+    finally:
+        connection.close()
+
+
+def _requests(url: str, cafile: str) -> bytes:
+    requests = pytest.importorskip("requests")
+    return bytes(requests.get(url, verify=cafile, timeout=10).content)
+
+
+def _httpx(url: str, cafile: str) -> bytes:
+    httpx = pytest.importorskip("httpx")
+    return bytes(httpx.get(url, verify=ssl.create_default_context(cafile=cafile), timeout=10).content)
+
+
+def _aiohttp(url: str, cafile: str) -> bytes:
+    aiohttp = pytest.importorskip("aiohttp")
+
+    async def get() -> bytes:
+        connector = aiohttp.TCPConnector(ssl=ssl.create_default_context(cafile=cafile))
+        async with aiohttp.ClientSession(connector=connector) as session, session.get(url) as response:
+            return bytes(await response.read())
+
+    return asyncio.run(get())
+
+
+def _program(argv: list[str]) -> bytes:
+    if shutil.which(argv[0]) is None:
+        pytest.skip(f"{argv[0]} is not installed")
+    result = subprocess.run(argv, capture_output=True, timeout=30)
+    assert result.returncode == 0, result.stderr.decode(errors="replace")
+    return result.stdout
+
+
+def _curl(url: str, cafile: str) -> bytes:
+    return _program(["curl", "-sS", "--fail", "--cacert", cafile, url])
+
+
+def _wget(url: str, cafile: str) -> bytes:
+    return _program(["wget", "-q", "-O", "-", f"--ca-certificate={cafile}", url])
+
+
+CLIENTS: dict[str, Callable[[str, str], bytes]] = {
+    "urllib": _urllib,
+    "http.client": _http_client,
+    "requests": _requests,
+    "httpx": _httpx,
+    "aiohttp": _aiohttp,
+    "curl": _curl,
+    "wget": _wget,
+}
+
+
+@pytest.mark.parametrize("client", sorted(CLIENTS))
+def test_every_client_gets_the_page_at_the_url(client: str, tunnel: burrow.Tunnel, cafile: str) -> None:
+    assert tunnel.url == f"https://localhost:{tunnel.port}" and tunnel.tls_socket == ("localhost", tunnel.port)
+    assert CLIENTS[client](tunnel.url + "/", cafile) == BODY
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1", "[::1]"])
+def test_the_loopback_addresses_answer_too(address: str, tunnel: burrow.Tunnel, cafile: str) -> None:
+    if address == "[::1]" and not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    assert _urllib(f"https://{address}:{tunnel.port}/", cafile) == BODY
+
+
+def test_openssl_s_client_connects_to_the_tls_socket(tunnel: burrow.Tunnel, cafile: str) -> None:
+    host, port = tunnel.tls_socket
+    result = subprocess.run(
+        ["openssl", "s_client", "-ign_eof", "-connect", f"{host}:{port}", "-CAfile", cafile, "-verify_hostname", host],
+        input=b"GET / HTTP/1.0\r\nHost: localhost\r\n\r\n",
+        capture_output=True,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    assert b"Verify return code: 0 (ok)" in result.stdout
+    assert BODY in result.stdout
+
+
+def test_each_tunnel_has_its_own_port_and_keeps_it_private(tunnel: burrow.Tunnel, cafile: str) -> None:
+    """Another tunnel's port serves that tunnel only, whatever name a client asks for."""
+    other = ThreadingHTTPServer(("127.0.0.1", 0), type("Other", (_Page,), {"do_GET": _other_page}))
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+    try:
+        with burrow.forward(other.server_address[1]) as second:
+            assert second.port != tunnel.port
+            assert _urllib(second.url + "/", cafile) == b"the other one\n"
+            assert _urllib(tunnel.url + "/", cafile) == BODY
+    finally:
+        other.shutdown()
+        other.server_close()
+    # closed: its port no longer answers
+    with pytest.raises(OSError):
+        _urllib(second.url + "/", cafile)
+
+
+def _other_page(self: BaseHTTPRequestHandler) -> None:
+    self.send_response(200)
+    self.send_header("Content-Length", "14")
+    self.end_headers()
+    self.wfile.write(b"the other one\n")
