@@ -5,9 +5,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+use tokio::sync::mpsc;
 
 use super::events::{Event, Events};
-use super::session::{code, Message, Session};
+use super::session::{code, Message, Session, Stream};
 use super::tls::{Identities, Resolver};
 use super::{Config, Shared, Tunnel};
 use crate::frames::{self, FrameType, HEADER_SIZE};
@@ -327,6 +328,24 @@ async fn nothing_but_hello_is_taken_before_it() {
     assert_eq!(super::lock(&shared.pending).total, 0);
 }
 
+/// Open a stream; the credit lent beyond its base window (the WINDOW that follows the
+/// OPEN in the same write, or 0 when none does).
+type OpenStream = (Arc<Stream>, mpsc::UnboundedReceiver<Message>);
+
+async fn open_and_lent(
+    agent: &mut Agent,
+    session: &Session,
+    tunnel: &Arc<Tunnel>,
+) -> (OpenStream, u32) {
+    let opened = session.open_stream(tunnel, "peer").unwrap();
+    agent.expect(FrameType::Open).await;
+    if agent.buf.first() != Some(&(FrameType::Window as u8)) {
+        return (opened, 0);
+    }
+    let (_, grant) = agent.expect(FrameType::Window).await;
+    (opened, u32::from_be_bytes(grant.try_into().unwrap()))
+}
+
 #[tokio::test]
 async fn credit_beyond_the_base_window_comes_from_the_budgets_and_goes_back() {
     let base = 4 * 1024;
@@ -338,17 +357,9 @@ async fn credit_beyond_the_base_window_comes_from_the_budgets_and_goes_back() {
     let mut lent = Vec::new();
     let mut streams = Vec::new();
     for _ in 0..3 {
-        let (stream, rx) = session.open_stream(&tunnel, "peer").unwrap();
-        agent.expect(FrameType::Open).await;
-        streams.push((stream, rx));
-        // the extra credit follows the OPEN in the same write, or not at all
-        let follows = agent.buf.first() == Some(&(FrameType::Window as u8));
-        lent.push(if follows {
-            let (_, grant) = agent.expect(FrameType::Window).await;
-            u32::from_be_bytes(grant.try_into().unwrap())
-        } else {
-            0
-        });
+        let (stream, extra) = open_and_lent(&mut agent, &session, &tunnel).await;
+        streams.push(stream);
+        lent.push(extra);
     }
     assert_eq!(lent, [extra, 20 * 1024 - extra, 0]);
     assert_eq!(shared.budget.left(), 100 * 1024 - 20 * 1024);
@@ -377,16 +388,9 @@ async fn a_tunnel_takes_at_most_its_share_and_leaves_the_rest_to_the_others() {
     let mut lent = Vec::new();
     let mut streams = Vec::new();
     for tunnel in [&stalled, &stalled, &other] {
-        let (stream, rx) = session.open_stream(tunnel, "peer").unwrap();
-        agent.expect(FrameType::Open).await;
-        streams.push((stream, rx));
-        let follows = agent.buf.first() == Some(&(FrameType::Window as u8));
-        lent.push(if follows {
-            let (_, grant) = agent.expect(FrameType::Window).await;
-            u32::from_be_bytes(grant.try_into().unwrap())
-        } else {
-            0
-        });
+        let (stream, extra) = open_and_lent(&mut agent, &session, tunnel).await;
+        streams.push(stream);
+        lent.push(extra);
     }
     assert_eq!(lent, [extra, 0, extra]);
     assert_eq!(shared.budget.left(), 100 * 1024 - 2 * i64::from(extra));
