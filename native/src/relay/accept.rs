@@ -38,9 +38,32 @@ pub fn reset(tcp: TcpStream) {
     drop(tcp);
 }
 
+/// A listener owned by its accept task, and a token that lives exactly as long: the port
+/// is free again once the token is gone (its weak handle no longer upgrades), which an
+/// aborted task's drop makes true a moment after `abort()` returns.
+pub struct Listening {
+    listener: TcpListener, // (dropped before the token: fields drop in this order)
+    _alive: Arc<()>,
+}
+
+impl Listening {
+    pub fn new(listener: TcpListener) -> (Self, std::sync::Weak<()>) {
+        let alive = Arc::new(());
+        let weak = Arc::downgrade(&alive);
+        (
+            Self {
+                listener,
+                _alive: alive,
+            },
+            weak,
+        )
+    }
+}
+
 /// The TLS port's accept loop; with `pinned`, a tunnel's own loopback TLS port (every
 /// connection is that tunnel's, whatever name it asks for: see [`handshake`]).
-pub async fn tls_port(shared: Arc<Shared>, listener: TcpListener, pinned: Option<Arc<Tunnel>>) {
+pub async fn tls_port(shared: Arc<Shared>, listening: Listening, pinned: Option<Arc<Tunnel>>) {
+    let listener = &listening.listener;
     loop {
         let (tcp, address) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -77,7 +100,8 @@ pub async fn tls_port(shared: Arc<Shared>, listener: TcpListener, pinned: Option
 }
 
 /// A raw TCP tunnel's accept loop.
-pub async fn tcp_port(shared: Arc<Shared>, listener: TcpListener, tunnel: Arc<Tunnel>) {
+pub async fn tcp_port(shared: Arc<Shared>, listening: Listening, tunnel: Arc<Tunnel>) {
+    let listener = &listening.listener;
     loop {
         let (tcp, address) = match listener.accept().await {
             Ok(accepted) => accepted,

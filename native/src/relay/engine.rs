@@ -9,9 +9,10 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio::runtime::Runtime;
 
+use super::accept::{self, Listening};
 use super::events::{Event, Events};
 use super::tls::{BadCertificate, Identities, Resolver};
-use super::{accept, lock, stats_tuple, Config, Route, Shared};
+use super::{lock, stats_tuple, Config, Route, Shared};
 
 /// The certificates the relay serves.
 pub enum Certificates<'a> {
@@ -92,9 +93,11 @@ impl Engine {
         let bound = listener.local_addr()?.port();
         let _entered = self.runtime().enter();
         let listener = TcpListener::from_std(listener)?;
-        let task = self
-            .runtime()
-            .spawn(accept::tls_port(self.shared.clone(), listener, None));
+        let task = self.runtime().spawn(accept::tls_port(
+            self.shared.clone(),
+            Listening::new(listener).0,
+            None,
+        ));
         lock(&self.shared.accepting).push(task.abort_handle());
         Ok(bound)
     }
@@ -123,11 +126,21 @@ impl Engine {
         tls: bool,
     ) -> io::Result<u16> {
         let mut last = io::Error::new(io::ErrorKind::AddrNotAvailable, "no port to try");
-        for &port in ports {
-            let bound: io::Result<Vec<_>> = hosts
+        let bind = |port: u16| -> io::Result<Vec<_>> {
+            hosts
                 .iter()
                 .map(|&host| accept::bind_listener(SocketAddr::new(host, port)))
-                .collect();
+                .collect()
+        };
+        for &port in ports {
+            let bound = bind(port).or_else(|error| {
+                // a tunnel's own listener that is closing (a resumed tunnel wants its port back)
+                if error.kind() == io::ErrorKind::AddrInUse && self.shared.wait_port_closed(port) {
+                    bind(port)
+                } else {
+                    Err(error)
+                }
+            });
             let listeners = match bound {
                 Ok(listeners) => listeners,
                 Err(error) => {
@@ -138,15 +151,16 @@ impl Engine {
             let tunnel = self.shared.tunnel_entry(tunnel_id);
             let _entered = self.runtime().enter();
             for listener in listeners {
-                let listener = TcpListener::from_std(listener)?;
+                let (listening, alive) = Listening::new(TcpListener::from_std(listener)?);
+                self.shared.port_listening(port, alive, &tunnel);
                 let task = if tls {
                     let pinned = Some(tunnel.clone());
                     self.runtime()
-                        .spawn(accept::tls_port(self.shared.clone(), listener, pinned))
+                        .spawn(accept::tls_port(self.shared.clone(), listening, pinned))
                 } else {
                     self.runtime().spawn(accept::tcp_port(
                         self.shared.clone(),
-                        listener,
+                        listening,
                         tunnel.clone(),
                     ))
                 };

@@ -24,7 +24,7 @@ mod tests;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -225,7 +225,16 @@ pub struct Shared {
     pub pending: Mutex<Pending>,
     /// The accept loops of the TLS port.
     pub accepting: Mutex<Vec<AbortHandle>>,
+    /// Tunnels' own ports: whether each listener still holds its port, and whose it is.
+    pub tunnel_ports: Mutex<HashMap<u16, PortHolder>>,
 }
+
+/// A tunnel listener's token (alive while it holds its port) and its tunnel.
+pub type PortHolder = (Weak<()>, Weak<Tunnel>);
+
+/// How long a resumed tunnel waits for the port its old listener is giving up (closing
+/// takes one turn of a runtime thread: microseconds, unless every thread is busy).
+const PORT_CLOSE_WAIT: Duration = Duration::from_millis(200);
 
 /// A poisoned lock means a task panicked while holding it; the data is still consistent
 /// for our uses (counters and maps updated in one step), so go on with it.
@@ -244,6 +253,34 @@ impl Shared {
             sessions: Mutex::new(HashMap::new()),
             pending: Mutex::new(Pending::default()),
             accepting: Mutex::new(Vec::new()),
+            tunnel_ports: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// `tunnel`'s listener holds `port` while `alive` upgrades.
+    pub fn port_listening(&self, port: u16, alive: Weak<()>, tunnel: &Arc<Tunnel>) {
+        let mut ports = lock(&self.tunnel_ports);
+        ports.retain(|_, (alive, _)| alive.strong_count() > 0);
+        ports.insert(port, (alive, Arc::downgrade(tunnel)));
+    }
+
+    /// Wait (briefly, blocking) while `port` is held by a listener of a removed tunnel; true
+    /// once it is let go, false when a live tunnel holds it or it takes too long.
+    pub fn wait_port_closed(&self, port: u16) -> bool {
+        let deadline = std::time::Instant::now() + PORT_CLOSE_WAIT;
+        loop {
+            let held = lock(&self.tunnel_ports)
+                .get(&port)
+                .and_then(|(alive, tunnel)| {
+                    let closing = tunnel.upgrade().is_none_or(|t| *t.closed.borrow());
+                    (alive.strong_count() > 0).then_some(closing)
+                });
+            match held {
+                None => return true,
+                Some(false) => return false,
+                Some(true) if std::time::Instant::now() >= deadline => return false,
+                Some(true) => std::thread::sleep(Duration::from_micros(200)),
+            }
         }
     }
 

@@ -47,14 +47,8 @@ logger = logging.getLogger("burrow.relay")
 #: Dev leaves made ahead of their routes and kept until used (the ready-id pool holds a few).
 MAX_PREPARED_LEAVES = 64
 
-#: How long a raw TCP port stays "being released" after its tunnel's route goes: the engine
-#: closes a listener on one of its threads, a moment after ``remove_route`` returns, and a
-#: resumed tunnel asking for that same port waits for it this long before taking another.
-RELEASE_WAIT = 0.5
-
 #: The names a tunnel's loopback TLS port answers to (its certificate's).
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
-RELEASE_POLL = 0.005
 
 
 def data_threads() -> int:
@@ -78,8 +72,6 @@ class NativePlane:
         self._ports: list[int] = []
         self._watched: socket.socket | None = None
         self._tunnels: set[str] = set()  # ids with a listener or a route in the engine
-        self._tcp_ports: dict[str, list[int]] = {}  # tunnel id -> its own ports (raw TCP, loopback TLS)
-        self._released: dict[int, float] = {}  # port -> when its listener was told to close
         self._leaves: OrderedDict[str, bytes] = OrderedDict()
         self._hellos: dict[str, HelloMessage] = {}  # session id -> its HELLO, until welcomed or gone
         self._open: set[str] = set()
@@ -208,7 +200,6 @@ class NativePlane:
             return
         engine.close(encode_code(FrameType.GOAWAY, 0, ErrorCode.SHUTDOWN, "relay shutting down"))
         self._tunnels.clear()
-        self._tcp_ports.clear()
         if self._watched is not None:
             try:
                 asyncio.get_running_loop().remove_reader(self._watched.fileno())
@@ -295,44 +286,26 @@ class NativePlane:
         return await self._listen(tunnel_id, ports, tls=True)
 
     async def _listen(self, tunnel_id: str, ports: Sequence[int], tls: bool) -> int:
-        """A listener of the tunnel's own, raw TCP or TLS (``https://localhost:PORT``), on the first free port."""
+        """A listener of the tunnel's own, raw TCP or TLS (``https://localhost:PORT``), on the first free port.
+
+        (A resumed tunnel's port, still held by its old listener a moment after
+        ``remove_route``, is waited for by the engine, which knows when it is let go.)
+        """
+        assert self.engine is not None
+        if tunnel_id in self._tunnels and not tls:  # a rival bind for the same id got here first
+            raise OSError(errno.EADDRINUSE, f"tunnel {tunnel_id} already has a route or a listener")
         host = self.config.tcp_host or self.config.host
         hosts = [_address(host)]
         if self.config.also_ipv6 and host == "127.0.0.1" and socket.has_ipv6:
             # the address given is "localhost" (the domain): it must answer on ::1 too
             hosts.append("::1")
-        candidates = list(ports)
-        if candidates and self._releasing(candidates[0]):
-            # the port a resumed tunnel had, its listener still closing: wait for it a moment
-            deadline = self._released[candidates[0]] + RELEASE_WAIT
-            while True:
-                try:
-                    return self._bind(tunnel_id, hosts, candidates[:1], tls)
-                except OSError as exc:
-                    if exc.errno != errno.EADDRINUSE or asyncio.get_running_loop().time() >= deadline:
-                        break
-                await asyncio.sleep(RELEASE_POLL)
-        return self._bind(tunnel_id, hosts, candidates, tls)
-
-    def _bind(self, tunnel_id: str, hosts: list[str], ports: list[int], tls: bool) -> int:
-        assert self.engine is not None
-        if tunnel_id in self._tunnels and not tls:  # a rival bind for the same id got here first
-            raise OSError(errno.EADDRINUSE, f"tunnel {tunnel_id} already has a route or a listener")
         listen = self.engine.listen_tls if tls else self.engine.listen_tcp
         try:
-            port: int = listen(tunnel_id, hosts, ports)
+            port: int = listen(tunnel_id, hosts, list(ports))
         except ValueError as exc:
             raise OSError(errno.EINVAL, str(exc)) from None
         self._tunnels.add(tunnel_id)
-        self._tcp_ports.setdefault(tunnel_id, []).append(port)
         return port
-
-    def _releasing(self, port: int) -> bool:
-        """Whether ``port``'s listener was told to close a moment ago (older releases are forgotten)."""
-        now = asyncio.get_running_loop().time()
-        for old in [p for p, at in self._released.items() if now - at > RELEASE_WAIT]:
-            del self._released[old]
-        return port in self._released
 
     def add_route(self, route: Route) -> None:
         assert self.engine is not None
@@ -344,9 +317,6 @@ class NativePlane:
 
     def remove_route(self, tunnel_id: str) -> None:
         self._tunnels.discard(tunnel_id)
-        now = asyncio.get_running_loop().time()
-        for port in self._tcp_ports.pop(tunnel_id, ()):
-            self._released[port] = now
         if self.engine is not None:
             self.engine.remove_route(tunnel_id)
 
