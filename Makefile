@@ -13,7 +13,7 @@ $(BIN)/python:
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
 # the native crate: a change to it rebuilds the extension at the next make demo/test
-NATIVE := native/Cargo.toml $(wildcard native/Cargo.lock native/src/*.rs)
+NATIVE := native/Cargo.toml $(wildcard native/Cargo.lock) $(shell find native/src -name "*.rs")
 
 rust:
 	@command -v cargo >/dev/null || { echo "make: burrow's data plane is Rust: install a Rust toolchain" \

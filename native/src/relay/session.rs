@@ -761,20 +761,19 @@ impl Session {
 
     /// Accept the agent: WELCOME (encoded by Python) goes out; streams may open.
     pub fn welcome(&self, welcome: &[u8], peer_window: u32, send_payload: u32) {
-        let slot = {
-            let mut inner = lock(&self.inner);
-            if inner.state != State::HelloReceived {
-                return;
-            }
-            inner.state = State::Open;
-            inner.peer_window = peer_window;
-            inner.send_payload =
-                send_payload.clamp(frames::MIN_FRAME_PAYLOAD, frames::MAX_FRAME_PAYLOAD);
-            // under the lock that opens the session: no OPEN can go out before the WELCOME
-            self.queue_locked(0, |out| out.extend_from_slice(welcome));
-            inner.slot.take()
-        };
-        drop(slot);
+        let mut inner = lock(&self.inner);
+        if inner.state != State::HelloReceived {
+            return;
+        }
+        inner.state = State::Open;
+        inner.peer_window = peer_window;
+        inner.send_payload =
+            send_payload.clamp(frames::MIN_FRAME_PAYLOAD, frames::MAX_FRAME_PAYLOAD);
+        // the pending slot is free before the WELCOME can reach the agent (the writer
+        // runs on another thread): an agent that reads WELCOME may dial again at once
+        drop(inner.slot.take());
+        // under the lock that opens the session: no OPEN can go out before the WELCOME
+        self.queue_locked(0, |out| out.extend_from_slice(welcome));
     }
 
     /// End the session with a GOAWAY Python encoded; `message` is logged first.
