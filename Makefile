@@ -34,17 +34,22 @@ $(VENV)/.bench-installed: pyproject.toml $(NATIVE) | rust $(BIN)/python
 
 setup: $(VENV)/.test-installed
 
-# the end-to-end tests drive real curl and openssl clients, and testssl.sh scans the TLS edge; the bench (and its quick run in
-# the test suite) drives OpenSSH (sshd and ssh -R), HAProxy, iperf3 and wrk
-SYSTEM_PACKAGES := curl wget openssl openssh-server openssh-client haproxy iperf3 wrk testssl.sh socat
+# what the tests and the bench drive, as COMMAND:DEBIAN-PACKAGE: real clients (curl, wget, openssl, Chromium, h2load
+# with nghttpd, certutil), testssl.sh on the TLS edge, the trust stores `burrow trust` changes; the bench (and its quick
+# run in the test suite) drives OpenSSH (sshd and ssh -R), HAProxy, iperf3 and wrk
+SYSTEM_TOOLS := curl:curl wget:wget openssl:openssl ssh:openssh-client /usr/sbin/sshd:openssh-server \
+	/usr/sbin/haproxy:haproxy iperf3:iperf3 wrk:wrk testssl:testssl.sh socat:socat chromium:chromium \
+	h2load:nghttp2-client /usr/sbin/nghttpd:nghttp2-server certutil:libnss3-tools \
+	update-ca-certificates:ca-certificates
 system-deps:
-	@if ! command -v curl >/dev/null || ! command -v wget >/dev/null || ! command -v openssl >/dev/null || ! command -v ssh >/dev/null \
-			|| [ ! -x /usr/sbin/sshd ] || [ ! -x /usr/sbin/haproxy ] || ! command -v iperf3 >/dev/null \
-			|| ! command -v wrk >/dev/null || ! command -v testssl >/dev/null || ! command -v socat >/dev/null; then \
+	@missing=""; for pair in $(SYSTEM_TOOLS); do \
+		command -v "$${pair%%:*}" >/dev/null || missing="$$missing $${pair#*:}"; \
+	done; \
+	if [ -n "$$missing" ]; then \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-		echo "make: installing Debian packages the tests drive: $(SYSTEM_PACKAGES)$${SUDO:+ (with sudo)}"; \
+		echo "make: installing Debian packages the tests drive:$$missing$${SUDO:+ (with sudo)}"; \
 		$$SUDO apt-get update -qq && \
-		$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES); \
+		$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
 
 # the full benchmark (about 15 minutes): burrow against direct, ssh -R and HAProxy, see bench/README.md;

@@ -50,6 +50,7 @@ class DevCA:
         self.key = key
         self.path = path  # the CA certificate file
         self.cert_pem = cert.public_bytes(serialization.Encoding.PEM)
+        self.fingerprint = cert.fingerprint(hashes.SHA256()).hex()  # names its entries in trust stores
         # one key for every leaf: generating a key per tunnel would cost more than signing
         self._leaf_key = ec.generate_private_key(ec.SECP256R1())
         self.leaf_key_pem = self._leaf_key.private_bytes(

@@ -1,4 +1,4 @@
-"""The ``burrow`` command: ``relay``, ``forward PORT``, ``run --port PORT -- CMD`` and ``demo``."""
+"""The ``burrow`` command: ``relay``, ``forward PORT``, ``run --port PORT -- CMD``, ``trust`` and ``demo``."""
 
 from __future__ import annotations
 
@@ -177,6 +177,16 @@ def build_parser() -> argparse.ArgumentParser:
     _tunnel_options(run)
     run.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD ARGS", help="the command to run")
 
+    trust = commands.add_parser(
+        "trust",
+        help="trust the dev CA in the system store and the browsers' (undo with --remove)",
+        description="Add the dev CA (the embedded relay's and a dev relay's; made if missing) to the system "
+        "store (update-ca-certificates or update-ca-trust, through sudo unless root) and, where certutil "
+        "exists, to the NSS stores Chromium and Firefox read; say what changed. Run it as yourself, not "
+        "with sudo: the CA and the browser stores are your user's.",
+    )
+    trust.add_argument("--remove", action="store_true", help="take the dev CA out of every store it was put in")
+
     commands.add_parser(
         "demo",
         help="see it work: embedded relay, sample app, tunnel, one HTTPS request",
@@ -222,6 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "relay": run_relay,
         "forward": run_forward,
         "run": run_run,
+        "trust": run_trust,
         "demo": run_demo,
     }
     try:
@@ -536,6 +547,25 @@ def run_run(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------- demo
+
+
+def run_trust(args: argparse.Namespace) -> int:
+    """``burrow trust [--remove]``: the dev CA in (or out of) the stores tools and browsers read."""
+    from .certs import DevCA
+    from .paths import dev_ca_path
+    from .trust import CA, trust
+
+    if args.remove and not dev_ca_path().exists():
+        print(f"burrow trust: no dev CA at {dev_ca_path()}, nothing to remove", flush=True)
+        return 0
+    dev = DevCA.load_or_create()
+    if os.geteuid() == 0 and os.environ.get("SUDO_USER"):
+        print(f"burrow trust: note: this is root's dev CA; run it without sudo to trust {os.environ['SUDO_USER']}'s")
+    ca = CA(dev.path, dev.cert_pem, dev.fingerprint)
+    print(f"burrow trust: dev CA {ca.path} (SHA-256 {ca.fingerprint[:16]}...)", flush=True)
+    for line in trust(ca, remove=args.remove):
+        print(f"  {line}", flush=True)
+    return 0
 
 
 def run_demo(args: argparse.Namespace) -> int:

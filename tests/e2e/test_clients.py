@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import os
+import re
 import shutil
 import socket
 import ssl
@@ -27,6 +28,8 @@ import pytest
 
 import burrow
 from burrow.relay.config import RelayConfig
+
+from ..helpers import free_port
 
 pytestmark = pytest.mark.skipif(
     RelayConfig().engine != "native", reason="https://localhost:PORT is the native engine's (BURROW_ENGINE)"
@@ -105,10 +108,10 @@ def _aiohttp(url: str, cafile: str) -> bytes:
     return asyncio.run(get())
 
 
-def _program(argv: list[str]) -> bytes:
+def _program(argv: list[str], env: dict[str, str] | None = None) -> bytes:
     if shutil.which(argv[0]) is None:
         pytest.skip(f"{argv[0]} is not installed")
-    result = subprocess.run(argv, capture_output=True, timeout=30)
+    result = subprocess.run(argv, capture_output=True, timeout=30, env=env)
     assert result.returncode == 0, result.stderr.decode(errors="replace")
     return result.stdout
 
@@ -121,6 +124,36 @@ def _wget(url: str, cafile: str) -> bytes:
     return _program(["wget", "-q", "-O", "-", f"--ca-certificate={cafile}", url])
 
 
+def _chromium(url: str, cafile: str) -> bytes:
+    """Headless Chromium, trusting the CA through an NSS store of its own (as `burrow trust` makes one)."""
+    for program in ("chromium", "certutil"):
+        if shutil.which(program) is None:
+            pytest.skip(f"{program} is not installed")
+    home = Path(cafile).parent / "chromium-home"
+    nssdb = home / ".pki" / "nssdb"
+    if not nssdb.exists():
+        nssdb.mkdir(parents=True)
+        _program(["certutil", "-N", "-d", f"sql:{nssdb}", "--empty-password"])
+        _program(["certutil", "-A", "-d", f"sql:{nssdb}", "-t", "C,,", "-n", "burrow test CA", "-i", cafile])
+    dom = _program(
+        # --no-sandbox: the tests run as root; HOME: Chromium on Linux reads $HOME/.pki/nssdb
+        [
+            "chromium",
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            f"--user-data-dir={home / 'profile'}",
+            "--dump-dom",
+            url,
+        ],
+        env={**os.environ, "HOME": str(home)},
+    )
+    # a text/plain page arrives as <pre>BODY</pre>; a certificate error page would not carry it
+    found = re.search(rb"<pre[^>]*>(.*?)</pre>", dom, re.S)
+    assert found is not None, dom[:500]
+    return found.group(1)
+
+
 CLIENTS: dict[str, Callable[[str, str], bytes]] = {
     "urllib": _urllib,
     "http.client": _http_client,
@@ -129,6 +162,7 @@ CLIENTS: dict[str, Callable[[str, str], bytes]] = {
     "aiohttp": _aiohttp,
     "curl": _curl,
     "wget": _wget,
+    "chromium": _chromium,
 }
 
 
@@ -180,3 +214,33 @@ def _other_page(self: BaseHTTPRequestHandler) -> None:
     self.send_header("Content-Length", "14")
     self.end_headers()
     self.wfile.write(b"the other one\n")
+
+
+def test_h2load_drives_an_h2_tunnel(tmp_path: Path, cafile: str) -> None:
+    """h2load (nghttp2) negotiates h2 through the tunnel and gets every byte of every response."""
+    for program in ("h2load", "nghttpd"):
+        if shutil.which(program) is None:
+            pytest.skip(f"{program} is not installed")
+    (tmp_path / "page.txt").write_bytes(BODY)
+    port = free_port()
+    # nghttpd without TLS speaks h2 with prior knowledge: the tunnel's TLS carries ALPN h2 to the client
+    server = subprocess.Popen(
+        ["nghttpd", "--no-tls", "-a", "127.0.0.1", "-d", str(tmp_path), str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        with burrow.forward(port, h2=True) as tunnel:
+            requests = 200
+            report = _program(["h2load", "-n", str(requests), "-c", "4", "-m", "10", f"{tunnel.url}/page.txt"])
+            assert b"Application protocol: h2\n" in report
+            assert f"{requests} succeeded, 0 failed".encode() in report and f"{requests} 2xx".encode() in report
+            assert f"({requests * len(BODY)}) data".encode() in report  # every body, whole
+            # and the bytes themselves, with curl speaking h2 through the same tunnel
+            out = _program(
+                ["curl", "-sS", "--http2", "--cacert", cafile, "-w", "%{http_version}", f"{tunnel.url}/page.txt"]
+            )
+            assert out == BODY + b"2"
+    finally:
+        server.terminate()
+        server.wait(10)
