@@ -24,12 +24,15 @@ from dataclasses import dataclass
 from typing import cast
 
 from .errors import RemoteProtocolError
+from .logs import LogLimiter
 from .protocol import events as ev
 from .protocol.buffer import MAX_READ, ReceiveBuffer
 from .protocol.frames import ErrorCode
 from .protocol.session import Role, SessionProtocol, SessionState
 
 logger = logging.getLogger(__name__)
+#: a peer may break the protocol as often as it can connect: those lines are rate-limited
+_protocol_errors = LogLimiter(logger)
 
 #: Silence after which the link is declared dead (no FIN or RST needed). Each
 #: side PINGs every quarter of it, so a dead link is noticed within 1.25x: 10 s.
@@ -371,7 +374,9 @@ class SessionConnection(asyncio.BufferedProtocol):
         except RemoteProtocolError as exc:
             # the session is CLOSED: what came before the error in this read no longer
             # matters (connection_lost resets every stream); send GOAWAY and hang up
-            logger.warning("session %s: protocol error from peer: %s", self.name, exc)
+            _protocol_errors.log(
+                "protocol", logging.WARNING, "session %s: protocol error from peer: %s", self.name, exc
+            )
             self.proto.events_received()
             self.flush()
             # the streams end now, not when the link's TLS close is done (up to

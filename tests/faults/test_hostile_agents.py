@@ -6,20 +6,24 @@ a prompt ending, whatever engine carries the bytes.
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import logging
 import socket
 import ssl
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from burrow import connection
+from burrow.logs import LOG_LINES_PER_SECOND
 from burrow.protocol.frames import HEADER, PING_PAYLOAD, FrameType, encode, encode_json
-from burrow.relay import Relay
+from burrow.relay import Relay, RelayConfig, agent_connection, native_plane
 from burrow.relay.tls import AGENT_ALPN
 
-from ..helpers import free_port
+from ..helpers import free_port, on_runtime
 from .conftest import RelayProcess
 
 PER_SOURCE = 10
@@ -35,8 +39,8 @@ def _agent(port: int, ca: Path, source: str = "127.0.0.1") -> ssl.SSLSocket:
     return context.wrap_socket(sock, server_hostname="localhost")
 
 
-def _hello(agent: str = "test") -> bytes:
-    return encode_json(FrameType.HELLO, {"versions": [1], "token": "", "window": 1 << 20, "agent": agent})
+def _hello(agent: str = "test", token: str = "") -> bytes:
+    return encode_json(FrameType.HELLO, {"versions": [1], "token": token, "window": 1 << 20, "agent": agent})
 
 
 def _frames(sock: ssl.SSLSocket, want: FrameType, timeout: float) -> list[tuple[int, int, bytes]]:
@@ -152,25 +156,135 @@ def test_an_agent_that_never_reads_is_cut_off(
     assert any("peer reads nothing" in r.getMessage() for r in caplog.records)
 
 
-def test_an_agent_cannot_forge_log_lines_with_its_name(fast_relay: Relay, ca_file: Path) -> None:
-    # (a handler of our own on the relay's logger: whatever earlier tests did to logging)
+@contextlib.contextmanager
+def _logged(*names: str) -> Iterator[list[str]]:
+    """The lines the relay's loggers emit meanwhile, at INFO and above.
+
+    (A handler of our own: caplog lost records when the whole faults directory ran,
+    whatever earlier tests did to logging.)
+    """
     lines: list[str] = []
     handler = logging.Handler(logging.INFO)
     handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
-    relay_logger = logging.getLogger("burrow.relay")
-    level, disabled = relay_logger.level, relay_logger.disabled
-    relay_logger.addHandler(handler)
-    relay_logger.setLevel(logging.INFO)
-    relay_logger.disabled = False
-    forged = "x\r\n2026-12-05 INFO burrow.relay: tunnel abc opened\x1b[2J"
+    saved = []
+    for name in names or ("burrow.relay", "burrow.connection"):
+        log = logging.getLogger(name)
+        saved.append((log, log.level, log.disabled))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.disabled = False
     try:
-        with _agent(fast_relay.port, ca_file) as sock:
-            sock.sendall(_hello(forged))
-            assert [kind for kind, _, _ in _frames(sock, FrameType.WELCOME, 5)] == [FrameType.WELCOME]
+        yield lines
     finally:
-        relay_logger.removeHandler(handler)
-        relay_logger.setLevel(level)
-        relay_logger.disabled = disabled
+        for log, level, disabled in saved:
+            log.removeHandler(handler)
+            log.setLevel(level)
+            log.disabled = disabled
+
+
+def test_an_agent_cannot_forge_log_lines_with_its_name(fast_relay: Relay, ca_file: Path) -> None:
+    forged = "x\r\n2026-12-05 INFO burrow.relay: tunnel abc opened\x1b[2J"
+    with _logged() as lines, _agent(fast_relay.port, ca_file) as sock:
+        sock.sendall(_hello(forged))
+        assert [kind for kind, _, _ in _frames(sock, FrameType.WELCOME, 5)] == [FrameType.WELCOME]
     (line,) = [line for line in lines if "opened by agent" in line]
     assert not any(c in line for c in "\r\n\x1b"), line
     assert "\\r\\n2026-12-05 INFO" in line and "\\x1b[2J" in line
+
+
+# ---------------------------------------------------------------- refusals cannot flood the log
+
+FLOOD = 120  # attempts per refusal path: several times the lines a second may log
+
+
+def _until_closed(sock: ssl.SSLSocket) -> None:
+    sock.settimeout(10)
+    try:
+        while sock.recv(65536):
+            pass
+    except OSError:
+        pass
+    sock.close()
+
+
+def _wrong_token(port: int, ca: Path, source: str) -> None:
+    sock = _agent(port, ca, source)
+    sock.sendall(encode_json(FrameType.HELLO, {"versions": [1], "token": "wrong", "window": 1 << 20, "agent": "t"}))
+    _until_closed(sock)
+
+
+def _no_alpn(port: int, ca: Path, source: str) -> None:
+    context = ssl.create_default_context(cafile=str(ca))
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0))
+    _until_closed(context.wrap_socket(sock, server_hostname="localhost"))
+
+
+def _garbage_frame(port: int, ca: Path, source: str) -> None:
+    sock = _agent(port, ca, source)
+    sock.sendall(_hello("t", token="right") + HEADER.pack(99, 0, 0, 0))  # an unknown frame type
+    _until_closed(sock)
+
+
+def _bad_bind(port: int, ca: Path, source: str) -> None:
+    sock = _agent(port, ca, source)
+    sock.sendall(_hello("t", token="right") + encode(FrameType.BIND, 0, b"{not json"))
+    _until_closed(sock)
+
+
+def _no_hello(port: int, ca: Path, source: str) -> None:
+    _until_closed(_agent(port, ca, source))  # TLS, then silence until the relay gives up
+
+
+REFUSALS: dict[str, tuple[Callable[[int, Path, str], None], str]] = {
+    "wrong token": (_wrong_token, "wrong token"),
+    "no ALPN": (_no_alpn, "without ALPN burrow/1"),
+    "garbage frame": (_garbage_frame, "protocol error from peer"),
+    "bad BIND": (_bad_bind, "protocol error from peer"),
+    "no HELLO": (_no_hello, "no HELLO within"),
+}
+
+
+def _accounted(lines: list[str], marker: str) -> tuple[int, int]:
+    """How many refusals were logged, and how many the summary lines say were left out."""
+    logged = sum(marker in line for line in lines)
+    left_out = sum(
+        int(line.split()[0])
+        for line, following in zip(lines, lines[1:], strict=False)
+        if line.endswith("more like the next line in the last second") and marker in following
+    )
+    return logged, left_out
+
+
+@pytest.mark.parametrize("refusal", sorted(REFUSALS))
+def test_a_flood_of_refusals_logs_a_bounded_number_of_lines(
+    refusal: str, ca_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each refusal an unauthenticated (or broken) peer can cause is logged at most
+    LOG_LINES_PER_SECOND times a second; the rest are counted, and the count is logged."""
+    for module in (native_plane, agent_connection):
+        monkeypatch.setattr(module, "HELLO_TIMEOUT", 0.3)  # (read when the relay starts)
+    relay = on_runtime(Relay(RelayConfig(port=0, tokens=frozenset({"right"}))).start())
+    attempt, marker = REFUSALS[refusal]
+    try:
+        with _logged() as lines:
+            started = time.monotonic()
+            # in parallel, from 100 sources: the no-HELLO ones wait out the relay's patience together
+            with concurrent.futures.ThreadPoolExecutor(16) as pool:
+                sources = [f"127.0.3.{1 + n % 100}" for n in range(FLOOD)]
+                list(pool.map(lambda source: attempt(relay.port, ca_file, source), sources))
+            elapsed = time.monotonic() - started
+            time.sleep(1.1)  # a new second: the next refusal first says how many were left out
+            attempt(relay.port, ca_file, "127.0.3.200")
+            deadline = time.monotonic() + 5  # (the relay logs from its own loop)
+            while time.monotonic() < deadline and sum(_accounted(lines, marker)) < FLOOD + 1:
+                time.sleep(0.05)
+    finally:
+
+        async def close() -> None:
+            relay.close()
+
+        on_runtime(close())
+    logged, left_out = _accounted(lines, marker)
+    assert logged + left_out == FLOOD + 1, (logged, left_out)  # each one logged or counted
+    assert logged <= LOG_LINES_PER_SECOND * (int(elapsed) + 2), (logged, elapsed)
+    assert left_out, "nothing was left out: the flood was not one"

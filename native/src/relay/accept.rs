@@ -194,7 +194,7 @@ async fn handshake(
             Some(tunnel) if tunnel.route().is_some() => Some(Target::Tunnel(tunnel)),
             _ => {
                 shared.log(
-                    "",
+                    "host",
                     DEBUG,
                     format!("TLS handshake for unknown host {name:?}"),
                 );

@@ -82,7 +82,7 @@ pub async fn serve<S: PublicIo>(shared: Arc<Shared>, tunnel: Arc<Tunnel>, io: S,
             .and_then(|r| shared.session(&r.session))
             .map(|s| s.state());
         shared.log(
-            "",
+            "dropped",
             super::events::DEBUG,
             format!(
                 "dropped {peer}: tunnel {} has no open session {route:?} {state:?}",
@@ -116,7 +116,7 @@ pub async fn serve<S: PublicIo>(shared: Arc<Shared>, tunnel: Arc<Tunnel>, io: S,
     }
     let Some((stream, rx)) = session.open_stream(&tunnel, &peer) else {
         shared.log(
-            "",
+            "dropped",
             super::events::DEBUG,
             format!("dropped {peer}: session {} takes no stream", session.id),
         );

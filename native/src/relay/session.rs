@@ -606,7 +606,7 @@ impl Session {
                     reason
                 };
                 self.shared.log(
-                    "",
+                    "goodbye",
                     INFO,
                     format!(
                         "session {}: agent said goodbye ({})",
@@ -654,7 +654,7 @@ impl Session {
                         hello_checked = true;
                         if lock(&self.inner).state == State::Handshake {
                             let waited = self.shared.config.hello_timeout.as_secs_f64();
-                            self.shared.log("", INFO, format!("refused agent {}: no HELLO within {waited:.0} s", self.peer));
+                            self.shared.log("hello", INFO, format!("refused agent {}: no HELLO within {waited:.0} s", self.peer));
                             self.queue(|out| code_frame(FrameType::GoAway, 0, code::TIMEOUT, "no HELLO in time", out));
                             return End::NoHello;
                         }
@@ -720,7 +720,7 @@ impl Session {
             }
             End::Failed(error) => {
                 self.shared.log(
-                    "",
+                    "link",
                     INFO,
                     format!("session {}: link failed: {error}", self.id),
                 );

@@ -13,11 +13,11 @@ from typing import Any
 
 from ..connection import SessionConnection, StreamEndpoint, TrafficStats
 from ..errors import AuthenticationFailed, RelayUnavailable, SessionClosed, TunnelRefused
+from ..logs import LogLimiter
 from ..protocol import events as ev
 from ..protocol.frames import ErrorCode, code_name
 from ..protocol.messages import TunnelAddress
 from ..protocol.session import Role, SessionProtocol, SessionState
-from ..relay.limits import LogLimiter
 from ..relay.tls import EARLY_ALPN
 from ..tunnel import TunnelState
 from .config import AgentSettings

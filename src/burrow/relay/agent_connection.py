@@ -8,6 +8,7 @@ import secrets
 from collections.abc import Callable
 
 from ..connection import SessionConnection
+from ..logs import LogLimiter
 from ..protocol import events as ev
 from ..protocol.frames import ErrorCode, code_name
 from ..protocol.session import Role, SessionProtocol, SessionState
@@ -15,6 +16,8 @@ from .config import HELLO_TIMEOUT, RelayConfig
 from .plane import BindRequest, ControlPlane, Hello
 
 logger = logging.getLogger("burrow.relay")
+#: a peer may connect and stay silent, or say goodbye, as often as it likes: those lines are rate-limited
+_refusals = LogLimiter(logger)
 
 #: Bytes of randomness in a session id (8 hex digits: a name for logs, not a secret).
 SESSION_ID_BYTES = 4
@@ -53,7 +56,7 @@ class AgentConnection(SessionConnection):
 
     def _hello_timeout(self) -> None:
         if self.proto.state is SessionState.HANDSHAKE:
-            logger.info("refused agent %s: no HELLO within %.0f s", self.peer, HELLO_TIMEOUT)
+            _refusals.log("hello", logging.INFO, "refused agent %s: no HELLO within %.0f s", self.peer, HELLO_TIMEOUT)
             self.close(ErrorCode.TIMEOUT, "no HELLO in time")
 
     def handle_event(self, event: ev.Event) -> None:
@@ -69,7 +72,14 @@ class AgentConnection(SessionConnection):
         elif isinstance(event, ev.UnbindRequested):
             self.control.unbind(self.name, event.tunnel_id)
         elif isinstance(event, ev.GoAwayReceived):
-            logger.info("session %s: agent said goodbye (%s)", self.name, event.reason or code_name(event.code))
+            # (a peer may say goodbye before its HELLO, as often as it connects)
+            _refusals.log(
+                "goodbye",
+                logging.INFO,
+                "session %s: agent said goodbye (%s)",
+                self.name,
+                event.reason or code_name(event.code),
+            )
             if self.transport is not None:
                 self.transport.close()
 

@@ -22,6 +22,7 @@ import random
 from collections.abc import Coroutine
 from typing import Any
 
+from ..logs import LogLimiter
 from ..protocol.frames import ErrorCode
 from ..protocol.messages import BindFailure, TunnelAddress
 from .config import TCP_PORT_ATTEMPTS, RelayConfig
@@ -54,6 +55,8 @@ class RelayControl:
         self.descriptors = descriptors
         self.registry = TunnelRegistry()
         self.token_fps: dict[str, str] = {}  # session id -> its token's fingerprint, once welcomed
+        # an unauthenticated peer can make us refuse it as often as it likes: those lines are rate-limited
+        self.refusals = LogLimiter(logger)
         self._tokens = [t.encode() for t in config.tokens]
         self._tasks: set[asyncio.Task[None]] = set()
         self._plane: DataPlane | None = None
@@ -107,7 +110,7 @@ class RelayControl:
 
     def hello(self, hello: Hello) -> None:
         if not self.token_ok(hello.token):
-            logger.warning("refused agent %s: wrong token", hello.peer)
+            self.refusals.log("token", logging.WARNING, "refused agent %s: wrong token", hello.peer)
             self.plane.reject(hello.session_id, ErrorCode.AUTH_FAILED, "the relay rejected the token")
             return
         self.token_fps[hello.session_id] = token_fingerprint(hello.token)

@@ -32,13 +32,14 @@ from typing import Any, cast
 
 from ..connection import LINGER_RESET, StreamEndpoint, TrafficStats
 from ..errors import ConfigurationError
+from ..logs import LogLimiter
 from ..protocol.frames import ErrorCode
 from ..protocol.messages import BindFailure, TunnelAddress
 from ..protocol.session import SessionState
 from .agent_connection import AgentConnection
 from .config import RelayConfig
 from .descriptors import Descriptors
-from .limits import LogLimiter, PendingHandshakes
+from .limits import PendingHandshakes
 from .plane import Census, ControlPlane, Route
 from .tls import AGENT_ALPN, AGENT_ALPNS, CertificateStore
 

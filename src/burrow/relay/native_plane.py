@@ -31,12 +31,12 @@ from typing import TYPE_CHECKING, Any
 from .._native import RelayEngine
 from ..connection import TrafficStats
 from ..errors import ConfigurationError, RemoteProtocolError
+from ..logs import LogLimiter
 from ..protocol.frames import ErrorCode, Frame, FrameType, encode_code, encode_json
 from ..protocol.messages import BindFailure, TunnelAddress
 from ..protocol.session import MIN_WINDOW, HelloMessage, decode_bind, decode_hello, decode_unbind
 from .config import BASE_WINDOW, HELLO_TIMEOUT, RelayConfig
 from .descriptors import CONNECTION_RESERVE, Descriptors
-from .limits import LogLimiter
 from .plane import BindRequest, Census, ControlPlane, Hello, Route
 
 if TYPE_CHECKING:
@@ -130,9 +130,7 @@ class NativePlane:
             agent_leaf = self.ca.issue(config.domain).cert_pem
             # tunnels' own loopback ports: one leaf for every name a client may dial them by
             loopback = self.ca.issue(*LOOPBACK_NAMES).cert_pem if config.loopback_urls else None
-            return RelayEngine(
-                dev_key=self.ca.leaf_key_pem, agent_leaf=agent_leaf, loopback_leaf=loopback, **settings
-            )
+            return RelayEngine(dev_key=self.ca.leaf_key_pem, agent_leaf=agent_leaf, loopback_leaf=loopback, **settings)
         except OSError as exc:
             reason = (exc.strerror or str(exc)).lower()
             raise ConfigurationError(
@@ -261,7 +259,7 @@ class NativePlane:
 
     def _protocol_error(self, session_id: str, exc: RemoteProtocolError) -> None:
         assert self.engine is not None
-        logger.warning("session %s: protocol error from peer: %s", session_id, exc)
+        self.refusals.log("protocol", logging.WARNING, "session %s: protocol error from peer: %s", session_id, exc)
         self.engine.close_session(session_id, encode_code(FrameType.GOAWAY, 0, exc.code, str(exc)))
 
     # ------------------------------------------------------------------ routes
