@@ -9,6 +9,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
 use crate::frames::{self, OwnedFrame};
+use crate::relay::access::Network;
 use crate::relay::engine::{Certificates, Engine};
 use crate::relay::events::Event;
 use crate::relay::{Config, Route};
@@ -300,7 +301,8 @@ impl RelayEngine {
             .map_err(os_error)
     }
 
-    #[pyo3(signature = (tunnel_id, host, session_id, h2, leaf=None))]
+    #[pyo3(signature = (tunnel_id, host, session_id, h2, leaf=None, allow=Vec::new(), proxy=0))]
+    #[allow(clippy::too_many_arguments)]
     fn add_route(
         &self,
         tunnel_id: &str,
@@ -308,11 +310,25 @@ impl RelayEngine {
         session_id: String,
         h2: bool,
         leaf: Option<Vec<u8>>,
+        allow: Vec<String>,
+        proxy: u8,
     ) -> PyResult<()> {
+        if proxy > 2 {
+            return Err(PyValueError::new_err(format!(
+                "PROXY protocol version {proxy} (1 or 2)"
+            )));
+        }
+        let allow = allow
+            .iter()
+            .map(|text| Network::parse(text))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(PyValueError::new_err)?;
         let route = Route {
             host,
             session: session_id,
             h2,
+            allow: allow.into(),
+            proxy,
         };
         self.engine
             .add_route(tunnel_id, route, leaf.as_deref())

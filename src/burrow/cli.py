@@ -24,6 +24,7 @@ from .agent.runtime import new_event_loop
 from .agent.target import LocalTarget
 from .connection import TrafficStats
 from .errors import BurrowError, ConfigurationError, RelayUnavailable
+from .protocol.messages import networks
 from .relay.config import DEFAULT_TCP_PORTS, DEV_DOMAIN, DEV_PORT, ENGINES, RelayConfig
 from .tunnel import TunnelState
 
@@ -211,6 +212,20 @@ def _tunnel_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--unencrypted", action="store_true", help="also give a raw TCP address on a random port")
     parser.add_argument("--h2", action="store_true", help="negotiate HTTP/2 (ALPN h2) on the TLS address")
+    parser.add_argument(
+        "--allow",
+        action="append",
+        metavar="CIDR",
+        help="let only clients from this network in (repeat, or comma-separate: 203.0.113.0/24,2001:db8::/32); "
+        "the relay refuses others before TLS",
+    )
+    parser.add_argument(
+        "--proxy-protocol",
+        type=int,
+        choices=(1, 2),
+        help="put a PROXY protocol header (version 1: text, 2: binary) before each connection's bytes, "
+        "so the service learns the client's address",
+    )
     parser.add_argument("--relay", metavar="HOST:PORT", help="the relay (default: BURROW_RELAY, else embedded)")
     parser.add_argument(
         "--token-file", type=Path, help="file holding the token (default: BURROW_TOKEN, BURROW_TOKEN_FILE)"
@@ -385,6 +400,16 @@ def _opened(args: argparse.Namespace, wait: Callable[[float], None] = time.sleep
         forward.close()
 
 
+def _allow(given: list[str] | None) -> list[str] | None:
+    """``--allow`` (repeated, comma-separated) as networks; errors name the flag."""
+    if not given:
+        return None
+    try:
+        return list(networks(cidr for text in given for cidr in text.split(",") if cidr.strip()))
+    except ValueError as exc:
+        raise ConfigurationError(f"--allow: {exc}") from None
+
+
 def _open_forward(args: argparse.Namespace) -> Forward:
     if not args.relay_timeout >= 0:
         raise ConfigurationError(f"--relay-timeout {args.relay_timeout:g} is not 0 or more seconds")
@@ -395,6 +420,8 @@ def _open_forward(args: argparse.Namespace) -> Forward:
         relay=RelayAddress.parse(args.relay, "--relay") if args.relay is not None else None,
         ca=args.ca,
         connect_timeout=args.connect_timeout,
+        allow_cidrs=_allow(args.allow),
+        proxy_protocol=args.proxy_protocol,
     )
     if args.token_file:
         token = read_token_file(args.token_file, "--token-file")

@@ -19,7 +19,7 @@ from burrow.protocol.frames import (
     encode_code,
     encode_json,
 )
-from burrow.protocol.messages import MAX_TEXT_LENGTH, BindFailure, TunnelAddress
+from burrow.protocol.messages import MAX_TEXT_LENGTH, Access, BindFailure, TunnelAddress
 from burrow.protocol.session import (
     DEFAULT_WINDOW,
     MIN_WINDOW,
@@ -248,6 +248,37 @@ def test_bind_bound(pair: Pair) -> None:
     pair.relay.bound(7, address)
     [bound] = pair.send(pair.relay)
     assert bound == ev.Bound(7, address)
+
+
+def test_bind_carries_the_owners_access_rules(pair: Pair) -> None:
+    access = Access(("203.0.113.0/24", "2001:db8::/32"), 2)
+    pair.agent.bind(3, 8000, access=access)
+    [request] = pair.send(pair.agent)
+    assert isinstance(request, ev.BindRequested) and request.access == access
+    pair.agent.bind(4, 8000)  # none asked: none sent, anyone allowed
+    [request] = pair.send(pair.agent)
+    assert isinstance(request, ev.BindRequested) and request.access == Access()
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"allow": "10.0.0.0/8"},
+        {"allow": [8]},
+        {"allow": ["10.0.0.0/33"]},
+        {"allow": ["example.com"]},
+        {"allow": [f"10.0.{n}.0/24" for n in range(65)]},
+        {"proxy": 3},
+        {"proxy": True},
+        {"proxy": "1"},
+    ],
+)
+def test_a_bind_with_malformed_access_rules_is_a_protocol_error(pair: Pair, change: dict[str, object]) -> None:
+    message = {"request": 1, "port": 80, "unencrypted": False, "h2": False, **change}
+    pair.agent._out.append(encode_json(FrameType.BIND, message))
+    with pytest.raises(RemoteProtocolError) as info:
+        pair.send(pair.agent)
+    assert info.value.code == ErrorCode.PROTOCOL_ERROR
 
 
 GOOD_BOUND = {"request": 1, "id": "abc", "host": "abc.example.test", "port": 443, "ticket": "t.t"}

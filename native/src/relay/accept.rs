@@ -120,11 +120,29 @@ pub async fn tcp_port(shared: Arc<Shared>, listening: Listening, tunnel: Arc<Tun
             );
             continue;
         }
+        if !tunnel.allows(address.ip()) {
+            refuse_outsider(&shared, &tunnel, tcp, address);
+            continue;
+        }
         let _ = tcp.set_nodelay(true);
         public::limit_unsent(&tcp);
         let peer = format_address(address);
         tokio::spawn(public::serve(shared.clone(), tunnel.clone(), tcp, peer));
     }
+}
+
+/// A client from outside the tunnel's allowed networks: reset, and say so (rate-limited).
+fn refuse_outsider(shared: &Shared, tunnel: &Tunnel, tcp: TcpStream, address: SocketAddr) {
+    reset(tcp);
+    shared.log(
+        "outsider",
+        INFO,
+        format!(
+            "refused {}: not in tunnel {}'s allowed networks",
+            format_address(address),
+            tunnel.id
+        ),
+    );
 }
 
 /// Who a ClientHello is for.
@@ -207,7 +225,11 @@ async fn handshake(
         send_alert(tcp, UNRECOGNIZED_NAME).await;
         return;
     };
-    if matches!(target, Target::Tunnel(_)) {
+    if let Target::Tunnel(tunnel) = &target {
+        if !tunnel.allows(address.ip()) {
+            // before any TLS work: an outsider learns nothing, not even the certificate
+            return refuse_outsider(&shared, tunnel, tcp, address);
+        }
         public::limit_unsent(&tcp);
     }
     let replay = Rewind {

@@ -12,6 +12,7 @@
 //! - [`public`]: one public connection, pumped to and from its stream.
 
 pub mod accept;
+pub mod access;
 pub mod engine;
 pub mod events;
 pub mod public;
@@ -73,6 +74,10 @@ pub struct Route {
     pub host: String,
     pub session: String,
     pub h2: bool,
+    /// The networks clients may come from (empty: anyone).
+    pub allow: Arc<[access::Network]>,
+    /// 0, or the PROXY protocol version whose header goes before a connection's bytes.
+    pub proxy: u8,
 }
 
 /// What the data plane holds for one tunnel.
@@ -102,6 +107,14 @@ impl Tunnel {
 
     pub fn route(&self) -> Option<Route> {
         lock(&self.route).clone()
+    }
+
+    /// True when a client at `ip` may connect by the route's allowlist (no route: the
+    /// connection is let through, to be dropped for want of a session like any other).
+    pub fn allows(&self, ip: std::net::IpAddr) -> bool {
+        lock(&self.route)
+            .as_ref()
+            .is_none_or(|route| access::allowed(&route.allow, ip))
     }
 
     fn stop_listening(&self) {

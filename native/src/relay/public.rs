@@ -18,7 +18,7 @@ use tokio_rustls::server::TlsStream;
 use super::accept::Rewind;
 use super::events::WARNING;
 use super::session::{code, Message, Session, State, Stream};
-use super::{Shared, Tunnel};
+use super::{access, Shared, Tunnel};
 
 /// A first read of an idle connection takes this much; busy ones grow to [`MAX_READ`].
 const FIRST_READ: usize = 4096;
@@ -124,9 +124,18 @@ pub async fn serve<S: PublicIo>(shared: Arc<Shared>, tunnel: Arc<Tunnel>, io: S,
     };
     tunnel.stats.open.fetch_add(1, Ordering::Relaxed);
     tunnel.stats.total.fetch_add(1, Ordering::Relaxed);
+    // the PROXY protocol header, when the owner asked for one: the first bytes the service reads
+    let header = tunnel
+        .route()
+        .filter(|route| route.proxy != 0)
+        .and_then(|route| {
+            let socket = io.socket();
+            let (client, relay) = (socket.peer_addr().ok()?, socket.local_addr().ok()?);
+            Some(access::proxy_header(route.proxy, client, relay))
+        });
     let (mut reader, mut writer) = tokio::io::split(io);
     let ending = {
-        let up = up(&session, &stream, &tunnel, &mut reader);
+        let up = up(&session, &stream, &tunnel, &mut reader, header);
         let down = down(&session, &stream, &tunnel, &mut writer, rx);
         tokio::pin!(up, down);
         let (mut up_done, mut down_done) = (false, false);
@@ -181,9 +190,22 @@ async fn up<S: PublicIo>(
     stream: &Stream,
     tunnel: &Tunnel,
     reader: &mut ReadHalf<S>,
+    header: Option<Vec<u8>>,
 ) -> Result<(), ()> {
     let mut buf = vec![0u8; FIRST_READ];
     let most = session.send_payload();
+    let mut header = header.unwrap_or_default();
+    while !header.is_empty() {
+        // (within the stream's credit like any byte: an agent may have announced a tiny window)
+        let credit = stream.wait_credit().await;
+        if credit == 0 {
+            return std::future::pending().await;
+        }
+        session.wait_room().await;
+        let part: Vec<u8> = header.drain(..credit.min(most).min(header.len())).collect();
+        stream.take_credit(part.len());
+        session.send_data(stream, &part);
+    }
     loop {
         let credit = stream.wait_credit().await;
         if credit == 0 {

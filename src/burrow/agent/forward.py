@@ -7,12 +7,12 @@ import concurrent.futures
 import math
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from types import TracebackType
 
 from ..connection import TrafficStats
 from ..errors import BurrowError, ConfigurationError, TunnelClosed
-from ..protocol.messages import TunnelAddress
+from ..protocol.messages import PROXY_PROTOCOL_VERSIONS, Access, TunnelAddress, networks
 from ..tunnel import Tunnel, TunnelState
 from .config import AgentSettings, RelayAddress
 from .link import RelayLink
@@ -41,6 +41,20 @@ def _check_h2(h2: bool, h2_enabled: bool | None) -> bool:
     return bool(h2_enabled)
 
 
+def _check_access(allow_cidrs: Iterable[str] | None, proxy_protocol: int | None) -> Access:
+    if isinstance(allow_cidrs, str):  # a lone "10.0.0.0/8" would otherwise be read character by character
+        allow_cidrs = [allow_cidrs]
+    try:
+        allow = networks(allow_cidrs or ())
+    except ValueError as exc:
+        raise ConfigurationError(f"allow_cidrs: {exc}") from None
+    if allow_cidrs is not None and not allow:
+        raise ConfigurationError("allow_cidrs=[] would refuse everyone; leave it out to allow anyone")
+    if proxy_protocol not in (None, 0, *PROXY_PROTOCOL_VERSIONS):
+        raise ConfigurationError(f"proxy_protocol={proxy_protocol!r}: give 1 (text header) or 2 (binary header)")
+    return Access(allow, proxy_protocol or 0)
+
+
 class Forward:
     """A tunnel to a local port: a context manager (``with`` or ``async with``).
 
@@ -62,6 +76,8 @@ class Forward:
         ca: str | os.PathLike[str] | None = None,
         on_state: Callable[[TunnelState], None] | None = None,
         connect_timeout: float = LOCAL_CONNECT_TIMEOUT,
+        allow_cidrs: Iterable[str] | None = None,
+        proxy_protocol: int | None = None,
     ) -> None:
         self.target = LocalTarget.parse(port)
         self.port = self.target.port  # (0 for a unix socket)
@@ -75,8 +91,14 @@ class Forward:
         self.unencrypted = bool(unencrypted)
         self.h2 = bool(h2)
         self.settings = AgentSettings.resolve(relay, token, ca)
+        self.access = _check_access(allow_cidrs, proxy_protocol)
         self._tunnel = AgentTunnel(
-            self.target, self.unencrypted, self.h2, on_state=on_state, connect_timeout=self.connect_timeout
+            self.target,
+            self.unencrypted,
+            self.h2,
+            access=self.access,
+            on_state=on_state,
+            connect_timeout=self.connect_timeout,
         )
         self._link: RelayLink | None = None
         self._opened = False
@@ -210,6 +232,8 @@ def forward(
     ca: str | os.PathLike[str] | None = None,
     on_state: Callable[[TunnelState], None] | None = None,
     connect_timeout: float = LOCAL_CONNECT_TIMEOUT,
+    allow_cidrs: Iterable[str] | None = None,
+    proxy_protocol: int | None = None,
 ) -> Forward:
     """Expose local TCP ``port`` to the Internet through a relay.
 
@@ -227,6 +251,12 @@ def forward(
     waits up to ``connect_timeout`` seconds (default 10) for the service, its
     bytes kept and delivered first; after that it is closed.
 
+    ``allow_cidrs=["203.0.113.0/24", "2001:db8::/32"]`` lets only clients
+    from those networks in (the relay refuses others before any TLS work).
+    ``proxy_protocol=1`` or ``2`` has the relay put a PROXY protocol header of
+    that version before each connection's bytes, so the service learns the
+    client's address (nginx: ``listen ... proxy_protocol``).
+
     If the link to the relay drops, burrow reconnects by itself and the
     tunnel comes back with the same URL; ``on_state`` (called on burrow's
     thread) and ``Forward.state`` report RECONNECTING, then OPEN again.
@@ -241,4 +271,6 @@ def forward(
         ca=ca,
         on_state=on_state,
         connect_timeout=connect_timeout,
+        allow_cidrs=allow_cidrs,
+        proxy_protocol=proxy_protocol,
     )

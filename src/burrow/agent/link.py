@@ -75,7 +75,7 @@ class RelayLink:
     async def open(self, tunnel: AgentTunnel) -> None:
         """Open ``tunnel`` at the relay; it is then kept open across reconnects until :meth:`close`."""
         session = await self.current_session()
-        tunnel.address = await session.bind(tunnel.local_port, tunnel.unencrypted, tunnel.h2)
+        tunnel.address = await session.bind(tunnel.local_port, tunnel.unencrypted, tunnel.h2, access=tunnel.access)
         session.tunnels[tunnel.id] = tunnel
         self.tunnels.append(tunnel)
         tunnel.set_state(TunnelState.OPEN)
@@ -168,13 +168,13 @@ class RelayLink:
     async def _resume(self, session: AgentSession, tunnel: AgentTunnel) -> None:
         old_id, old_url = tunnel.id, _url(tunnel.address)
         try:
-            address = await session.bind(tunnel.local_port, tunnel.unencrypted, tunnel.h2, tunnel.ticket)
+            address = await session.bind(tunnel.local_port, tunnel.unencrypted, tunnel.h2, tunnel.ticket, tunnel.access)
         except TunnelRefused as exc:
             if exc.code is not BindFailure.BAD_TICKET:
                 raise
             # the relay cannot honour the ticket (its key changed): a new URL beats none
             logger.warning("burrow: tunnel %s cannot keep its URL (%s); opening a new one", old_id, exc)
-            address = await session.bind(tunnel.local_port, tunnel.unencrypted, tunnel.h2)
+            address = await session.bind(tunnel.local_port, tunnel.unencrypted, tunnel.h2, access=tunnel.access)
         if tunnel not in self.tunnels:  # closed by its owner meanwhile
             await session.unbind(address.id)
             return

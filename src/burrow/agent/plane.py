@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Protocol
 
+from ..protocol.messages import ANYONE, Access
+
 if TYPE_CHECKING:
     from ..protocol.messages import TunnelAddress
     from .relay_connection import AgentTunnel
@@ -29,7 +31,9 @@ class AgentSession(Protocol):
     def usable(self) -> bool:
         """Requests may go out (open, or early requests allowed before WELCOME)."""
 
-    async def bind(self, port: int, unencrypted: bool, h2: bool, ticket: str | None = None) -> TunnelAddress:
+    async def bind(
+        self, port: int, unencrypted: bool, h2: bool, ticket: str | None = None, access: Access = ANYONE
+    ) -> TunnelAddress:
         """Open a tunnel to local ``port`` (resuming one with ``ticket``); TunnelRefused if refused."""
 
     async def unbind(self, tunnel_id: str) -> None:

@@ -16,7 +16,7 @@ from ..errors import AuthenticationFailed, RelayUnavailable, SessionClosed, Tunn
 from ..logs import LogLimiter
 from ..protocol import events as ev
 from ..protocol.frames import ErrorCode, code_name
-from ..protocol.messages import TunnelAddress
+from ..protocol.messages import ANYONE, Access, BindFailure, TunnelAddress
 from ..protocol.session import Role, SessionProtocol, SessionState
 from ..relay.tls import EARLY_ALPN
 from ..tunnel import TunnelState
@@ -62,6 +62,7 @@ class AgentTunnel:
     unencrypted: bool
     h2: bool
     address: TunnelAddress | None = None  # the latest BOUND: id, addresses, ticket
+    access: Access = ANYONE  # who may connect, and whether the service gets PROXY headers
     connect_timeout: float = LOCAL_CONNECT_TIMEOUT  # how long a connection waits for the service
     stats: TrafficStats = field(default_factory=TrafficStats)
     state: TunnelState = TunnelState.OPENING
@@ -263,17 +264,19 @@ class RelayConnection(SessionConnection):
 
     # ------------------------------------------------------------------ tunnels
 
-    async def bind(self, port: int, unencrypted: bool, h2: bool, ticket: str | None = None) -> TunnelAddress:
+    async def bind(
+        self, port: int, unencrypted: bool, h2: bool, ticket: str | None = None, access: Access = ANYONE
+    ) -> TunnelAddress:
         """Ask the relay for a tunnel to local ``port`` (resuming with ``ticket``); return its address."""
         self._check_open()
         request_id = next(self._ids)
         future: asyncio.Future[TunnelAddress] = asyncio.get_running_loop().create_future()
         self._requests[request_id] = future
-        self.proto.bind(request_id, port, unencrypted=unencrypted, h2=h2, ticket=ticket)
+        self.proto.bind(request_id, port, unencrypted=unencrypted, h2=h2, ticket=ticket, access=access)
         self.flush()
         try:
             async with asyncio.timeout(REQUEST_TIMEOUT):
-                return await future
+                address = await future
         except TimeoutError:
             raise RelayUnavailable(f"relay {self.name} did not answer within {REQUEST_TIMEOUT:.0f} s") from None
         except SessionClosed:
@@ -283,6 +286,15 @@ class RelayConnection(SessionConnection):
             raise
         finally:
             self._requests.pop(request_id, None)
+        if address.access != access:
+            # a relay that does not enforce what was asked (an older one ignores the fields): never
+            # leave such a tunnel open, it would let in everyone the owner meant to keep out
+            await self.unbind(address.id)
+            raise TunnelRefused(
+                f"relay {self.name} does not enforce allow_cidrs or proxy_protocol (an older burrow); upgrade it",
+                BindFailure.UNSUPPORTED,
+            )
+        return address
 
     async def unbind(self, tunnel_id: str) -> None:
         """Close a tunnel at the relay and wait (boundedly) for it to confirm."""

@@ -154,7 +154,7 @@ class Runtime:
             self._embedded_starting.set_result(relay)
             logger.warning(
                 "burrow: no BURROW_RELAY set: tunnels go through a relay inside this process, on loopback\n"
-                "burrow: trust its CA to open the URLs: curl --cacert %s (or add it to your system/browser store)\n"
+                "burrow: trust its CA to open the URLs: curl --cacert %s (or once for all: burrow trust)\n"
                 "burrow: for a public relay, set BURROW_RELAY=host:port and BURROW_TOKEN",
                 relay.ca_path,
             )

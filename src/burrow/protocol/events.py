@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from .messages import ANYONE, Access
+
 if TYPE_CHECKING:
     from .messages import BindFailure, TunnelAddress
 
@@ -37,6 +39,7 @@ class BindRequested:
     unencrypted: bool
     h2: bool
     ticket: str | None = field(default=None, repr=False)  # resume this tunnel (burrow.relay.tickets)
+    access: Access = ANYONE  # who may connect, and what the service learns of them
 
 
 @dataclass(frozen=True, slots=True)

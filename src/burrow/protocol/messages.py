@@ -11,6 +11,8 @@ control plane and the data plane (``burrow.relay.plane``).
 from __future__ import annotations
 
 import enum
+import ipaddress
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +27,11 @@ MAX_HOST_LENGTH = 253
 MAX_TICKET_LENGTH = 2048
 #: Free text a peer sends (reasons, messages, the agent's name) is cut here.
 MAX_TEXT_LENGTH = 200
+#: Networks in one tunnel's allowlist: offices and VPNs are a handful; each connection is checked
+#: against every entry, so the list stays short.
+MAX_ALLOWED_NETWORKS = 64
+#: PROXY protocol versions a relay can put in front of a connection's bytes.
+PROXY_PROTOCOL_VERSIONS = (1, 2)
 
 
 class BindFailure(enum.Enum):
@@ -37,6 +44,7 @@ class BindFailure(enum.Enum):
     LIMIT = "limit"  # a per-token limit is reached
     NO_TCP_PORT = "no-tcp-port"  # no free port in the relay's raw TCP range
     NO_RESOURCES = "no-resources"  # the relay is short of file descriptors
+    UNSUPPORTED = "unsupported"  # the relay cannot do what the BIND asks (e.g. its engine lacks an option)
     OTHER = "other"  # a code this version does not know (a newer relay)
 
     @classmethod
@@ -85,6 +93,66 @@ def _host_ok(host: str) -> bool:
     return 0 < len(host) <= MAX_HOST_LENGTH and host.isascii() and all(c.isalnum() or c in ".-_:" for c in host)
 
 
+def networks(texts: Iterable[str]) -> tuple[str, ...]:
+    """Normalised CIDR networks (``"203.0.113.7"`` becomes ``"203.0.113.7/32"``); ValueError names a bad one."""
+    found = []
+    for text in texts:
+        try:
+            found.append(str(ipaddress.ip_network(text.strip(), strict=False)))
+        except (ValueError, TypeError, AttributeError):
+            raise ValueError(
+                f"{text!r} is not an IP network (e.g. 203.0.113.0/24, 2001:db8::/32 or 198.51.100.7)"
+            ) from None
+    if len(found) > MAX_ALLOWED_NETWORKS:
+        raise ValueError(f"{len(found)} networks; at most {MAX_ALLOWED_NETWORKS} (use wider prefixes)")
+    return tuple(dict.fromkeys(found))
+
+
+@dataclass(frozen=True, slots=True)
+class Access:
+    """What a tunnel's owner says about its public connections (BIND's ``allow`` and ``proxy``).
+
+    ``allow``: the networks clients may come from (empty: anyone); the relay
+    refuses others before any TLS work. ``proxy_protocol``: 1 or 2 puts a PROXY
+    protocol header of that version before a connection's bytes, so the
+    service learns the client's address; 0, none.
+    """
+
+    allow: tuple[str, ...] = ()
+    proxy_protocol: int = 0
+
+    def to_message(self) -> dict[str, Any]:
+        """BIND's fields for it (none when it asks for nothing)."""
+        message: dict[str, Any] = {}
+        if self.allow:
+            message["allow"] = list(self.allow)
+        if self.proxy_protocol:
+            message["proxy"] = self.proxy_protocol
+        return message
+
+    @classmethod
+    def from_message(cls, message: dict[str, Any], frame: FrameType = FrameType.BIND) -> Access:
+        """Read BIND's fields (or BOUND's echo of them); bad ones are a protocol error."""
+        allow = optional_of(message, "allow", list, frame) or []
+        proxy = optional_of(message, "proxy", int, frame) or 0
+        if proxy and proxy not in PROXY_PROTOCOL_VERSIONS:
+            raise RemoteProtocolError(
+                ErrorCode.PROTOCOL_ERROR, f"{frame.name} field 'proxy' is not one of {PROXY_PROTOCOL_VERSIONS}"
+            )
+        if len(allow) > MAX_ALLOWED_NETWORKS or not all(isinstance(text, str) for text in allow):
+            raise RemoteProtocolError(
+                ErrorCode.PROTOCOL_ERROR, f"{frame.name} field 'allow' is not a short list of networks"
+            )
+        try:
+            return cls(networks(allow), proxy)
+        except ValueError as exc:
+            raise RemoteProtocolError(ErrorCode.PROTOCOL_ERROR, f"{frame.name} field 'allow': {exc}") from None
+
+
+#: The default: anyone may connect, and the service gets the bytes alone.
+ANYONE = Access()
+
+
 @dataclass(frozen=True, slots=True)
 class TunnelAddress:
     """BOUND's payload: where the public Internet reaches a tunnel, and its resume ticket."""
@@ -95,6 +163,7 @@ class TunnelAddress:
     ticket: str | None = None
     unencrypted_host: str | None = None  # the raw TCP address, for unencrypted tunnels
     unencrypted_port: int | None = None
+    access: Access = ANYONE  # the access rules the relay enforces (an older relay echoes none)
 
     def to_message(self) -> dict[str, Any]:
         """The JSON object BOUND carries (without ``request``)."""
@@ -104,6 +173,7 @@ class TunnelAddress:
         if self.unencrypted_port is not None:
             message["unencrypted_host"] = self.unencrypted_host
             message["unencrypted_port"] = self.unencrypted_port
+        message.update(self.access.to_message())
         return message
 
     @classmethod
@@ -126,4 +196,5 @@ class TunnelAddress:
         ticket = optional_of(message, "ticket", str, frame)
         if ticket is not None and len(ticket) > MAX_TICKET_LENGTH:
             raise RemoteProtocolError(ErrorCode.PROTOCOL_ERROR, f"BOUND ticket is over {MAX_TICKET_LENGTH} characters")
-        return cls(tunnel_id, host, port_of(message, "port", frame), ticket, unencrypted_host, unencrypted_port)
+        access = Access.from_message(message, frame)
+        return cls(tunnel_id, host, port_of(message, "port", frame), ticket, unencrypted_host, unencrypted_port, access)

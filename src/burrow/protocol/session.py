@@ -46,9 +46,11 @@ from .frames import (
     fast_hash,
 )
 from .messages import (
+    ANYONE,
     MAX_ID_LENGTH,
     MAX_TEXT_LENGTH,
     MAX_TICKET_LENGTH,
+    Access,
     BindFailure,
     TunnelAddress,
     field_of,
@@ -322,7 +324,14 @@ class SessionProtocol:
     # ---------------------------------------------------------------- tunnels
 
     def bind(
-        self, request_id: int, port: int, *, unencrypted: bool = False, h2: bool = False, ticket: str | None = None
+        self,
+        request_id: int,
+        port: int,
+        *,
+        unencrypted: bool = False,
+        h2: bool = False,
+        ticket: str | None = None,
+        access: Access = ANYONE,
     ) -> None:
         """Agent: ask for a tunnel to local ``port`` (resuming one with ``ticket``); answered by Bound or BindFailed.
 
@@ -335,6 +344,7 @@ class SessionProtocol:
         message: dict[str, Any] = {"request": request_id, "port": port, "unencrypted": unencrypted, "h2": h2}
         if ticket is not None:
             message["ticket"] = ticket
+        message.update(access.to_message())
         self._out.append(encode_json(FrameType.BIND, message))
 
     def bound(self, request_id: int, tunnel: TunnelAddress) -> None:
@@ -740,7 +750,7 @@ def decode_bind(frame: Frame) -> ev.BindRequested:
     ticket = optional_of(message, "ticket", str, frame.type)
     if ticket is not None and len(ticket) > MAX_TICKET_LENGTH:
         raise RemoteProtocolError(ErrorCode.PROTOCOL_ERROR, f"BIND ticket is over {MAX_TICKET_LENGTH} characters")
-    return ev.BindRequested(request_id, port, unencrypted, h2, ticket)
+    return ev.BindRequested(request_id, port, unencrypted, h2, ticket, Access.from_message(message))
 
 
 def decode_unbind(frame: Frame) -> ev.UnbindRequested:

@@ -67,7 +67,9 @@ class AgentConnection(SessionConnection):
         elif isinstance(event, ev.BindRequested):
             if self.proto.state is not SessionState.CLOSED:  # (an early BIND behind a refused HELLO: dropped)
                 self.control.bind(
-                    BindRequest(self.name, event.request_id, event.port, event.unencrypted, event.h2, event.ticket)
+                    BindRequest(
+                        self.name, event.request_id, event.port, event.unencrypted, event.h2, event.ticket, event.access
+                    )
                 )
         elif isinstance(event, ev.UnbindRequested):
             self.control.unbind(self.name, event.tunnel_id)

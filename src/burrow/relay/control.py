@@ -24,7 +24,7 @@ from typing import Any
 
 from ..logs import LogLimiter
 from ..protocol.frames import ErrorCode
-from ..protocol.messages import BindFailure, TunnelAddress
+from ..protocol.messages import ANYONE, BindFailure, TunnelAddress
 from .config import TCP_PORT_ATTEMPTS, RelayConfig
 from .descriptors import Descriptors
 from .plane import BindRequest, DataPlane, Hello, Route
@@ -155,6 +155,11 @@ class RelayControl:
             raise BindRefused(BindFailure.SHUTTING_DOWN, "the relay is shutting down; try again shortly")
         if not 0 <= request.port <= 65535:  # (0: the agent forwards to a unix socket)
             raise BindRefused(BindFailure.BAD_PORT, f"port {request.port} is outside 0-65535")
+        if request.access != ANYONE and not self.plane.access_control:
+            raise BindRefused(
+                BindFailure.UNSUPPORTED,
+                "this relay's engine cannot do allow_cidrs or proxy_protocol; run the relay with --engine native",
+            )
         claims, holder = self._claims(request, token_fp)
         count = self.registry.count_for_token(token_fp) - (holder is not None and holder.token_fp == token_fp)
         if count >= self.config.max_tunnels_per_token:
@@ -215,7 +220,7 @@ class RelayControl:
         # nothing below may fail: a failure above gives the id back, and this one is now live
         ticket = self.tickets.issue(token_fp, Claims(tunnel_id, request.unencrypted, request.h2, tcp_port, tls_port))
         self.registry.add(record)
-        plane.add_route(Route(tunnel_id, host, request.session_id, request.h2, tcp_port))
+        plane.add_route(Route(tunnel_id, host, request.session_id, request.h2, tcp_port, request.access))
         logger.info(
             "tunnel %s %s by session %s: %s%s",
             tunnel_id,
@@ -228,9 +233,9 @@ class RelayControl:
         if tls_port is not None:  # https://localhost:PORT: every client resolves it
             public_host, public_port = LOOPBACK_HOST, tls_port
         if tcp_port is None:
-            return TunnelAddress(tunnel_id, public_host, public_port, ticket)
+            return TunnelAddress(tunnel_id, public_host, public_port, ticket, access=request.access)
         tcp_host = self.config.tcp_public_host or self.config.domain
-        return TunnelAddress(tunnel_id, public_host, public_port, ticket, tcp_host, tcp_port)
+        return TunnelAddress(tunnel_id, public_host, public_port, ticket, tcp_host, tcp_port, request.access)
 
     async def _loopback_port(self, tunnel_id: str, claims: Claims | None) -> int | None:
         """The tunnel's own loopback TLS port (the ticket's when resuming); None: its SNI URL serves."""

@@ -194,6 +194,10 @@ class AsyncioPlane:
         return self.certs is not None and self.certs.per_host
 
     @property
+    def access_control(self) -> bool:
+        return False  # (the native engine's: this engine is on its way out)
+
+    @property
     def ca_path(self) -> Path | None:
         return self.certs.ca_path if self.certs is not None else None
 

@@ -92,6 +92,10 @@ class NativePlane:
         return self.ca is not None
 
     @property
+    def access_control(self) -> bool:
+        return True
+
+    @property
     def ca_path(self) -> Path | None:
         return self.ca.path if self.ca is not None else None
 
@@ -250,7 +254,9 @@ class NativePlane:
         try:
             if frame.type is FrameType.BIND:
                 bind = decode_bind(frame)
-                request = BindRequest(session_id, bind.request_id, bind.port, bind.unencrypted, bind.h2, bind.ticket)
+                request = BindRequest(
+                    session_id, bind.request_id, bind.port, bind.unencrypted, bind.h2, bind.ticket, bind.access
+                )
                 self.control.bind(request)
             else:
                 self.control.unbind(session_id, decode_unbind(frame).tunnel_id)
@@ -310,7 +316,10 @@ class NativePlane:
         leaf = None
         if self.ca is not None:
             leaf = self._leaves.pop(route.host, None) or self._issue(route.host)
-        self.engine.add_route(route.tunnel_id, route.host, route.session_id, route.h2, leaf)
+        access = route.access
+        self.engine.add_route(
+            route.tunnel_id, route.host, route.session_id, route.h2, leaf, list(access.allow), access.proxy_protocol
+        )
         self._tunnels.add(route.tunnel_id)
 
     def remove_route(self, tunnel_id: str) -> None:

@@ -24,7 +24,7 @@ from typing import Protocol
 
 from ..connection import TrafficStats
 from ..protocol.frames import ErrorCode
-from ..protocol.messages import BindFailure, TunnelAddress
+from ..protocol.messages import ANYONE, Access, BindFailure, TunnelAddress
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +36,7 @@ class Route:
     session_id: str  # the agent session that carries the tunnel's streams
     h2: bool  # the TLS address offers ALPN h2
     tcp_port: int | None = None  # the raw TCP listener, opened before by DataPlane.listen_tcp
+    access: Access = ANYONE  # allowed networks, PROXY protocol header
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +59,7 @@ class BindRequest:
     unencrypted: bool
     h2: bool
     ticket: str | None
+    access: Access = ANYONE
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +97,10 @@ class DataPlane(Protocol):
     @property
     def per_host_certificates(self) -> bool:
         """True when each tunnel host needs a certificate of its own (dev CA)."""
+
+    @property
+    def access_control(self) -> bool:
+        """True when routes may carry an :class:`Access` (allowed networks, PROXY headers)."""
 
     @property
     def ca_path(self) -> Path | None:

@@ -1,0 +1,221 @@
+"""A tunnel's owner decides who may connect (``allow_cidrs``) and what the service learns of them
+(``proxy_protocol``), checked with real clients from several loopback addresses and a real nginx
+that speaks the PROXY protocol."""
+
+from __future__ import annotations
+
+import http.client
+import signal
+import socket
+import ssl
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+import burrow
+from burrow.agent.runtime import runtime
+from burrow.errors import ConfigurationError, TunnelRefused
+from burrow.protocol.messages import TunnelAddress
+from burrow.relay.config import RelayConfig
+
+from ..helpers import free_port
+
+NATIVE = RelayConfig().engine == "native"
+native_only = pytest.mark.skipif(not NATIVE, reason="allow_cidrs and proxy_protocol are the native engine's")
+
+BODY = b"inside\n"
+INSIDER, OUTSIDER = "127.0.0.2", "127.0.0.1"
+
+
+class _Page(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # noqa: N802
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(BODY)))
+        self.end_headers()
+        self.wfile.write(BODY)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def page() -> Iterator[int]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Page)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server.server_address[1]
+    server.shutdown()
+    server.server_close()
+
+
+def _https_get(port: int, ca: Path, source: str, server_name: str = "localhost") -> tuple[bytes, int]:
+    """GET / over TLS from ``source``; the body and the client's own port."""
+    context = ssl.create_default_context(cafile=str(ca))
+    with socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0)) as raw:
+        with context.wrap_socket(raw, server_hostname=server_name) as sock:
+            return _get(sock), sock.getsockname()[1]
+
+
+def _http_get(port: int, source: str) -> tuple[bytes, int]:
+    with socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0)) as sock:
+        return _get(sock), sock.getsockname()[1]
+
+
+def _get(sock: socket.socket) -> bytes:
+    sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    response = http.client.HTTPResponse(sock)  # type: ignore[arg-type]
+    response.begin()
+    assert response.status == 200
+    return response.read()
+
+
+def _answer_to_outsider(port: int, source: str, first: bytes) -> bytes:
+    """What a client at ``source`` gets back for ``first``: b"" when shut out (reset, even in connect, or closed)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0)) as sock:
+            sock.sendall(first)
+            return sock.recv(4096)
+    except (ConnectionResetError, BrokenPipeError):
+        return b""
+
+
+def _client_hello() -> bytes:
+    hello = ssl.create_default_context().wrap_bio(ssl.MemoryBIO(), outgoing := ssl.MemoryBIO(), False, "localhost")
+    with pytest.raises(ssl.SSLWantReadError):
+        hello.do_handshake()
+    return outgoing.read()
+
+
+@native_only
+def test_only_allowed_networks_reach_the_tls_address(page: int, ca_file: Path) -> None:
+    with burrow.forward(page, allow_cidrs=[f"{INSIDER}/32", "2001:db8::/32"]) as tunnel:
+        assert _https_get(tunnel.port, ca_file, INSIDER)[0] == BODY
+        # not even a ServerHello: no certificate shown
+        assert _answer_to_outsider(tunnel.port, OUTSIDER, _client_hello()) == b""
+        with pytest.raises(OSError):  # (a reset, in connect or in the handshake)
+            _https_get(tunnel.port, ca_file, OUTSIDER)
+        # the relay's shared TLS port routes by name: the same check, before the handshake
+        shared_port = runtime().embedded.port  # type: ignore[union-attr]
+        name = f"{tunnel.id}.localhost"
+        assert _https_get(shared_port, ca_file, INSIDER, name)[0] == BODY
+        with pytest.raises(OSError):  # (a reset, in connect or in the handshake)
+            _https_get(shared_port, ca_file, OUTSIDER, name)
+
+
+@native_only
+def test_only_allowed_networks_reach_the_raw_tcp_address(page: int) -> None:
+    with burrow.forward(page, unencrypted=True, allow_cidrs="127.0.0.0/30") as tunnel:  # .0-.3: INSIDER's
+        assert _http_get(tunnel.unencrypted_port or 0, INSIDER)[0] == BODY
+        assert _answer_to_outsider(tunnel.unencrypted_port or 0, "127.0.0.9", b"GET / HTTP/1.0\r\n\r\n") == b""
+
+
+@native_only
+def test_an_agent_closes_a_tunnel_whose_relay_does_not_say_it_enforces_the_rules(
+    page: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An older relay ignores BIND's allow and proxy: its BOUND does not echo them, and the agent gives up
+    the tunnel rather than leave it open to everyone."""
+    bound = TunnelAddress.to_message
+    monkeypatch.setattr(
+        TunnelAddress, "to_message", lambda self: {k: v for k, v in bound(self).items() if k not in ("allow", "proxy")}
+    )
+    forward = burrow.forward(page, allow_cidrs=[f"{INSIDER}/32"])
+    with pytest.raises(TunnelRefused, match="does not enforce allow_cidrs or proxy_protocol"):
+        forward.open()
+    assert runtime().embedded is not None
+    assert len(runtime().embedded.control.registry) == 0  # type: ignore[union-attr]
+
+
+def test_bad_access_options_are_one_line_errors() -> None:
+    for allow, said in (
+        (["10.0.0.0/33"], "'10.0.0.0/33' is not an IP network"),
+        (["example.com"], "'example.com' is not an IP network"),
+        ([], "would refuse everyone"),
+        ([f"10.{n // 256}.{n % 256}.0/24" for n in range(65)], "at most 64"),
+    ):
+        with pytest.raises(ConfigurationError, match=said):
+            burrow.forward(8000, allow_cidrs=allow)
+    with pytest.raises(ConfigurationError, match="give 1 .* or 2"):
+        burrow.forward(8000, proxy_protocol=3)
+
+
+@pytest.mark.skipif(NATIVE, reason="the asyncio engine's refusal")
+def test_a_relay_that_cannot_enforce_access_refuses_the_tunnel(page: int) -> None:
+    with pytest.raises(TunnelRefused, match="--engine native"):
+        with burrow.forward(page, allow_cidrs=["127.0.0.0/8"]):
+            pass
+
+
+# ------------------------------------------------------------------ PROXY protocol, with nginx
+
+
+@pytest.fixture(scope="module")
+def nginx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    """nginx on loopback, expecting a PROXY header (v1 or v2); it answers with the address the header names."""
+    if not (Path("/usr/sbin/nginx").exists()):
+        pytest.skip("nginx is not installed")
+    directory = tmp_path_factory.mktemp("nginx")
+    port = free_port()
+    (directory / "nginx.conf").write_text(
+        f"""daemon off;
+pid {directory}/nginx.pid;
+error_log {directory}/error.log;
+worker_processes 1;
+events {{ worker_connections 64; }}
+http {{
+    log_format proxied '$proxy_protocol_addr $proxy_protocol_port "$request"';
+    access_log {directory}/access.log proxied;
+    client_body_temp_path {directory};
+    proxy_temp_path {directory};
+    fastcgi_temp_path {directory};
+    uwsgi_temp_path {directory};
+    scgi_temp_path {directory};
+    server {{
+        listen 127.0.0.1:{port} proxy_protocol;
+        location / {{ return 200 "$proxy_protocol_addr $proxy_protocol_port\\n"; }}
+    }}
+}}
+"""
+    )
+    process = subprocess.Popen(
+        [
+            "/usr/sbin/nginx",
+            "-e",
+            str(directory / "error.log"),
+            "-p",
+            str(directory),
+            "-c",
+            str(directory / "nginx.conf"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert process.poll() is None and time.monotonic() < deadline, (directory / "error.log").read_text()
+                time.sleep(0.05)
+        yield port
+        log = (directory / "access.log").read_text()
+        assert "127.0.0.3 " in log  # nginx logged the address the header gave, as operators would see it
+    finally:
+        process.send_signal(signal.SIGQUIT)
+        process.wait(10)
+
+
+@native_only
+@pytest.mark.parametrize("version", [1, 2])
+def test_nginx_learns_the_client_address_from_the_proxy_header(version: int, nginx: int, ca_file: Path) -> None:
+    with burrow.forward(nginx, unencrypted=True, proxy_protocol=version) as tunnel:
+        body, client_port = _https_get(tunnel.port, ca_file, "127.0.0.3")
+        assert body == f"127.0.0.3 {client_port}\n".encode()
+        body, client_port = _http_get(tunnel.unencrypted_port or 0, "127.0.0.3")
+        assert body == f"127.0.0.3 {client_port}\n".encode()
