@@ -132,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("--max-streams-per-session", "max_streams_per_session", int),
         ("--max-streams-per-tunnel", "max_streams_per_tunnel", int),
         ("--max-tunnels-per-token", "max_tunnels_per_token", int),
+        ("--max-sessions-per-token", "max_sessions_per_token", int),
+        ("--max-sessions-per-source", "max_sessions_per_source", int),
     ):
         default = getattr(RelayConfig, field)
         unit = " s" if kind is float else ""
@@ -319,6 +321,8 @@ _LIMITS = (
     "max_streams_per_session",
     "max_streams_per_tunnel",
     "max_tunnels_per_token",
+    "max_sessions_per_token",
+    "max_sessions_per_source",
 )
 
 

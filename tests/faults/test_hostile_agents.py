@@ -19,7 +19,7 @@ import pytest
 
 from burrow import connection
 from burrow.logs import LOG_LINES_PER_SECOND
-from burrow.protocol.frames import HEADER, PING_PAYLOAD, FrameType, encode, encode_json
+from burrow.protocol.frames import HEADER, PING_PAYLOAD, ErrorCode, Frame, FrameType, decode_code, encode, encode_json
 from burrow.relay import Relay, RelayConfig, agent_connection, native_plane
 from burrow.relay.tls import AGENT_ALPN
 
@@ -288,3 +288,53 @@ def test_a_flood_of_refusals_logs_a_bounded_number_of_lines(
     assert logged + left_out == FLOOD + 1, (logged, left_out)  # each one logged or counted
     assert logged <= LOG_LINES_PER_SECOND * (int(elapsed) + 2), (logged, elapsed)
     assert left_out, "nothing was left out: the flood was not one"
+
+
+# ---------------------------------------------------------------- sessions per token and per source
+
+
+def _session(port: int, ca: Path, source: str) -> tuple[ssl.SSLSocket, int, str]:
+    """An agent session from ``source``: its socket and the relay's answer (WELCOME: code 0)."""
+    sock = _agent(port, ca, source)
+    sock.sendall(_hello())
+    for kind, stream_id, payload in _frames(sock, FrameType.WELCOME, 5):
+        if kind == FrameType.WELCOME:
+            return sock, 0, ""
+        if kind == FrameType.GOAWAY:
+            return (sock, *decode_code(Frame(FrameType.GOAWAY, stream_id, payload)))
+    raise AssertionError("neither WELCOME nor GOAWAY")
+
+
+def test_sessions_per_token_and_per_source_are_capped(ca_file: Path) -> None:
+    relay = on_runtime(Relay(RelayConfig(port=0, max_sessions_per_token=3, max_sessions_per_source=2)).start())
+    opened: list[ssl.SSLSocket] = []
+
+    def session(source: str) -> tuple[int, str]:
+        sock, code, reason = _session(relay.port, ca_file, source)
+        opened.append(sock)
+        return code, reason
+
+    try:
+        assert session("127.0.4.1") == session("127.0.4.1") == (0, "")
+        assert session("127.0.4.1") == (
+            ErrorCode.LIMIT,
+            "2 sessions come from 127.0.4.1 already (the limit); close some first",
+        )
+        assert session("127.0.4.2") == (0, "")  # the token's third
+        assert session("127.0.4.3") == (
+            ErrorCode.LIMIT,
+            "this token has 3 sessions at this relay (the limit); close some first",
+        )
+        opened.pop(0).close()  # one of 127.0.4.1's ends: the token has room again
+        deadline = time.monotonic() + 5
+        while (answer := session("127.0.4.3"))[0] == ErrorCode.LIMIT and time.monotonic() < deadline:
+            time.sleep(0.05)  # (until the relay has seen the close)
+        assert answer == (0, "")
+    finally:
+        for sock in opened:
+            sock.close()
+
+        async def close() -> None:
+            relay.close()
+
+        on_runtime(close())

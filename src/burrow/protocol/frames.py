@@ -124,6 +124,7 @@ class ErrorCode(enum.IntEnum):
     SHUTDOWN = 9  # session: the peer is going away on purpose
     TIMEOUT = 10  # session: the peer stopped answering heartbeats
     CANCELLED = 11  # stream: one end closed abruptly
+    LIMIT = 12  # session: a cap of the relay's is reached (sessions per token or per source)
 
 
 def code_name(code: int) -> str:

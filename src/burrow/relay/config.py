@@ -40,6 +40,11 @@ MAX_PENDING_PER_SOURCE = 128
 MAX_STREAMS_PER_SESSION = 20_000
 MAX_STREAMS_PER_TUNNEL = 10_000
 MAX_TUNNELS_PER_TOKEN = 20_000
+#: Agent sessions at once for one token, and from one address: a process needs one session, a fleet
+#: of containers sharing a token one each; a leaked token or a loop of reconnects cannot hold more.
+#: Generous per source because offices and carrier NAT share addresses.
+MAX_SESSIONS_PER_TOKEN = 1024
+MAX_SESSIONS_PER_SOURCE = 256
 
 #: The data plane: "native" (Rust, burrow._native) or "asyncio" (the pure-Python first implementation).
 ENGINES = ("native", "asyncio")
@@ -96,6 +101,8 @@ class RelayConfig:
     max_streams_per_session: int = MAX_STREAMS_PER_SESSION
     max_streams_per_tunnel: int = MAX_STREAMS_PER_TUNNEL
     max_tunnels_per_token: int = MAX_TUNNELS_PER_TOKEN
+    max_sessions_per_token: int = MAX_SESSIONS_PER_TOKEN
+    max_sessions_per_source: int = MAX_SESSIONS_PER_SOURCE
     shutdown_grace: float = SHUTDOWN_GRACE
     also_ipv6: bool = True  # dev: also listen on ::1 when host is 127.0.0.1
     #: give each tunnel a TLS port of its own on loopback, https://localhost:PORT (the embedded
@@ -162,6 +169,8 @@ class RelayConfig:
             "max streams per session": self.max_streams_per_session,
             "max streams per tunnel": self.max_streams_per_tunnel,
             "max tunnels per token": self.max_tunnels_per_token,
+            "max sessions per token": self.max_sessions_per_token,
+            "max sessions per source": self.max_sessions_per_source,
         }
         for name, value in limits.items():
             if value <= 0:

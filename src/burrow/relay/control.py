@@ -19,6 +19,7 @@ import asyncio
 import hmac
 import logging
 import random
+from collections import Counter
 from collections.abc import Coroutine
 from typing import Any
 
@@ -38,6 +39,18 @@ logger = logging.getLogger("burrow.relay")
 LOOPBACK_HOST = "localhost"
 
 
+def _source_of(peer: str) -> str:
+    """The address of ``peer`` ("203.0.113.5:4711" or "[2001:db8::5]:4711"), without its port."""
+    return peer.rpartition(":")[0].strip("[]") or peer
+
+
+def _release(counts: Counter[str], key: str) -> None:
+    """One less for ``key``; a key at zero is dropped, so the counter holds only live ones."""
+    counts[key] -= 1
+    if counts[key] <= 0:
+        del counts[key]
+
+
 class BindRefused(Exception):
     """A BIND cannot be honoured; ``code`` and the message go back to the agent."""
 
@@ -55,6 +68,9 @@ class RelayControl:
         self.descriptors = descriptors
         self.registry = TunnelRegistry()
         self.token_fps: dict[str, str] = {}  # session id -> its token's fingerprint, once welcomed
+        self._session_sources: dict[str, str] = {}  # session id -> its agent's address, once welcomed
+        self._token_sessions: Counter[str] = Counter()  # token fingerprint -> its welcomed sessions
+        self._source_sessions: Counter[str] = Counter()  # agent address -> its welcomed sessions
         # an unauthenticated peer can make us refuse it as often as it likes: those lines are rate-limited
         self.refusals = LogLimiter(logger)
         self._tokens = [t.encode() for t in config.tokens]
@@ -113,7 +129,20 @@ class RelayControl:
             self.refusals.log("token", logging.WARNING, "refused agent %s: wrong token", hello.peer)
             self.plane.reject(hello.session_id, ErrorCode.AUTH_FAILED, "the relay rejected the token")
             return
-        self.token_fps[hello.session_id] = token_fingerprint(hello.token)
+        token_fp, source = token_fingerprint(hello.token), _source_of(hello.peer)
+        refusal = None
+        if self._token_sessions[token_fp] >= self.config.max_sessions_per_token:
+            refusal = f"this token has {self.config.max_sessions_per_token} sessions at this relay (the limit)"
+        elif self._source_sessions[source] >= self.config.max_sessions_per_source:
+            refusal = f"{self.config.max_sessions_per_source} sessions come from {source} already (the limit)"
+        if refusal is not None:
+            self.refusals.log("sessions", logging.WARNING, "refused agent %s: %s", hello.peer, refusal)
+            self.plane.reject(hello.session_id, ErrorCode.LIMIT, f"{refusal}; close some first")
+            return
+        self.token_fps[hello.session_id] = token_fp
+        self._session_sources[hello.session_id] = source
+        self._token_sessions[token_fp] += 1
+        self._source_sessions[source] += 1
         self.plane.welcome(hello.session_id)
         # (the agent's name is the peer's text: %r escapes CR, LF and ESC, so it cannot forge log lines)
         logger.info("session %s opened by agent %s (%r)", hello.session_id, hello.peer, hello.agent)
@@ -121,7 +150,10 @@ class RelayControl:
     def session_closed(self, session_id: str) -> None:
         for record in self.registry.of_session(session_id):
             self.close_tunnel(record, "session ended", notify=False)
-        if self.token_fps.pop(session_id, None) is not None:
+        token_fp = self.token_fps.pop(session_id, None)
+        if token_fp is not None:
+            _release(self._token_sessions, token_fp)
+            _release(self._source_sessions, self._session_sources.pop(session_id))
             logger.info("session %s closed", session_id)
 
     def unbind(self, session_id: str, tunnel_id: str) -> None:
