@@ -63,7 +63,7 @@ demo: $(VENV)/.demo-installed
 	$(BIN)/burrow demo
 
 lint: $(VENV)/.test-installed
-	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff check src tests bench examples
 	$(BIN)/mypy
 	cd native && cargo fmt --check
 	cd native && PYO3_PYTHON=$(abspath $(BIN)/python) cargo clippy --quiet --all-targets --features python -- -D warnings

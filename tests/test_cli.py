@@ -254,3 +254,25 @@ def test_demo_runs_the_main_job() -> None:
     assert code == 0
     _no_traceback(err)
     assert "no BURROW_RELAY set" in err and "curl --cacert" in err  # the hint, once per process
+
+
+def test_forward_started_in_a_scripts_background_still_stops_on_sigint() -> None:
+    """A shell starts `burrow forward ... &` with SIGINT ignored; burrow takes it like Ctrl-C all the same."""
+    app = start_sample_app()
+    process = subprocess.Popen(
+        [*BURROW, "forward", str(app.port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),  # what `cmd &` does in sh
+    )
+    try:
+        assert process.stdout is not None and process.stdout.readline().startswith("https://")
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=20)
+        assert process.returncode == 0 and "burrow: tunnel closed" in err, err
+        _no_traceback(err)
+    finally:
+        process.kill()
+        process.wait(10)
+        app.stop()

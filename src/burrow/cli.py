@@ -443,7 +443,8 @@ def _stop_on_signals() -> None:
     def stop(signum: int, frame: object) -> None:
         raise _Stop(signal.Signals(signum).name)
 
-    for sig in (signal.SIGTERM, signal.SIGHUP):
+    # (SIGINT too: a shell starts `burrow forward ... &` with SIGINT ignored, and Python then keeps it so)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, stop)
 
 
