@@ -87,6 +87,15 @@ CASES: dict[str, Setup] = {
     "bad port range": lambda t: ([*RELAY, "--tcp-ports", "5-3"], {}),
     "exposed without token": lambda t: (["relay", "--listen", "0.0.0.0:0"], {}),
     "missing token file": lambda t: ([*RELAY, "--token-file", str(t / "none")], {}),
+    "missing token secret": lambda t: ([*RELAY, "--token-secret", str(t / "none")], {}),
+    "short token secret": lambda t: ([*RELAY, "--token-secret", str(_file(t / "s", b"short"))], {}),
+    "bad tenant name": lambda t: (["token", "create", "--tenant", "Acme Corp", "--secret", str(t / "s")], {}),
+    "bad token lifetime": lambda t: (["token", "create", "--tenant", "a", "--secret", str(t / "s"), "--ttl", "1y"], {}),
+    "zero tunnels for a tenant": lambda t: (
+        ["token", "create", "--tenant", "a", "--secret", str(t / "s"), "--max-tunnels", "0"],
+        {},
+    ),
+    "bad allowed network": lambda t: (["forward", "8000", "--allow", "10.0.0.0/40"], {}),
     "window too small": lambda t: ([*RELAY, "--window", "1k"], {}),
     "budget not a size": lambda t: ([*RELAY, "--session-budget", "2x"], {}),
     "zero handshake timeout": lambda t: ([*RELAY, "--handshake-timeout", "0"], {}),
@@ -130,5 +139,6 @@ def test_a_bad_setting_is_one_line_and_leaves_nothing(case: str, tmp_path: Path)
     lines = result.stderr.strip().splitlines()
     assert result.returncode != 0, result.stdout
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    assert lines[0].startswith(f"burrow {args[0]}: error: "), lines[0]
+    command = " ".join(args[:2]) if args[0] == "token" else args[0]  # (token's actions are commands of their own)
+    assert lines[0].startswith(f"burrow {command}: error: "), lines[0]
     assert list(temp.iterdir()) == [], "files left in TMPDIR"

@@ -301,7 +301,7 @@ impl RelayEngine {
             .map_err(os_error)
     }
 
-    #[pyo3(signature = (tunnel_id, host, session_id, h2, leaf=None, allow=Vec::new(), proxy=0))]
+    #[pyo3(signature = (tunnel_id, host, session_id, h2, leaf=None, allow=Vec::new(), proxy=0, quota=None))]
     #[allow(clippy::too_many_arguments)]
     fn add_route(
         &self,
@@ -312,6 +312,7 @@ impl RelayEngine {
         leaf: Option<Vec<u8>>,
         allow: Vec<String>,
         proxy: u8,
+        quota: Option<(String, i64)>,
     ) -> PyResult<()> {
         if proxy > 2 {
             return Err(PyValueError::new_err(format!(
@@ -329,6 +330,7 @@ impl RelayEngine {
             h2,
             allow: allow.into(),
             proxy,
+            quota: quota.map(|(key, max)| self.engine.quota(&key, max)),
         };
         self.engine
             .add_route(tunnel_id, route, leaf.as_deref())

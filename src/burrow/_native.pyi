@@ -59,6 +59,7 @@ class RelayEngine:
         leaf: bytes | None = None,
         allow: list[str] = ...,
         proxy: int = 0,
+        quota: tuple[str, int] | None = None,
     ) -> None: ...
     def remove_route(self, tunnel_id: str) -> None: ...
     @property

@@ -122,6 +122,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="key that signs resume tickets (default: ticket.key in burrow's data directory)",
     )
+    relay.add_argument(
+        "--token-secret",
+        type=Path,
+        metavar="FILE",
+        help="take tenant tokens signed with this secret (burrow token create; the same file on every relay)",
+    )
+    relay.add_argument(
+        "--revoked", type=Path, metavar="FILE", help="revoked tenant token ids, one a line; re-read when it changes"
+    )
     limits = relay.add_argument_group("deadlines and limits")
     for flag, field, kind in (
         ("--handshake-timeout", "handshake_timeout", float),
@@ -134,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("--max-tunnels-per-token", "max_tunnels_per_token", int),
         ("--max-sessions-per-token", "max_sessions_per_token", int),
         ("--max-sessions-per-source", "max_sessions_per_source", int),
+        ("--max-tunnels-per-minute", "max_tunnels_per_minute", int),
     ):
         default = getattr(RelayConfig, field)
         unit = " s" if kind is float else ""
@@ -179,6 +189,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _tunnel_options(run)
     run.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD ARGS", help="the command to run")
+
+    token = commands.add_parser(
+        "token",
+        help="make a signed tenant token (for relays run with --token-secret)",
+        description="Tenant tokens: any relay holding the signing secret checks them, with no database.",
+    )
+    token_commands = token.add_subparsers(dest="token_command", metavar="ACTION", parser_class=_Parser)
+    token_commands.required = True
+    create = token_commands.add_parser(
+        "create",
+        help="sign a token for a tenant and print it",
+        description="Print a token for TENANT on stdout (its id and expiry on stderr; revoke it by putting the "
+        "id in the relay's --revoked file). The secret file is made (mode 0600) if it does not exist yet.",
+    )
+    create.add_argument("--tenant", required=True, help="the tenant's name (a-z, 0-9, '.', '_', '-')")
+    create.add_argument(
+        "--secret", type=Path, required=True, metavar="FILE", help="the signing secret (the relays' --token-secret)"
+    )
+    create.add_argument(
+        "--ttl",
+        type=_duration,
+        default=30 * 86400,
+        metavar="DURATION",
+        help="valid for (30d, 12h, 90m, 0 = until revoked; default 30d)",
+    )
+    create.add_argument("--max-tunnels", type=int, metavar="N", help="tunnels the tenant may hold at one relay")
+    create.add_argument(
+        "--max-connections", type=int, metavar="N", help="public connections open at once across the tenant's tunnels"
+    )
 
     trust = commands.add_parser(
         "trust",
@@ -250,12 +289,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "forward": run_forward,
         "run": run_run,
         "trust": run_trust,
+        "token": run_token,
         "demo": run_demo,
     }
     try:
         return commands[args.command](args)
     except BurrowError as exc:
-        print(f"burrow {args.command}: error: {exc}", file=sys.stderr)
+        command = " ".join(filter(None, (args.command, getattr(args, "token_command", None))))
+        print(f"burrow {command}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
@@ -292,6 +333,8 @@ def run_relay(args: argparse.Namespace) -> int:
         tcp_ports=args.tcp_ports,
         tokens=frozenset(tokens),
         ticket_key=args.ticket_key,
+        token_secret=args.token_secret,
+        revoked=args.revoked,
         **{name: getattr(args, name) for name in _LIMITS},
     )
     if args.window is not None:
@@ -323,6 +366,7 @@ _LIMITS = (
     "max_tunnels_per_token",
     "max_sessions_per_token",
     "max_sessions_per_source",
+    "max_tunnels_per_minute",
 )
 
 
@@ -579,6 +623,38 @@ def run_run(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------- demo
+
+
+def run_token(args: argparse.Namespace) -> int:
+    """``burrow token create``: a signed tenant token on stdout."""
+    from .relay.tickets import load_or_create_key
+    from .relay.tokens import TokenSigner
+
+    for name in ("max_tunnels", "max_connections"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ConfigurationError(f"--{name.replace('_', '-')} {value} is not 1 or more")
+    made = not args.secret.exists()
+    signer = TokenSigner(load_or_create_key(args.secret, "token secret", "--secret"))
+    try:
+        token, tenant = signer.issue(args.tenant, args.ttl or None, args.max_tunnels, args.max_connections)
+    except ValueError as exc:
+        raise ConfigurationError(str(exc)) from None
+    if made:
+        note(f"burrow token: made the secret {args.secret} (mode 0600): give it to every relay as --token-secret")
+    expires = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(tenant.expires)) if tenant.expires else "never"
+    note(f"burrow token: tenant {tenant.name}, id {tenant.token_id}, expires {expires}")
+    say(token)
+    return 0
+
+
+def _duration(text: str) -> float:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    scale = units.get(text[-1:].lower(), 1)
+    digits = text[:-1] if text[-1:].lower() in units else text
+    if not digits.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration (e.g. 30d, 12h, 90m, 3600, 0)")
+    return float(int(digits) * scale)
 
 
 def run_trust(args: argparse.Namespace) -> int:

@@ -149,7 +149,9 @@ def test_many_threads_forward_at_once(service_loop: ServiceThread, ca_file: Path
 
 def test_wrong_token_is_refused_with_its_cause(token_relay: Relay, echo: EchoServer, ca_file: Path) -> None:
     relay = f"localhost:{token_relay.port}"
-    with pytest.raises(burrow.AuthenticationFailed, match="rejected the token from token=; check it") as info:
+    with pytest.raises(
+        burrow.AuthenticationFailed, match="rejected the token from token=: wrong token; check it"
+    ) as info:
         with burrow.forward(echo.port, relay=relay, token="wrong-token"):
             pass
     assert "wrong-token" not in str(info.value)
@@ -171,7 +173,9 @@ def test_token_from_environment_file(
     with burrow.forward(echo.port) as tunnel:
         assert tunnel.port == token_relay.port
     token_file.write_text("stale-token\n")
-    with pytest.raises(burrow.AuthenticationFailed, match=f"from BURROW_TOKEN_FILE \\({token_file}\\); check it"):
+    with pytest.raises(
+        burrow.AuthenticationFailed, match=f"from BURROW_TOKEN_FILE \\({token_file}\\): wrong token; check it"
+    ):
         with burrow.forward(echo.port):
             pass
 

@@ -21,49 +21,14 @@ from burrow import connection
 from burrow.logs import LOG_LINES_PER_SECOND
 from burrow.protocol.frames import HEADER, PING_PAYLOAD, ErrorCode, Frame, FrameType, decode_code, encode, encode_json
 from burrow.relay import Relay, RelayConfig, agent_connection, native_plane
-from burrow.relay.tls import AGENT_ALPN
 
 from ..helpers import free_port, on_runtime
+from ..raw_agent import agent_socket as _agent
+from ..raw_agent import hello as _hello
+from ..raw_agent import read_frames as _frames
 from .conftest import RelayProcess
 
 PER_SOURCE = 10
-
-
-def _agent(port: int, ca: Path, source: str = "127.0.0.1") -> ssl.SSLSocket:
-    context = ssl.create_default_context(cafile=str(ca))
-    context.set_alpn_protocols([AGENT_ALPN])
-    sock = socket.socket()
-    sock.bind((source, 0))
-    sock.settimeout(10)
-    sock.connect(("127.0.0.1", port))
-    return context.wrap_socket(sock, server_hostname="localhost")
-
-
-def _hello(agent: str = "test", token: str = "") -> bytes:
-    return encode_json(FrameType.HELLO, {"versions": [1], "token": token, "window": 1 << 20, "agent": agent})
-
-
-def _frames(sock: ssl.SSLSocket, want: FrameType, timeout: float) -> list[tuple[int, int, bytes]]:
-    """Read frames until one of type ``want`` has come (or the time is up)."""
-    sock.settimeout(timeout)
-    data = b""
-    frames: list[tuple[int, int, bytes]] = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and not any(kind == want for kind, _, _ in frames):
-        try:
-            chunk = sock.recv(65536)
-        except TimeoutError:
-            break
-        if not chunk:
-            break
-        data += chunk
-        while len(data) >= HEADER.size:
-            kind, _, stream_id, length = HEADER.unpack_from(data)
-            if len(data) < HEADER.size + length:
-                break
-            frames.append((kind, stream_id, data[HEADER.size : HEADER.size + length]))
-            data = data[HEADER.size + length :]
-    return frames
 
 
 def _refused_at_once(port: int, source: str) -> bool:

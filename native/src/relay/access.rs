@@ -3,6 +3,52 @@
 //! service who a client is (haproxy's proxy-protocol.txt, versions 1 and 2).
 
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+
+/// Public connections open at once across a tenant's tunnels, and the cap on them.
+#[derive(Debug)]
+pub struct Quota {
+    open: AtomicI64,
+    max: AtomicI64,
+}
+
+impl Quota {
+    pub fn new(max: i64) -> Self {
+        Self {
+            open: AtomicI64::new(0),
+            max: AtomicI64::new(max),
+        }
+    }
+
+    pub fn set_max(&self, max: i64) {
+        self.max.store(max, Ordering::Relaxed);
+    }
+
+    pub fn open(&self) -> i64 {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    /// One more connection, held until the guard drops; None at the cap.
+    pub fn take(self: &Arc<Self>) -> Option<QuotaHeld> {
+        let max = self.max.load(Ordering::Relaxed);
+        let before = self.open.fetch_add(1, Ordering::AcqRel);
+        if before >= max {
+            self.open.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(QuotaHeld(self.clone()))
+    }
+}
+
+/// A connection counted against a [`Quota`]; dropping it gives the place back.
+pub struct QuotaHeld(Arc<Quota>);
+
+impl Drop for QuotaHeld {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+    }
+}
 
 /// A network, `address/prefix`, as the control plane normalised it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -144,6 +190,20 @@ mod tests {
             assert!(Network::parse(bad).is_err(), "{bad}");
         }
         assert!(allowed(&[], ip("192.0.2.1")));
+    }
+
+    #[test]
+    fn a_quota_holds_its_cap_and_gives_places_back() {
+        let quota = Arc::new(Quota::new(2));
+        let first = quota.take().unwrap();
+        let _second = quota.take().unwrap();
+        assert!(quota.take().is_none());
+        assert_eq!(quota.open(), 2);
+        drop(first);
+        assert!(quota.take().is_some()); // (and given back at once: the temporary drops)
+        assert_eq!(quota.open(), 1);
+        quota.set_max(1);
+        assert!(quota.take().is_none());
     }
 
     #[test]

@@ -193,6 +193,11 @@ impl Engine {
         self.shared.remove_route(tunnel_id);
     }
 
+    /// A tenant's connection quota (see [`super::Shared::quota`]).
+    pub fn quota(&self, key: &str, max: i64) -> Arc<super::access::Quota> {
+        self.shared.quota(key, max)
+    }
+
     pub fn per_host_leaves(&self) -> bool {
         self.shared.identities.resolver.per_host_leaves()
     }

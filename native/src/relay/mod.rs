@@ -78,6 +78,8 @@ pub struct Route {
     pub allow: Arc<[access::Network]>,
     /// 0, or the PROXY protocol version whose header goes before a connection's bytes.
     pub proxy: u8,
+    /// The cap on public connections open at once that this tunnel shares with its tenant's others.
+    pub quota: Option<Arc<access::Quota>>,
 }
 
 /// What the data plane holds for one tunnel.
@@ -236,6 +238,8 @@ pub struct Shared {
     pub routes: Mutex<Routes>,
     pub sessions: Mutex<HashMap<String, Arc<Session>>>,
     pub pending: Mutex<Pending>,
+    /// Tenants' connection quotas, by key, while a route holds them.
+    pub quotas: Mutex<HashMap<String, std::sync::Weak<access::Quota>>>,
     /// The accept loops of the TLS port.
     pub accepting: Mutex<Vec<AbortHandle>>,
     /// Tunnels' own ports: whether each listener still holds its port, and whose it is.
@@ -265,6 +269,7 @@ impl Shared {
             routes: Mutex::new(Routes::default()),
             sessions: Mutex::new(HashMap::new()),
             pending: Mutex::new(Pending::default()),
+            quotas: Mutex::new(HashMap::new()),
             accepting: Mutex::new(Vec::new()),
             tunnel_ports: Mutex::new(HashMap::new()),
         }
@@ -362,6 +367,20 @@ impl Shared {
             .clone();
         routes.by_host.insert(route.host.clone(), tunnel.clone());
         *lock(&tunnel.route) = Some(route);
+    }
+
+    /// The connection quota named `key` (a tenant's), shared by every route given it; `max` is
+    /// its cap from now on. Quotas no route holds any more are forgotten.
+    pub fn quota(&self, key: &str, max: i64) -> Arc<access::Quota> {
+        let mut quotas = lock(&self.quotas);
+        if let Some(quota) = quotas.get(key).and_then(std::sync::Weak::upgrade) {
+            quota.set_max(max);
+            return quota;
+        }
+        quotas.retain(|_, quota| quota.strong_count() > 0);
+        let quota = Arc::new(access::Quota::new(max));
+        quotas.insert(key.to_owned(), Arc::downgrade(&quota));
+        quota
     }
 
     /// Unroute a tunnel: its listeners stop, its connections are reset, its leaf is forgotten.

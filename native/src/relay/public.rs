@@ -91,6 +91,24 @@ pub async fn serve<S: PublicIo>(shared: Arc<Shared>, tunnel: Arc<Tunnel>, io: S,
         );
         return;
     };
+    // the tenant's cap on connections open at once, across its tunnels (held until this one ends)
+    let quota = tunnel.route().and_then(|route| route.quota);
+    let _held = match quota.as_ref().map(|quota| (quota, quota.take())) {
+        Some((quota, None)) => {
+            shared.log(
+                "connections",
+                WARNING,
+                format!(
+                    "refused {peer}: tunnel {}'s tenant has {} connections open (its limit)",
+                    tunnel.id,
+                    quota.open()
+                ),
+            );
+            return;
+        }
+        Some((_, held)) => held,
+        None => None,
+    };
     let open = tunnel.stats.open.load(Ordering::Relaxed);
     let refusal = if open >= shared.config.max_streams_per_tunnel as i64 {
         Some(format!(

@@ -103,11 +103,12 @@ class AgentSettings:
         """Sessions are shared by agents with equal keys."""
         return (self.relay, self.token, self.ca, self.window, self.heartbeat_timeout)
 
-    def token_problem(self) -> str:
-        """What to say when the relay refuses this agent's token."""
+    def token_problem(self, reason: str = "") -> str:
+        """What to say when the relay refuses this agent's token (``reason``: the relay's word for why)."""
         if not self.token:
             return "requires a token; set BURROW_TOKEN or BURROW_TOKEN_FILE"
-        return f"rejected the token from {self.token_source or 'the settings'}; check it"
+        why = f": {reason}" if reason and reason != "the relay rejected the token" else ""
+        return f"rejected the token from {self.token_source or 'the settings'}{why}; check it"
 
     def ssl_context(self) -> ssl.SSLContext:
         """The client context: ``BURROW_CA``, plus the system CAs, or for a loopback relay the dev CA."""

@@ -348,7 +348,9 @@ class RelayConnection(SessionConnection):
         self.close_reason = event.reason or code_name(event.code)
         if not self.welcome.done():
             if event.code == ErrorCode.AUTH_FAILED:
-                error: Exception = AuthenticationFailed(f"relay {self.name} {self.settings.token_problem()}")
+                error: Exception = AuthenticationFailed(
+                    f"relay {self.name} {self.settings.token_problem(event.reason)}"
+                )
             else:
                 error = RelayUnavailable(f"relay {self.name} refused the session: {self.close_reason}")
             self.welcome.set_exception(error)

@@ -45,6 +45,9 @@ MAX_TUNNELS_PER_TOKEN = 20_000
 #: Generous per source because offices and carrier NAT share addresses.
 MAX_SESSIONS_PER_TOKEN = 1024
 MAX_SESSIONS_PER_SOURCE = 256
+#: New tunnels a token (or tenant) may open a minute: a web service opening one per request
+#: stays far below; a runaway loop or a leaked token is stopped within a minute.
+MAX_TUNNELS_PER_MINUTE = 600
 
 #: The data plane: "native" (Rust, burrow._native) or "asyncio" (the pure-Python first implementation).
 ENGINES = ("native", "asyncio")
@@ -95,6 +98,8 @@ class RelayConfig:
     handshake_timeout: float = HANDSHAKE_TIMEOUT
     data_dir: Path | None = None  # dev CA and ticket key; default: burrow's data directory
     ticket_key: Path | None = None  # resume-ticket key file; default: <data_dir>/ticket.key
+    token_secret: Path | None = None  # signing secret of tenant tokens (burrow token create); None: none taken
+    revoked: Path | None = None  # revoked tenant token ids, one a line, re-read when it changes
     heartbeat_timeout: float = HEARTBEAT_TIMEOUT
     max_pending_handshakes: int = MAX_PENDING_HANDSHAKES
     max_pending_per_source: int = MAX_PENDING_PER_SOURCE
@@ -103,6 +108,7 @@ class RelayConfig:
     max_tunnels_per_token: int = MAX_TUNNELS_PER_TOKEN
     max_sessions_per_token: int = MAX_SESSIONS_PER_TOKEN
     max_sessions_per_source: int = MAX_SESSIONS_PER_SOURCE
+    max_tunnels_per_minute: int = MAX_TUNNELS_PER_MINUTE
     shutdown_grace: float = SHUTDOWN_GRACE
     also_ipv6: bool = True  # dev: also listen on ::1 when host is 127.0.0.1
     #: give each tunnel a TLS port of its own on loopback, https://localhost:PORT (the embedded
@@ -171,6 +177,7 @@ class RelayConfig:
             "max tunnels per token": self.max_tunnels_per_token,
             "max sessions per token": self.max_sessions_per_token,
             "max sessions per source": self.max_sessions_per_source,
+            "max tunnels per minute": self.max_tunnels_per_minute,
         }
         for name, value in limits.items():
             if value <= 0:
@@ -187,7 +194,7 @@ class RelayConfig:
                 f"max frame {self.max_frame} is outside {MIN_FRAME_PAYLOAD}-{MAX_FRAME_PAYLOAD} bytes"
             )
         exposed = [h for h in (self.host, self.tcp_host or self.host) if not is_loopback(h)]
-        if exposed and not self.tokens:
+        if exposed and not self.tokens and self.token_secret is None:
             raise ConfigurationError(
-                f"refusing to listen on {exposed[0]} without a token; set BURROW_TOKEN or --token-file"
+                f"refusing to listen on {exposed[0]} without a token; set BURROW_TOKEN, --token-file or --token-secret"
             )

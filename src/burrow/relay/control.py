@@ -16,22 +16,22 @@ leave nothing behind.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import random
-from collections import Counter
 from collections.abc import Coroutine
 from typing import Any
 
 from ..logs import LogLimiter
 from ..protocol.frames import ErrorCode
 from ..protocol.messages import ANYONE, BindFailure, TunnelAddress
+from .admission import Admission, Refusal
 from .config import TCP_PORT_ATTEMPTS, RelayConfig
 from .descriptors import Descriptors
 from .plane import BindRequest, DataPlane, Hello, Route
 from .ready import ReadyIds
 from .registry import TunnelRecord, TunnelRegistry
-from .tickets import Claims, TicketInvalid, TicketSigner, token_fingerprint
+from .tickets import Claims, TicketInvalid, TicketSigner
+from .tokens import TokenSigner
 
 logger = logging.getLogger("burrow.relay")
 
@@ -39,16 +39,8 @@ logger = logging.getLogger("burrow.relay")
 LOOPBACK_HOST = "localhost"
 
 
-def _source_of(peer: str) -> str:
-    """The address of ``peer`` ("203.0.113.5:4711" or "[2001:db8::5]:4711"), without its port."""
-    return peer.rpartition(":")[0].strip("[]") or peer
-
-
-def _release(counts: Counter[str], key: str) -> None:
-    """One less for ``key``; a key at zero is dropped, so the counter holds only live ones."""
-    counts[key] -= 1
-    if counts[key] <= 0:
-        del counts[key]
+#: How often revocations and token expiry are checked for open sessions.
+TOKEN_SWEEP = 1.0
 
 
 class BindRefused(Exception):
@@ -62,18 +54,20 @@ class BindRefused(Exception):
 class RelayControl:
     """Decides for the relay; the data plane carries out (see the module docstring)."""
 
-    def __init__(self, config: RelayConfig, tickets: TicketSigner, descriptors: Descriptors) -> None:
+    def __init__(
+        self,
+        config: RelayConfig,
+        tickets: TicketSigner,
+        descriptors: Descriptors,
+        tokens: TokenSigner | None = None,
+    ) -> None:
         self.config = config
         self.tickets = tickets
+        self.admission = Admission(config, tokens)
         self.descriptors = descriptors
         self.registry = TunnelRegistry()
-        self.token_fps: dict[str, str] = {}  # session id -> its token's fingerprint, once welcomed
-        self._session_sources: dict[str, str] = {}  # session id -> its agent's address, once welcomed
-        self._token_sessions: Counter[str] = Counter()  # token fingerprint -> its welcomed sessions
-        self._source_sessions: Counter[str] = Counter()  # agent address -> its welcomed sessions
         # an unauthenticated peer can make us refuse it as often as it likes: those lines are rate-limited
         self.refusals = LogLimiter(logger)
-        self._tokens = [t.encode() for t in config.tokens]
         self._tasks: set[asyncio.Task[None]] = set()
         self._plane: DataPlane | None = None
         self._ready: ReadyIds | None = None
@@ -94,8 +88,10 @@ class RelayControl:
         return self._ready
 
     def start(self) -> None:
-        """The data plane listens: begin preparing ids."""
+        """The data plane listens: begin preparing ids, and watching tokens."""
         self.ready.top_up()
+        self.admission.revocations.refresh()
+        self.spawn(self._sweep())
 
     def stop(self) -> None:
         """No more background work."""
@@ -117,43 +113,34 @@ class RelayControl:
 
     # --------------------------------------------------------------- sessions
 
-    def token_ok(self, token: str) -> bool:
-        """True when no token is configured, or ``token`` is one of them (constant time)."""
-        if not self._tokens:
-            return True
-        given = token.encode()
-        return any(hmac.compare_digest(given, t) for t in self._tokens)
-
     def hello(self, hello: Hello) -> None:
-        if not self.token_ok(hello.token):
-            self.refusals.log("token", logging.WARNING, "refused agent %s: wrong token", hello.peer)
-            self.plane.reject(hello.session_id, ErrorCode.AUTH_FAILED, "the relay rejected the token")
+        admitted = self.admission.hello(hello.session_id, hello.token, hello.peer)
+        if isinstance(admitted, Refusal):
+            if admitted.auth:
+                self.refusals.log("token", logging.WARNING, "refused agent %s: %s", hello.peer, admitted.reason)
+                self.plane.reject(hello.session_id, ErrorCode.AUTH_FAILED, admitted.reason)
+            else:
+                self.refusals.log("sessions", logging.WARNING, "refused agent %s: %s", hello.peer, admitted.reason)
+                self.plane.reject(hello.session_id, ErrorCode.LIMIT, f"{admitted.reason}; close some first")
             return
-        token_fp, source = token_fingerprint(hello.token), _source_of(hello.peer)
-        refusal = None
-        if self._token_sessions[token_fp] >= self.config.max_sessions_per_token:
-            refusal = f"this token has {self.config.max_sessions_per_token} sessions at this relay (the limit)"
-        elif self._source_sessions[source] >= self.config.max_sessions_per_source:
-            refusal = f"{self.config.max_sessions_per_source} sessions come from {source} already (the limit)"
-        if refusal is not None:
-            self.refusals.log("sessions", logging.WARNING, "refused agent %s: %s", hello.peer, refusal)
-            self.plane.reject(hello.session_id, ErrorCode.LIMIT, f"{refusal}; close some first")
-            return
-        self.token_fps[hello.session_id] = token_fp
-        self._session_sources[hello.session_id] = source
-        self._token_sessions[token_fp] += 1
-        self._source_sessions[source] += 1
         self.plane.welcome(hello.session_id)
         # (the agent's name is the peer's text: %r escapes CR, LF and ESC, so it cannot forge log lines)
         logger.info("session %s opened by agent %s (%r)", hello.session_id, hello.peer, hello.agent)
 
+    async def _sweep(self) -> None:
+        """Close sessions whose signed token was revoked or has expired."""
+        while True:
+            await asyncio.sleep(TOKEN_SWEEP)
+            for session_id, admitted, reason in self.admission.sweep():
+                tenant = admitted.tenant.name if admitted.tenant is not None else "?"
+                logger.warning("session %s of tenant %s closed: %s", session_id, tenant, reason)
+                self.admission.closed(session_id)  # (at once: the next sweep must not find it again)
+                self.plane.reject(session_id, ErrorCode.AUTH_FAILED, reason)
+
     def session_closed(self, session_id: str) -> None:
         for record in self.registry.of_session(session_id):
             self.close_tunnel(record, "session ended", notify=False)
-        token_fp = self.token_fps.pop(session_id, None)
-        if token_fp is not None:
-            _release(self._token_sessions, token_fp)
-            _release(self._source_sessions, self._session_sources.pop(session_id))
+        if self.admission.closed(session_id) is not None:
             logger.info("session %s closed", session_id)
 
     def unbind(self, session_id: str, tunnel_id: str) -> None:
@@ -182,8 +169,8 @@ class RelayControl:
 
     async def _open(self, request: BindRequest) -> TunnelAddress:
         session_id = request.session_id
-        token_fp = self.token_fps.get(session_id)
-        if token_fp is None or not self.plane.session_open(session_id):
+        admitted = self.admission.sessions.get(session_id)
+        if admitted is None or not self.plane.session_open(session_id):
             raise BindRefused(BindFailure.SHUTTING_DOWN, "the relay is shutting down; try again shortly")
         if not 0 <= request.port <= 65535:  # (0: the agent forwards to a unix socket)
             raise BindRefused(BindFailure.BAD_PORT, f"port {request.port} is outside 0-65535")
@@ -192,12 +179,17 @@ class RelayControl:
                 BindFailure.UNSUPPORTED,
                 "this relay's engine cannot do allow_cidrs or proxy_protocol; run the relay with --engine native",
             )
+        token_fp, tenant = admitted.principal, admitted.tenant
+        if tenant is not None and tenant.max_connections and not self.plane.access_control:
+            raise BindRefused(
+                BindFailure.UNSUPPORTED,
+                "this relay's engine cannot cap a tenant's connections; run the relay with --engine native",
+            )
         claims, holder = self._claims(request, token_fp)
         count = self.registry.count_for_token(token_fp) - (holder is not None and holder.token_fp == token_fp)
-        if count >= self.config.max_tunnels_per_token:
-            raise BindRefused(
-                BindFailure.LIMIT, f"this token has {count} tunnels at this relay (the limit); close some first"
-            )
+        refusal = self.admission.new_tunnel(admitted, count, resumed=claims is not None)
+        if refusal is not None:
+            raise BindRefused(BindFailure.LIMIT, refusal)
         shortage = self.descriptors.refuse_tunnel()
         if shortage is not None:
             raise BindRefused(BindFailure.NO_RESOURCES, f"the relay is short of resources ({shortage})")
@@ -252,7 +244,10 @@ class RelayControl:
         # nothing below may fail: a failure above gives the id back, and this one is now live
         ticket = self.tickets.issue(token_fp, Claims(tunnel_id, request.unencrypted, request.h2, tcp_port, tls_port))
         self.registry.add(record)
-        plane.add_route(Route(tunnel_id, host, request.session_id, request.h2, tcp_port, request.access))
+        admitted = self.admission.sessions.get(request.session_id)
+        tenant = admitted.tenant if admitted is not None else None
+        quota = (token_fp, tenant.max_connections) if tenant is not None and tenant.max_connections else None
+        plane.add_route(Route(tunnel_id, host, request.session_id, request.h2, tcp_port, request.access, quota))
         logger.info(
             "tunnel %s %s by session %s: %s%s",
             tunnel_id,

@@ -318,7 +318,14 @@ class NativePlane:
             leaf = self._leaves.pop(route.host, None) or self._issue(route.host)
         access = route.access
         self.engine.add_route(
-            route.tunnel_id, route.host, route.session_id, route.h2, leaf, list(access.allow), access.proxy_protocol
+            route.tunnel_id,
+            route.host,
+            route.session_id,
+            route.h2,
+            leaf,
+            list(access.allow),
+            access.proxy_protocol,
+            route.quota,
         )
         self._tunnels.add(route.tunnel_id)
 

@@ -37,6 +37,7 @@ class Route:
     h2: bool  # the TLS address offers ALPN h2
     tcp_port: int | None = None  # the raw TCP listener, opened before by DataPlane.listen_tcp
     access: Access = ANYONE  # allowed networks, PROXY protocol header
+    quota: tuple[str, int] | None = None  # (key, cap): public connections open at once, shared by the key's routes
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+from ..errors import ConfigurationError
 from ..paths import data_dir
 from ..protocol.frames import ErrorCode
 from .config import RelayConfig
@@ -23,6 +24,7 @@ from .descriptors import Descriptors
 from .engine import AsyncioPlane
 from .plane import DataPlane
 from .tickets import TicketSigner, default_key_path, load_or_create_key
+from .tokens import TokenSigner
 
 logger = logging.getLogger("burrow.relay")
 
@@ -45,9 +47,17 @@ class Relay:
         config = self.config
         key_path = config.ticket_key or default_key_path(config.data_dir or data_dir())
         tickets = TicketSigner(load_or_create_key(Path(key_path)), config.domain)
+        tokens = None
+        if config.token_secret is not None:
+            if not config.token_secret.is_file():
+                raise ConfigurationError(
+                    f"--token-secret {config.token_secret} does not exist; make it with "
+                    f"burrow token create --secret {config.token_secret} --tenant NAME"
+                )
+            tokens = TokenSigner(load_or_create_key(config.token_secret, "token secret", "--token-secret"))
         if config.raise_fd_limit:
             self.descriptors.raise_limit()
-        control = RelayControl(config, tickets, self.descriptors)
+        control = RelayControl(config, tickets, self.descriptors, tokens)
         plane: DataPlane
         if config.engine == "native":
             from .native_plane import NativePlane

@@ -53,8 +53,8 @@ def token_fingerprint(token: str) -> str:
     return hashlib.sha256(b"burrow-token\x00" + token.encode()).hexdigest()[:32]
 
 
-def load_or_create_key(path: Path) -> bytes:
-    """The relay's ticket key, created once (mode 0600) so restarts keep honouring tickets."""
+def load_or_create_key(path: Path, what: str = "ticket key", setting: str = "--ticket-key or BURROW_HOME") -> bytes:
+    """A secret key (the relay's ticket key, a token secret), created once (mode 0600) so restarts keep it."""
     try:
         try:
             key = path.read_bytes()
@@ -64,21 +64,17 @@ def load_or_create_key(path: Path) -> bytes:
             key = path.read_bytes()
     except OSError as exc:
         reason = (exc.strerror or str(exc)).lower()
-        raise ConfigurationError(
-            f"cannot use ticket key {path} ({reason}); check --ticket-key or BURROW_HOME"
-        ) from None
+        raise ConfigurationError(f"cannot use {what} {path} ({reason}); check {setting}") from None
     if len(key) < MIN_KEY_BYTES:
-        raise ConfigurationError(
-            f"ticket key {path} is shorter than {MIN_KEY_BYTES} bytes; delete it to make a new one"
-        )
+        raise ConfigurationError(f"{what} {path} is shorter than {MIN_KEY_BYTES} bytes; delete it to make a new one")
     return key
 
 
-def _b64(data: bytes) -> str:
+def b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
-def _unb64(text: str) -> bytes:
+def unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
@@ -105,13 +101,13 @@ class TicketSigner:
             "iat": int(now if now is not None else time.time()),
         }
         payload = json.dumps(body, separators=(",", ":"), sort_keys=True).encode()
-        return f"{_b64(payload)}.{_b64(self._mac(payload))}"
+        return f"{b64(payload)}.{b64(self._mac(payload))}"
 
     def verify(self, ticket: str, token_fp: str, now: float | None = None) -> Claims:
         """The claims of a genuine, fresh ticket for that token; else :class:`TicketInvalid`."""
         try:
             payload_text, mac_text = ticket.split(".")
-            payload, mac = _unb64(payload_text), _unb64(mac_text)
+            payload, mac = unb64(payload_text), unb64(mac_text)
         except (ValueError, TypeError):
             raise TicketInvalid("malformed ticket") from None
         if not hmac.compare_digest(mac, self._mac(payload)):
