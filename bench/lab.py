@@ -42,6 +42,9 @@ _Wait = Callable[[], None]
 #: Every burrow process gets this environment; nothing from the caller's shell leaks in.
 BURROW_ENV_CLEAR = ("BURROW_RELAY", "BURROW_TOKEN", "BURROW_TOKEN_FILE", "BURROW_CA", "BURROW_LOOP")
 
+#: A bench measures capacity: tunnels open as fast as they can, beyond a tenant's default caps.
+BENCH_RELAY_FLAGS = ["--max-tunnels-per-minute", "1000000", "--max-sessions-per-token", "100000"]
+
 
 @functools.cache
 def default_ssh_cipher() -> str:
@@ -330,7 +333,7 @@ frontend http
 
     def _start_relay(self) -> _Wait:
         self.relay_port = free_port()
-        argv = [sys.executable, "-m", "burrow", "relay", "--listen", f"127.0.0.1:{self.relay_port}"]
+        argv = [sys.executable, "-m", "burrow", "relay", "--listen", f"127.0.0.1:{self.relay_port}", *BENCH_RELAY_FLAGS]
         proc = self.relay = self.procs.start("burrow-relay", argv, env=self.burrow_env(), nofile=65536)
 
         def ready() -> None:

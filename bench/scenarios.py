@@ -20,7 +20,7 @@ from pathlib import Path
 
 from . import clients
 from .clients import Endpoint
-from .lab import BENCH_SNI, TCP_PATHS, TLS_PATHS, Lab, PathSpec
+from .lab import BENCH_RELAY_FLAGS, BENCH_SNI, TCP_PATHS, TLS_PATHS, Lab, PathSpec
 from .procs import BenchError, Procs, free_port, rss_bytes
 from .profile import Profiler
 from .report import Check, Figure, Scenario
@@ -517,7 +517,7 @@ def s8_scale(ctx: Context) -> Scenario:
     started = []
     try:
         port = free_port()
-        argv = [sys.executable, "-m", "burrow", "relay", "--listen", f"127.0.0.1:{port}"]
+        argv = [sys.executable, "-m", "burrow", "relay", "--listen", f"127.0.0.1:{port}", *BENCH_RELAY_FLAGS]
         relay = procs.start("scale-relay", argv, env=lab.burrow_env(), nofile=65536)
         started.append(relay)
         relay.wait_for(r"burrow relay ready")

@@ -95,7 +95,20 @@ def main(argv: list[str] | None = None) -> int:
 
     port = _free_port()
     relay = subprocess.Popen(
-        [sys.executable, "-m", "burrow", "relay", "--listen", f"127.0.0.1:{port}", "-q", "--heartbeat-timeout", "2"],
+        [
+            sys.executable,
+            "-m",
+            "burrow",
+            "relay",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "-q",
+            "--heartbeat-timeout",
+            "2",
+            # churn is the point here: thousands of tunnels a minute, far beyond a tenant's default cap
+            "--max-tunnels-per-minute",
+            "1000000",
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

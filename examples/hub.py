@@ -61,10 +61,21 @@ JUPYTER_STOP_TIMEOUT = 10.0
 IDLE_CHECK_INTERVAL = 1.0
 #: 15 minutes, the reference hub's notebook lifetime.
 DEFAULT_IDLE_TIMEOUT = 900.0
-#: A client that never finishes its request does not hold a thread, nor the hub's shutdown.
+#: A client that never finishes its request does not hold a thread, nor the hub's shutdown: each read
+#: waits at most REQUEST_TIMEOUT, and a whole request (a slow drip of bytes) at most REQUEST_DEADLINE.
 REQUEST_TIMEOUT = 10.0
+REQUEST_DEADLINE = 30.0
+#: Notebooks running at once: each is a Jupyter server (~100 MB); the token's holders share them.
+MAX_NOTEBOOKS = 32
+#: What a notebook's kernels and terminals must not inherit from the hub: its own token, and burrow's
+#: credentials (a notebook user could open tunnels on the hub's relay account).
+PRIVATE_ENV = ("HUB_TOKEN", "BURROW_TOKEN", "BURROW_TOKEN_FILE")
 #: A POST needs no body; a larger one is refused rather than read.
 MAX_BODY = 64 * 1024
+
+
+class HubFull(Exception):
+    """MAX_NOTEBOOKS are running."""
 
 
 class HubClosed(Exception):
@@ -149,16 +160,19 @@ class Hub:
         if self._closed.is_set():
             raise HubClosed
         with self._lock:
+            if len(self._notebooks) >= MAX_NOTEBOOKS:
+                raise HubFull
             number = next(self._numbers)
         port = free_port()
         token = secrets.token_urlsafe(TOKEN_BYTES)
-        root_dir = tempfile.mkdtemp(prefix=f"hub-notebook-{number}-")
         forward = burrow.forward(port, connect_timeout=JUPYTER_START_TIMEOUT)
+        root_dir = tempfile.mkdtemp(prefix=f"hub-notebook-{number}-")
         try:
             tunnel = forward.open()
+            env = {name: value for name, value in os.environ.items() if name not in PRIVATE_ENV}
             process = subprocess.Popen(
                 jupyter_command(port, root_dir, tunnel),
-                env={**os.environ, "JUPYTER_TOKEN": token},
+                env={**env, "JUPYTER_TOKEN": token},
                 cwd=root_dir,
                 stdin=subprocess.DEVNULL,
                 stdout=sys.stderr,  # stdout carries the hub's address and nothing else
@@ -245,6 +259,21 @@ class HubHandler(BaseHTTPRequestHandler):
     server: HubServer
     timeout = REQUEST_TIMEOUT
 
+    def handle(self) -> None:
+        # the whole request within REQUEST_DEADLINE: a byte every few seconds cannot hold this thread
+        deadline = threading.Timer(REQUEST_DEADLINE, self._cut_off)
+        deadline.start()
+        try:
+            super().handle()
+        finally:
+            deadline.cancel()
+
+    def _cut_off(self) -> None:
+        try:
+            self.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
     def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
         try:
             length = int(self.headers.get("Content-Length") or 0)
@@ -267,6 +296,9 @@ class HubHandler(BaseHTTPRequestHandler):
             notebook = self.server.hub.open_notebook()
         except HubClosed:
             self._reply(503, "the hub is stopping")
+            return
+        except HubFull:
+            self._reply(503, f"the hub runs {MAX_NOTEBOOKS} notebooks, its limit; try again when one stops")
             return
         except (burrow.BurrowError, OSError) as exc:
             logger.warning("could not start a notebook: %s", exc)

@@ -73,7 +73,11 @@ def start_jupyter(port: int, root_dir: str, tunnel: burrow.Tunnel, token: str) -
     (on SIGINT it would ask "Shutdown this Jupyter server (y/[n])?" on the terminal)."""
     return subprocess.Popen(
         jupyter_command(port, root_dir, tunnel),
-        env={**os.environ, "JUPYTER_TOKEN": token},
+        # (without burrow's credentials: code in a notebook must not open tunnels on this account)
+        env={
+            **{k: v for k, v in os.environ.items() if k not in ("BURROW_TOKEN", "BURROW_TOKEN_FILE")},
+            "JUPYTER_TOKEN": token,
+        },
         stdin=subprocess.DEVNULL,
         stdout=sys.stderr,  # stdout carries our URL and nothing else
         start_new_session=True,

@@ -89,6 +89,11 @@ CASES: dict[str, Setup] = {
     "missing token file": lambda t: ([*RELAY, "--token-file", str(t / "none")], {}),
     "missing token secret": lambda t: ([*RELAY, "--token-secret", str(t / "none")], {}),
     "short token secret": lambda t: ([*RELAY, "--token-secret", str(_file(t / "s", b"short"))], {}),
+    "missing revocation list": lambda t: (
+        [*RELAY, "--token-secret", str(_file(t / "s", b"s" * 32)), "--revoked", str(t / "none")],
+        {},
+    ),
+    "revocation list without a secret": lambda t: ([*RELAY, "--revoked", str(_file(t / "r", b""))], {}),
     "bad tenant name": lambda t: (["token", "create", "--tenant", "Acme Corp", "--secret", str(t / "s")], {}),
     "bad token lifetime": lambda t: (["token", "create", "--tenant", "a", "--secret", str(t / "s"), "--ttl", "1y"], {}),
     "zero tunnels for a tenant": lambda t: (

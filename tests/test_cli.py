@@ -256,19 +256,29 @@ def test_demo_runs_the_main_job() -> None:
     assert "no BURROW_RELAY set" in err and "curl --cacert" in err  # the hint, once per process
 
 
-def test_forward_started_in_a_scripts_background_still_stops_on_sigint() -> None:
-    """A shell starts `burrow forward ... &` with SIGINT ignored; burrow takes it like Ctrl-C all the same."""
+def test_forward_keeps_the_signals_its_starter_ignored_and_stops_on_sigterm() -> None:
+    """`nohup burrow forward ... &` in a script: SIGINT and SIGHUP were ignored by whoever started it and
+    stay ignored (a Ctrl-C in the script's foreground or a closed terminal leaves it be); SIGTERM stops it."""
     app = start_sample_app()
+
+    def like_nohup_in_the_background() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
     process = subprocess.Popen(
         [*BURROW, "forward", str(app.port)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),  # what `cmd &` does in sh
+        preexec_fn=like_nohup_in_the_background,
     )
     try:
         assert process.stdout is not None and process.stdout.readline().startswith("https://")
-        process.send_signal(signal.SIGINT)
+        for sig in (signal.SIGINT, signal.SIGHUP):
+            process.send_signal(sig)
+        with pytest.raises(subprocess.TimeoutExpired):
+            process.wait(1.5)  # still serving
+        process.send_signal(signal.SIGTERM)
         _, err = process.communicate(timeout=20)
         assert process.returncode == 0 and "burrow: tunnel closed" in err, err
         _no_traceback(err)

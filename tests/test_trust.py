@@ -170,3 +170,16 @@ def test_no_system_store_is_one_line_that_says_what_to_do(run: Run, tmp_path: Pa
     assert done.returncode == 1 and done.stdout.startswith("burrow trust: dev CA ")
     assert done.stderr.count("\n") == 1 and done.stderr.startswith("burrow trust: error: found no system certificate")
     assert "security add-trusted-cert" in done.stderr  # and what to do on a Mac
+
+
+def test_a_half_done_install_is_finished(run: Run, url: str) -> None:
+    """The CA's file is in place but the bundle was never rebuilt (sudo declined, Ctrl-C): trust finishes it."""
+    added = _burrow(run)
+    entry = next(line for line in added if "system store: added " in line).split("added ")[1].split(",")[0]
+    ca = Path(os.environ["BURROW_HOME"]) / "ca.pem"
+    # out of the bundle, then the file placed again without a rebuild
+    assert run("sh", "-c", f"rm -f {entry} && update-ca-certificates --fresh && cp {ca} {entry}").returncode == 0
+    assert run("curl", "-sS", url).returncode == 60  # not trusted yet
+    again = _burrow(run)
+    assert any("was there, ran update-ca-certificates" in line for line in again), again
+    assert run("curl", "-sS", url).stdout.encode() == BODY

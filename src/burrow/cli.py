@@ -487,9 +487,11 @@ def _stop_on_signals() -> None:
     def stop(signum: int, frame: object) -> None:
         raise _Stop(signal.Signals(signum).name)
 
-    # (SIGINT too: a shell starts `burrow forward ... &` with SIGINT ignored, and Python then keeps it so)
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, stop)
+    # SIGINT is Python's KeyboardInterrupt already; a signal ignored when we started stays ignored, as
+    # `nohup` and a shell's background jobs (SIGINT, SIGQUIT) expect: stop those with SIGTERM
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) is not signal.SIG_IGN:
+            signal.signal(sig, stop)
 
 
 def say(text: str) -> None:
@@ -630,10 +632,6 @@ def run_token(args: argparse.Namespace) -> int:
     from .relay.tickets import load_or_create_key
     from .relay.tokens import TokenSigner
 
-    for name in ("max_tunnels", "max_connections"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise ConfigurationError(f"--{name.replace('_', '-')} {value} is not 1 or more")
     made = not args.secret.exists()
     signer = TokenSigner(load_or_create_key(args.secret, "token secret", "--secret"))
     try:

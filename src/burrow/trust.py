@@ -36,11 +36,30 @@ class SystemStore:
     anchors: Path
     update: tuple[str, ...]
     suffix: str
+    bundle: Path  # what the update command writes: what OpenSSL-based tools read
+
+    def bundled(self, ca: CA) -> bool:
+        """True when the bundle holds ``ca`` (an update may have failed after its file was placed)."""
+        body = b"".join(line for line in ca.pem.splitlines() if not line.startswith(b"-----"))
+        try:
+            return body in b"".join(self.bundle.read_bytes().splitlines())
+        except OSError:
+            return False
 
 
 SYSTEM_STORES = (
-    SystemStore(Path("/usr/local/share/ca-certificates"), ("update-ca-certificates",), ".crt"),  # Debian, Ubuntu
-    SystemStore(Path("/etc/pki/ca-trust/source/anchors"), ("update-ca-trust", "extract"), ".pem"),  # Fedora, RHEL
+    SystemStore(  # Debian, Ubuntu
+        Path("/usr/local/share/ca-certificates"),
+        ("update-ca-certificates",),
+        ".crt",
+        Path("/etc/ssl/certs/ca-certificates.crt"),
+    ),
+    SystemStore(  # Fedora, RHEL
+        Path("/etc/pki/ca-trust/source/anchors"),
+        ("update-ca-trust", "extract"),
+        ".pem",
+        Path("/etc/pki/tls/certs/ca-bundle.crt"),
+    ),
 )
 
 MACOS_HINT = "on macOS: sudo security add-trusted-cert -d -r trustRoot -k /Library/Keychains/System.keychain"
@@ -93,12 +112,18 @@ def _system(store: SystemStore, ca: CA, remove: bool) -> str:
     update = " ".join(store.update)
     if remove:
         if not entry.exists():
-            return f"system store: was not trusted ({entry} absent)"
+            if not store.bundled(ca):
+                return f"system store: was not trusted ({entry} absent)"
+            _run_as_root(store.update)  # (a removal whose update failed: finish it)
+            return f"system store: {entry} was gone, ran {update} to drop it from {store.bundle}"
         _run_as_root(["rm", "-f", str(entry)])
         _run_as_root(store.update)
         return f"system store: removed {entry}, ran {update}"
     if present:
-        return f"system store: already trusted ({entry})"
+        if store.bundled(ca):
+            return f"system store: already trusted ({entry})"
+        _run_as_root(store.update)  # (an install whose update failed: finish it)
+        return f"system store: {entry} was there, ran {update} to put it in {store.bundle}"
     with tempfile.NamedTemporaryFile(suffix=store.suffix) as staged:  # `install` needs a file sudo can read
         staged.write(ca.pem)
         staged.flush()
@@ -130,6 +155,10 @@ def _nss(certutil: str, database: Path, ca: CA, remove: bool) -> str:
             return f"NSS store {database}: was not trusted"
         while _run([certutil, "-D", "-d", where, "-n", ca.nickname], check=False) == 0:
             pass  # certutil deletes one entry of a nickname per call
+        if _run([certutil, "-L", "-d", where, "-n", ca.nickname], check=False) == 0:
+            raise ConfigurationError(
+                f"certutil could not remove {ca.nickname!r} from {database} (in use or read-only?)"
+            )
         return f"NSS store {database}: removed {ca.nickname!r}"
     if present:
         return f"NSS store {database}: already trusted ({ca.nickname!r})"

@@ -58,6 +58,7 @@ class TenantRelay:
 def tenants(tmp_path: Path) -> Iterator[TenantRelay]:
     secret, revoked = tmp_path / "token-secret", tmp_path / "revoked"
     TokenSigner(load_or_create_key(secret))  # (the file the relays share)
+    revoked.write_text("")  # (none revoked yet)
     config = RelayConfig(port=0, token_secret=secret, revoked=revoked, max_tunnels_per_minute=6)
     relay = on_runtime(Relay(config).start())
     yield TenantRelay(relay, secret, revoked)

@@ -152,6 +152,8 @@ def test_unsupported_version_from_relay() -> None:
         ({"versions": "1"}, ErrorCode.PROTOCOL_ERROR),
         ({"token": None}, ErrorCode.PROTOCOL_ERROR),
         ({"token": 5}, ErrorCode.PROTOCOL_ERROR),
+        ({"token": "\ud800"}, ErrorCode.PROTOCOL_ERROR),  # JSON can say it, UTF-8 cannot: never reaches admission
+        ({"token": "t" * 4097}, ErrorCode.PROTOCOL_ERROR),
         ({"window": True}, ErrorCode.PROTOCOL_ERROR),  # a bool is not an int here
         ({"window": 65536.0}, ErrorCode.PROTOCOL_ERROR),
         ({"window": MIN_WINDOW - 1}, ErrorCode.FLOW_CONTROL),

@@ -52,7 +52,9 @@ def test_new_tunnels_are_capped_per_minute_but_resumes_are_not(monkeypatch: pyte
     gate = Admission(RelayConfig(max_tunnels_per_minute=3, max_tunnels_per_token=5))
     admitted = gate.hello("s", "", "10.0.0.1:1")
     assert isinstance(admitted, Admitted)
-    assert [gate.new_tunnel(admitted, 0, resumed=False) for _ in range(3)] == [None, None, None]
+    for _ in range(3):
+        assert gate.new_tunnel(admitted, 0, resumed=False) is None
+        gate.opened(admitted)
     assert gate.new_tunnel(admitted, 0, resumed=False) == (
         "this token opened 3 tunnels in the last minute (the limit); try again in a minute"
     )
@@ -63,6 +65,7 @@ def test_new_tunnels_are_capped_per_minute_but_resumes_are_not(monkeypatch: pyte
     )
     clock[0] += 61
     assert gate.new_tunnel(admitted, 0, resumed=False) is None
+    gate.opened(admitted)
     clock[0] += 61
     gate.sweep()
     assert gate._created == {}  # old creation times are forgotten

@@ -50,13 +50,16 @@ impl Listening {
     pub fn new(listener: TcpListener) -> (Self, std::sync::Weak<()>) {
         let alive = Arc::new(());
         let weak = Arc::downgrade(&alive);
-        (
-            Self {
-                listener,
-                _alive: alive,
-            },
-            weak,
-        )
+        (Self::sharing(listener, alive), weak)
+    }
+
+    /// A listener whose token is shared: the port is free once every listener holding a
+    /// clone of `alive` is gone (one port, bound on several addresses).
+    pub fn sharing(listener: TcpListener, alive: Arc<()>) -> Self {
+        Self {
+            listener,
+            _alive: alive,
+        }
     }
 }
 

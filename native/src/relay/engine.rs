@@ -150,9 +150,13 @@ impl Engine {
             };
             let tunnel = self.shared.tunnel_entry(tunnel_id);
             let _entered = self.runtime().enter();
+            // one token for the port, whatever addresses it is bound on (127.0.0.1 and ::1): the
+            // port is free only when the last of its listeners is gone
+            let alive = Arc::new(());
+            self.shared
+                .port_listening(port, Arc::downgrade(&alive), &tunnel);
             for listener in listeners {
-                let (listening, alive) = Listening::new(TcpListener::from_std(listener)?);
-                self.shared.port_listening(port, alive, &tunnel);
+                let listening = Listening::sharing(TcpListener::from_std(listener)?, alive.clone());
                 let task = if tls {
                     let pinned = Some(tunnel.clone());
                     self.runtime()

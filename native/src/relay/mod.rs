@@ -250,8 +250,9 @@ pub struct Shared {
 pub type PortHolder = (Weak<()>, Weak<Tunnel>);
 
 /// How long a resumed tunnel waits for the port its old listener is giving up (closing
-/// takes one turn of a runtime thread: microseconds, unless every thread is busy).
-const PORT_CLOSE_WAIT: Duration = Duration::from_millis(200);
+/// takes one turn of a runtime thread: microseconds, unless every thread is busy). Only a
+/// port known to be closing is waited for, so a generous bound costs nothing otherwise.
+const PORT_CLOSE_WAIT: Duration = Duration::from_secs(1);
 
 /// A poisoned lock means a task panicked while holding it; the data is still consistent
 /// for our uses (counters and maps updated in one step), so go on with it.

@@ -70,6 +70,15 @@ enum Ending {
 
 /// Serve a public connection of `tunnel` until it ends.
 pub async fn serve<S: PublicIo>(shared: Arc<Shared>, tunnel: Arc<Tunnel>, io: S, peer: String) {
+    // the allowlist again, on the route this connection is served by: one accepted while the
+    // tunnel had no route yet (its listener opens first) was let through the accept's check
+    let client = io.socket().peer_addr().map(|address| address.ip());
+    if let (Some(route), Ok(ip)) = (tunnel.route(), client) {
+        if !access::allowed(&route.allow, ip) {
+            let _ = io.socket().set_zero_linger();
+            return;
+        }
+    }
     let session = tunnel
         .route()
         .and_then(|route| shared.session(&route.session))

@@ -25,6 +25,8 @@ MAX_ID_LENGTH = 63
 MAX_HOST_LENGTH = 253
 #: A resume ticket is ~200 bytes; this leaves room for longer claims, not for a flood.
 MAX_TICKET_LENGTH = 2048
+#: A token: a shared secret or a signed tenant token (~200 characters); longer is not one.
+MAX_TOKEN_LENGTH = 4096
 #: Free text a peer sends (reasons, messages, the agent's name) is cut here.
 MAX_TEXT_LENGTH = 200
 #: Networks in one tunnel's allowlist: offices and VPNs are a handful; each connection is checked
@@ -94,15 +96,27 @@ def _host_ok(host: str) -> bool:
 
 
 def networks(texts: Iterable[str]) -> tuple[str, ...]:
-    """Normalised CIDR networks (``"203.0.113.7"`` becomes ``"203.0.113.7/32"``); ValueError names a bad one."""
+    """Normalised CIDR networks (``"203.0.113.7"`` becomes ``"203.0.113.7/32"``, an IPv4-mapped IPv6 network
+    its IPv4 one); ValueError names a bad one."""
     found = []
     for text in texts:
         try:
-            found.append(str(ipaddress.ip_network(text.strip(), strict=False)))
+            if "%" in text:  # a scoped address (fe80::1%eth0) names a link of the agent's, not a network
+                raise ValueError(text)
+            network = ipaddress.ip_network(text.strip(), strict=False)
         except (ValueError, TypeError, AttributeError):
+            shown = repr(text)[:MAX_TEXT_LENGTH]
             raise ValueError(
-                f"{text!r} is not an IP network (e.g. 203.0.113.0/24, 2001:db8::/32 or 198.51.100.7)"
+                f"{shown} is not an IP network (e.g. 203.0.113.0/24, 2001:db8::/32 or 198.51.100.7)"
             ) from None
+        if (
+            isinstance(network, ipaddress.IPv6Network)
+            and network.prefixlen >= 96
+            and network.network_address.ipv4_mapped
+        ):
+            mapped = network.network_address.ipv4_mapped
+            network = ipaddress.ip_network(f"{mapped}/{network.prefixlen - 96}", strict=False)
+        found.append(str(network))
     if len(found) > MAX_ALLOWED_NETWORKS:
         raise ValueError(f"{len(found)} networks; at most {MAX_ALLOWED_NETWORKS} (use wider prefixes)")
     return tuple(dict.fromkeys(found))

@@ -50,6 +50,7 @@ from .messages import (
     MAX_ID_LENGTH,
     MAX_TEXT_LENGTH,
     MAX_TICKET_LENGTH,
+    MAX_TOKEN_LENGTH,
     Access,
     BindFailure,
     TunnelAddress,
@@ -722,11 +723,22 @@ class HelloMessage:
     agent: str  # peer text, cut at MAX_TEXT_LENGTH
 
 
+def _encodable(text: str) -> bool:
+    """False for a string JSON may carry but UTF-8 cannot (a lone surrogate, ``"\\ud800"``)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def decode_hello(frame: Frame) -> HelloMessage:
     """Check a HELLO; :class:`RemoteProtocolError` if it is malformed or shares no version."""
     message = decode_json(frame)
     versions = field_of(message, "versions", list, frame.type)
     token = field_of(message, "token", str, frame.type)
+    if len(token) > MAX_TOKEN_LENGTH or not _encodable(token):
+        raise RemoteProtocolError(ErrorCode.PROTOCOL_ERROR, "HELLO token is not a text of at most 4096 characters")
     window = _peer_window_from(message, frame.type)
     agent = message.get("agent")
     common = [v for v in SUPPORTED_VERSIONS if v in versions]

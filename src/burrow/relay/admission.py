@@ -95,8 +95,9 @@ class Admission:
         return admitted
 
     def new_tunnel(self, admitted: Admitted, held: int, resumed: bool) -> str | None:
-        """Why ``admitted``, holding ``held`` tunnels here, may not open one more; None: it may (and it is
-        counted). A resumed tunnel is not a new one: a reconnect storm must not lock a tenant out."""
+        """Why ``admitted``, holding ``held`` tunnels here, may not open one more; None: it may (then
+        :meth:`opened` counts it). A resumed tunnel is not a new one: a reconnect storm must not lock a
+        tenant out (a resume needs a ticket of a tunnel the principal opened, and still counts as held)."""
         tenant = admitted.tenant
         who = f"tenant {tenant.name}" if tenant is not None else "this token"
         limit = self.config.max_tunnels_per_token
@@ -112,8 +113,11 @@ class Admission:
             created.popleft()
         if len(created) >= self.config.max_tunnels_per_minute:
             return f"{who} opened {len(created)} tunnels in the last minute (the limit); try again in a minute"
-        created.append(now)
         return None
+
+    def opened(self, admitted: Admitted) -> None:
+        """A new tunnel of ``admitted``'s opened: counted toward the minute's cap."""
+        self._created.setdefault(admitted.principal, deque()).append(time.monotonic())
 
     def sweep(self) -> list[tuple[str, Admitted, str]]:
         """Sessions to close now, with why (their token revoked or expired); old counts forgotten."""

@@ -114,7 +114,12 @@ class RelayControl:
     # --------------------------------------------------------------- sessions
 
     def hello(self, hello: Hello) -> None:
-        admitted = self.admission.hello(hello.session_id, hello.token, hello.peer)
+        try:
+            admitted = self.admission.hello(hello.session_id, hello.token, hello.peer)
+        except Exception:  # a bug must not leave the session waiting for an answer, holding its slot
+            logger.exception("relay: admitting session %s failed", hello.session_id)
+            self.plane.reject(hello.session_id, ErrorCode.INTERNAL_ERROR, "the relay failed to admit this session")
+            return
         if isinstance(admitted, Refusal):
             if admitted.auth:
                 self.refusals.log("token", logging.WARNING, "refused agent %s: %s", hello.peer, admitted.reason)
@@ -131,7 +136,12 @@ class RelayControl:
         """Close sessions whose signed token was revoked or has expired."""
         while True:
             await asyncio.sleep(TOKEN_SWEEP)
-            for session_id, admitted, reason in self.admission.sweep():
+            try:
+                ending = self.admission.sweep()
+            except Exception:  # the sweep goes on: revocation must not stop at its first failure
+                logger.exception("relay: checking tokens failed")
+                continue
+            for session_id, admitted, reason in ending:
                 tenant = admitted.tenant.name if admitted.tenant is not None else "?"
                 logger.warning("session %s of tenant %s closed: %s", session_id, tenant, reason)
                 self.admission.closed(session_id)  # (at once: the next sweep must not find it again)
@@ -199,7 +209,10 @@ class RelayControl:
         tunnel_id = claims.tunnel_id if claims is not None else self.ready.take(request.h2)
         fresh = claims is None
         try:
-            return await self._install(request, token_fp, tunnel_id, claims)
+            address = await self._install(request, token_fp, tunnel_id, claims)
+            if fresh:
+                self.admission.opened(admitted)  # (only a tunnel that opened counts toward the minute's cap)
+            return address
         except BaseException:
             if fresh:
                 self.ready.give_back(tunnel_id, request.h2)
@@ -241,13 +254,17 @@ class RelayControl:
         record = TunnelRecord(
             tunnel_id, host, request.session_id, token_fp, request.port, request.h2, request.unencrypted, tcp_port
         )
-        # nothing below may fail: a failure above gives the id back, and this one is now live
-        ticket = self.tickets.issue(token_fp, Claims(tunnel_id, request.unencrypted, request.h2, tcp_port, tls_port))
-        self.registry.add(record)
         admitted = self.admission.sessions.get(request.session_id)
         tenant = admitted.tenant if admitted is not None else None
         quota = (token_fp, tenant.max_connections) if tenant is not None and tenant.max_connections else None
-        plane.add_route(Route(tunnel_id, host, request.session_id, request.h2, tcp_port, request.access, quota))
+        try:
+            plane.add_route(Route(tunnel_id, host, request.session_id, request.h2, tcp_port, request.access, quota))
+        except (ValueError, OSError) as exc:  # (the engine's own checks; the protocol's should have caught it)
+            plane.remove_route(tunnel_id)  # and the listeners opened for it
+            raise BindRefused(BindFailure.UNSUPPORTED, f"the relay cannot route this tunnel ({exc})") from None
+        # nothing below may fail: a failure above gives the id back, and this one is now live
+        ticket = self.tickets.issue(token_fp, Claims(tunnel_id, request.unencrypted, request.h2, tcp_port, tls_port))
+        self.registry.add(record)
         logger.info(
             "tunnel %s %s by session %s: %s%s",
             tunnel_id,

@@ -55,6 +55,16 @@ class Relay:
                     f"burrow token create --secret {config.token_secret} --tenant NAME"
                 )
             tokens = TokenSigner(load_or_create_key(config.token_secret, "token secret", "--token-secret"))
+        if config.revoked is not None:
+            if tokens is None:
+                raise ConfigurationError("--revoked lists ids of signed tokens; give --token-secret too")
+            try:
+                config.revoked.read_text()  # (a typo must not leave revoked tokens working: only later
+            except (OSError, UnicodeDecodeError) as exc:  # failures keep the last list read)
+                reason = getattr(exc, "strerror", None) or "not text"
+                raise ConfigurationError(
+                    f"cannot read --revoked {config.revoked} ({reason.lower()}); create it (empty is fine)"
+                ) from None
         if config.raise_fd_limit:
             self.descriptors.raise_limit()
         control = RelayControl(config, tickets, self.descriptors, tokens)

@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .tickets import b64, token_fingerprint, unb64
+from .tickets import b64, unb64
 
 logger = logging.getLogger("burrow.relay")
 
@@ -36,6 +36,9 @@ TENANT_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
 MAX_TOKEN_LENGTH = 1024
 #: Clocks of agents' relays differ a little; an expiry is honoured this much late.
 CLOCK_SKEW = 60
+#: The largest number a token may carry (quotas, an expiry in Unix time): what the native engine's
+#: counters hold with room to spare, and far beyond any real quota.
+MAX_CLAIM = 2**40
 #: Token ids in a revocation file: every token ever revoked fits; a file beyond it is refused.
 MAX_REVOKED = 1_000_000
 
@@ -57,7 +60,8 @@ class Tenant:
     @property
     def principal(self) -> str:
         """Who owns tunnels and quotas: the tenant (every token of it), a fingerprint like a plain token's."""
-        return token_fingerprint(f"tenant\x00{self.name}")
+        # (its own hash prefix: no plain token's fingerprint can ever equal a tenant's)
+        return hashlib.sha256(b"burrow-tenant\x00" + self.name.encode()).hexdigest()[:32]
 
 
 def is_signed(token: str) -> bool:
@@ -86,6 +90,9 @@ class TokenSigner:
         """A token for ``tenant``, valid ``ttl`` seconds (None: until revoked), and what it vouches for."""
         if not TENANT_NAME.fullmatch(tenant):
             raise ValueError(f"tenant {tenant!r} is not a name of a-z, 0-9, '.', '_' and '-' (at most 63)")
+        for name, value in (("max tunnels", max_tunnels), ("max connections", max_connections)):
+            if value is not None and not 1 <= value <= MAX_CLAIM:
+                raise ValueError(f"{name} {value} is not 1 to {MAX_CLAIM}")
         issued = int(now if now is not None else time.time())
         claims = Tenant(tenant, secrets.token_hex(8), issued + int(ttl) if ttl else None, max_tunnels, max_connections)
         body = {
@@ -118,7 +125,9 @@ class TokenSigner:
             raise TokenInvalid("malformed token") from None
         if not (isinstance(name, str) and TENANT_NAME.fullmatch(name) and isinstance(token_id, str)):
             raise TokenInvalid("malformed token")
-        if not all(limit is None or (isinstance(limit, int) and limit >= 0) for limit in (*limits, expires)):
+        if not all(
+            limit is None or (isinstance(limit, int) and 0 <= limit <= MAX_CLAIM) for limit in (*limits, expires)
+        ):
             raise TokenInvalid("malformed token")
         if expires is not None and (now if now is not None else time.time()) > expires + CLOCK_SKEW:
             raise TokenInvalid("token expired")
