@@ -9,9 +9,12 @@ use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
 use crate::frames::{self, OwnedFrame};
+use std::sync::Arc;
+
 use crate::relay::access::Network;
 use crate::relay::engine::{Certificates, Engine};
 use crate::relay::events::Event;
+use crate::relay::tls::BadCertificate;
 use crate::relay::{Config, Route};
 use crate::sni;
 
@@ -301,7 +304,7 @@ impl RelayEngine {
             .map_err(os_error)
     }
 
-    #[pyo3(signature = (tunnel_id, host, session_id, h2, leaf=None, allow=Vec::new(), proxy=0, quota=None))]
+    #[pyo3(signature = (tunnel_id, host, session_id, h2, leaf=None, allow=Vec::new(), proxy=0, quota=None, client_ca=None))]
     #[allow(clippy::too_many_arguments)]
     fn add_route(
         &self,
@@ -313,6 +316,7 @@ impl RelayEngine {
         allow: Vec<String>,
         proxy: u8,
         quota: Option<(String, i64)>,
+        client_ca: Option<Vec<u8>>,
     ) -> PyResult<()> {
         if proxy > 2 {
             return Err(PyValueError::new_err(format!(
@@ -331,6 +335,14 @@ impl RelayEngine {
             allow: allow.into(),
             proxy,
             quota: quota.map(|(key, max)| self.engine.quota(&key, max)),
+            client_auth: match client_ca {
+                Some(pem) => Some(Arc::new(
+                    self.engine
+                        .client_auth(&pem)
+                        .map_err(|BadCertificate(why)| PyValueError::new_err(why))?,
+                )),
+                None => None,
+            },
         };
         self.engine
             .add_route(tunnel_id, route, leaf.as_deref())

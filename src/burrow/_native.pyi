@@ -60,6 +60,7 @@ class RelayEngine:
         allow: list[str] = ...,
         proxy: int = 0,
         quota: tuple[str, int] | None = None,
+        client_ca: bytes | None = None,
     ) -> None: ...
     def remove_route(self, tunnel_id: str) -> None: ...
     @property

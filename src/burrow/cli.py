@@ -267,6 +267,12 @@ def _tunnel_options(parser: argparse.ArgumentParser) -> None:
         help="put a PROXY protocol header (version 1: text, 2: binary) before each connection's bytes, "
         "so the service learns the client's address",
     )
+    parser.add_argument(
+        "--client-ca",
+        type=Path,
+        metavar="FILE",
+        help="require a client certificate issued by these CAs (PEM) on the TLS address (mutual TLS)",
+    )
     parser.add_argument("--relay", metavar="HOST:PORT", help="the relay (default: BURROW_RELAY, else embedded)")
     parser.add_argument(
         "--token-file", type=Path, help="file holding the token (default: BURROW_TOKEN, BURROW_TOKEN_FILE)"
@@ -470,6 +476,7 @@ def _open_forward(args: argparse.Namespace) -> Forward:
         connect_timeout=args.connect_timeout,
         allow_cidrs=_allow(args.allow),
         proxy_protocol=args.proxy_protocol,
+        client_ca=args.client_ca,
     )
     if args.token_file:
         token = read_token_file(args.token_file, "--token-file")

@@ -121,10 +121,12 @@ def test_an_agent_closes_a_tunnel_whose_relay_does_not_say_it_enforces_the_rules
     the tunnel rather than leave it open to everyone."""
     bound = TunnelAddress.to_message
     monkeypatch.setattr(
-        TunnelAddress, "to_message", lambda self: {k: v for k, v in bound(self).items() if k not in ("allow", "proxy")}
+        TunnelAddress,
+        "to_message",
+        lambda self: {k: v for k, v in bound(self).items() if k not in ("allow", "proxy", "client_ca")},
     )
     forward = burrow.forward(page, allow_cidrs=[f"{INSIDER}/32"])
-    with pytest.raises(TunnelRefused, match="does not enforce allow_cidrs or proxy_protocol"):
+    with pytest.raises(TunnelRefused, match="does not enforce allow_cidrs, proxy_protocol or client_ca"):
         forward.open()
     assert runtime().embedded is not None
     assert len(runtime().embedded.control.registry) == 0  # type: ignore[union-attr]
@@ -219,3 +221,60 @@ def test_nginx_learns_the_client_address_from_the_proxy_header(version: int, ngi
         assert body == f"127.0.0.3 {client_port}\n".encode()
         body, client_port = _http_get(tunnel.unencrypted_port or 0, "127.0.0.3")
         assert body == f"127.0.0.3 {client_port}\n".encode()
+
+
+# ------------------------------------------------------------------ mutual TLS
+
+
+@pytest.fixture(scope="module")
+def client_cas(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path, Path]:
+    """A client CA (PEM), a client certificate of it, and one of another CA (each cert+key in one file)."""
+    trustme = pytest.importorskip("trustme")
+    directory = tmp_path_factory.mktemp("mtls")
+    ours, theirs = trustme.CA(), trustme.CA()
+    good, stranger = directory / "good.pem", directory / "stranger.pem"
+    ours.issue_cert("alice@example.test").private_key_and_cert_chain_pem.write_to_path(str(good))
+    theirs.issue_cert("mallory@example.test").private_key_and_cert_chain_pem.write_to_path(str(stranger))
+    return ours.cert_pem.bytes().decode(), good, stranger
+
+
+def _mtls_get(port: int, ca: Path, client: Path | None, server_name: str = "localhost") -> bytes:
+    context = ssl.create_default_context(cafile=str(ca))
+    if client is not None:
+        context.load_cert_chain(str(client))
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        with context.wrap_socket(raw, server_hostname=server_name) as sock:
+            return _get(sock)
+
+
+@native_only
+def test_a_tunnel_with_client_ca_lets_in_only_clients_with_a_certificate_of_it(
+    page: int, ca_file: Path, client_cas: tuple[str, Path, Path]
+) -> None:
+    pem, good, stranger = client_cas
+    with burrow.forward(page, client_ca=pem) as tunnel:
+        assert _mtls_get(tunnel.port, ca_file, good) == BODY
+        for client in (None, stranger):  # no certificate, or one another CA issued
+            with pytest.raises(OSError):  # (a TLS alert: certificate required / unknown CA)
+                _mtls_get(tunnel.port, ca_file, client)
+        # curl, with and without its certificate
+        curl = ["curl", "-sS", "--cacert", str(ca_file), tunnel.url + "/"]
+        assert subprocess.run([*curl, "--cert", str(good)], capture_output=True, timeout=30).stdout == BODY
+        assert subprocess.run(curl, capture_output=True, timeout=30).returncode != 0
+        # the shared TLS port, by name: the same rule
+        shared_port = runtime().embedded.port  # type: ignore[union-attr]
+        assert _mtls_get(shared_port, ca_file, good, f"{tunnel.id}.localhost") == BODY
+        with pytest.raises(OSError):
+            _mtls_get(shared_port, ca_file, None, f"{tunnel.id}.localhost")
+    with burrow.forward(page) as plain:  # other tunnels ask for nothing
+        assert _mtls_get(plain.port, ca_file, None) == BODY
+
+
+def test_a_bad_client_ca_is_a_one_line_error(tmp_path: Path) -> None:
+    for given, said in (
+        ("-----BEGIN CERTIFICATE-----\njunk\n-----END CERTIFICATE-----\n", "is not PEM CA certificates"),
+        (str(tmp_path / "none.pem"), "cannot read client_ca"),
+        (b"not pem at all", "cannot read client_ca"),
+    ):
+        with pytest.raises(ConfigurationError, match=said):
+            burrow.forward(8000, client_ca=given)

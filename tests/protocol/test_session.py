@@ -253,7 +253,7 @@ def test_bind_bound(pair: Pair) -> None:
 
 
 def test_bind_carries_the_owners_access_rules(pair: Pair) -> None:
-    access = Access(("203.0.113.0/24", "2001:db8::/32"), 2)
+    access = Access(("203.0.113.0/24", "2001:db8::/32"), 2, "-----BEGIN CERTIFICATE-----\n...")
     pair.agent.bind(3, 8000, access=access)
     [request] = pair.send(pair.agent)
     assert isinstance(request, ev.BindRequested) and request.access == access
@@ -273,6 +273,9 @@ def test_bind_carries_the_owners_access_rules(pair: Pair) -> None:
         {"proxy": 3},
         {"proxy": True},
         {"proxy": "1"},
+        {"client_ca": 5},
+        {"client_ca": "not a certificate"},
+        {"client_ca": "-----BEGIN CERTIFICATE-----" + "A" * 13_000},
     ],
 )
 def test_a_bind_with_malformed_access_rules_is_a_protocol_error(pair: Pair, change: dict[str, object]) -> None:

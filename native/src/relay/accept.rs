@@ -251,9 +251,13 @@ async fn handshake(
         Target::Tunnel(tunnel) => match tunnel.route() {
             Some(route) => {
                 let offered = started.client_hello().alpn().map(|offer| offer.collect());
-                let configs = match &shared.identities.loopback {
+                let (tunnels, loopback_configs) = match &route.client_auth {
+                    Some(auth) => (&auth.tunnels, &auth.loopback),
+                    None => (&shared.identities.tunnels, &shared.identities.loopback),
+                };
+                let configs = match loopback_configs {
                     Some(loopback_configs) if loopback => loopback_configs,
-                    _ => &shared.identities.tunnels,
+                    _ => tunnels,
                 };
                 configs.for_alpn(route.h2, offered)
             }

@@ -197,6 +197,11 @@ impl Engine {
         self.shared.remove_route(tunnel_id);
     }
 
+    /// Configurations requiring client certificates issued by `cas` (PEM).
+    pub fn client_auth(&self, cas: &[u8]) -> Result<super::tls::ClientAuth, BadCertificate> {
+        self.shared.identities.client_auth(cas)
+    }
+
     /// A tenant's connection quota (see [`super::Shared::quota`]).
     pub fn quota(&self, key: &str, max: i64) -> Arc<super::access::Quota> {
         self.shared.quota(key, max)

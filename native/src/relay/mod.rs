@@ -80,6 +80,8 @@ pub struct Route {
     pub proxy: u8,
     /// The cap on public connections open at once that this tunnel shares with its tenant's others.
     pub quota: Option<Arc<access::Quota>>,
+    /// The owner requires client certificates (mutual TLS) on the tunnel's TLS addresses.
+    pub client_auth: Option<Arc<tls::ClientAuth>>,
 }
 
 /// What the data plane holds for one tunnel.

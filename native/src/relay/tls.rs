@@ -15,9 +15,10 @@ use std::sync::{Arc, RwLock};
 use rustls::crypto::ring as provider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::server::danger::ClientCertVerifier;
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::{CertifiedKey, SigningKey};
-use rustls::ServerConfig;
+use rustls::{RootCertStore, ServerConfig};
 
 /// ALPN of the agent endpoint, most wanted first (see `burrow/relay/tls.py`).
 pub const AGENT_ALPNS: [&[u8]; 2] = [b"burrow/1+early", b"burrow/1"];
@@ -159,11 +160,14 @@ pub struct TunnelConfigs {
 }
 
 impl TunnelConfigs {
-    fn new(resolver: Arc<dyn ResolvesServerCert>) -> Result<Self, BadCertificate> {
+    fn new(
+        resolver: Arc<dyn ResolvesServerCert>,
+        clients: Option<Arc<dyn ClientCertVerifier>>,
+    ) -> Result<Self, BadCertificate> {
         Ok(Self {
-            http1: config(resolver.clone(), &HTTP1_ALPNS)?,
-            h2: config(resolver.clone(), &H2_ALPNS)?,
-            any: config(resolver, &[])?,
+            http1: config(resolver.clone(), &HTTP1_ALPNS, clients.clone())?,
+            h2: config(resolver.clone(), &H2_ALPNS, clients.clone())?,
+            any: config(resolver, &[], clients)?,
         })
     }
 
@@ -187,17 +191,37 @@ pub struct Identities {
     pub tunnels: TunnelConfigs,
     /// Tunnels' own loopback ports (dev relays that give `https://localhost:PORT`).
     pub loopback: Option<TunnelConfigs>,
+    loopback_resolver: Option<Arc<dyn ResolvesServerCert>>,
 }
+
+/// A tunnel's configurations when its owner requires client certificates (mutual TLS).
+pub struct ClientAuth {
+    pub tunnels: TunnelConfigs,
+    pub loopback: Option<TunnelConfigs>,
+}
+
+impl fmt::Debug for ClientAuth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientAuth").finish_non_exhaustive()
+    }
+}
+
+/// Most CA certificates a tunnel's client-certificate roots may hold.
+pub const MAX_CLIENT_CAS: usize = 16;
 
 fn config(
     resolver: Arc<dyn ResolvesServerCert>,
     alpn: &[&[u8]],
+    clients: Option<Arc<dyn ClientCertVerifier>>,
 ) -> Result<Arc<ServerConfig>, BadCertificate> {
-    let mut config = ServerConfig::builder_with_provider(Arc::new(provider::default_provider()))
+    let builder = ServerConfig::builder_with_provider(Arc::new(provider::default_provider()))
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|e| BadCertificate(e.to_string()))?
-        .with_no_client_auth()
-        .with_cert_resolver(resolver);
+        .map_err(|e| BadCertificate(e.to_string()))?;
+    let builder = match clients {
+        Some(verifier) => builder.with_client_cert_verifier(verifier),
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder.with_cert_resolver(resolver);
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(Arc::new(config))
 }
@@ -206,18 +230,56 @@ impl Identities {
     /// With `loopback_leaf` (dev CA), tunnels may also get loopback ports serving that leaf.
     pub fn new(resolver: Resolver, loopback_leaf: Option<&[u8]>) -> Result<Self, BadCertificate> {
         let resolver = Arc::new(resolver);
-        let loopback = match (loopback_leaf, &resolver.dev_key) {
-            (Some(leaf), Some(key)) => {
-                let fixed = Fixed(Arc::new(CertifiedKey::new(chain(leaf)?, key.clone())));
-                Some(TunnelConfigs::new(Arc::new(fixed))?)
-            }
-            _ => None,
+        let loopback_resolver: Option<Arc<dyn ResolvesServerCert>> =
+            match (loopback_leaf, &resolver.dev_key) {
+                (Some(leaf), Some(key)) => Some(Arc::new(Fixed(Arc::new(CertifiedKey::new(
+                    chain(leaf)?,
+                    key.clone(),
+                ))))),
+                _ => None,
+            };
+        let loopback = match &loopback_resolver {
+            Some(fixed) => Some(TunnelConfigs::new(fixed.clone(), None)?),
+            None => None,
         };
         Ok(Self {
-            agent: config(resolver.clone(), &AGENT_ALPNS)?,
-            tunnels: TunnelConfigs::new(resolver.clone())?,
+            agent: config(resolver.clone(), &AGENT_ALPNS, None)?,
+            tunnels: TunnelConfigs::new(resolver.clone(), None)?,
             loopback,
+            loopback_resolver,
             resolver,
+        })
+    }
+
+    /// A tunnel's configurations that require a client certificate issued by one of `cas`
+    /// (PEM); the tunnel's own certificates as for any tunnel.
+    pub fn client_auth(&self, cas: &[u8]) -> Result<ClientAuth, BadCertificate> {
+        let mut roots = RootCertStore::empty();
+        let certificates = chain(cas)?;
+        if certificates.len() > MAX_CLIENT_CAS {
+            return Err(BadCertificate(format!(
+                "{} CA certificates; at most {MAX_CLIENT_CAS}",
+                certificates.len()
+            )));
+        }
+        for certificate in certificates {
+            roots
+                .add(certificate)
+                .map_err(|e| BadCertificate(format!("not a CA certificate: {e}")))?;
+        }
+        let verifier = WebPkiClientVerifier::builder_with_provider(
+            Arc::new(roots),
+            Arc::new(provider::default_provider()),
+        )
+        .build()
+        .map_err(|e| BadCertificate(format!("cannot verify clients with it: {e}")))?;
+        let loopback = match &self.loopback_resolver {
+            Some(fixed) => Some(TunnelConfigs::new(fixed.clone(), Some(verifier.clone()))?),
+            None => None,
+        };
+        Ok(ClientAuth {
+            tunnels: TunnelConfigs::new(self.resolver.clone(), Some(verifier))?,
+            loopback,
         })
     }
 }

@@ -4,15 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import math
 import os
+import ssl
 import threading
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from types import TracebackType
 
 from ..connection import TrafficStats
 from ..errors import BurrowError, ConfigurationError, TunnelClosed
-from ..protocol.messages import PROXY_PROTOCOL_VERSIONS, Access, TunnelAddress, networks
+from ..protocol.messages import (
+    MAX_CLIENT_CA_LENGTH,
+    PEM_CERTIFICATE,
+    PROXY_PROTOCOL_VERSIONS,
+    Access,
+    TunnelAddress,
+    networks,
+)
 from ..tunnel import Tunnel, TunnelState
 from .config import AgentSettings, RelayAddress
 from .link import RelayLink
@@ -39,6 +49,30 @@ def _check_h2(h2: bool, h2_enabled: bool | None) -> bool:
     if h2 and not h2_enabled:
         raise ConfigurationError("h2=True and h2_enabled=False disagree; give one of them")
     return bool(h2_enabled)
+
+
+def _read_client_ca(client_ca: str | bytes | os.PathLike[str] | None) -> str | None:
+    """``client_ca=``: PEM text (str or bytes), or a file holding it; checked here, one line if bad."""
+    if client_ca is None:
+        return None
+    if isinstance(client_ca, bytes):
+        client_ca = client_ca.decode(errors="replace")
+    if isinstance(client_ca, str) and PEM_CERTIFICATE in client_ca:
+        pem, source = client_ca, "client_ca"
+    else:
+        try:
+            pem, source = Path(client_ca).read_text(), f"client_ca file {client_ca}"
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigurationError(
+                f"cannot read client_ca {client_ca} ({exc}); give PEM text or a PEM file"
+            ) from None
+    try:
+        if len(pem) > MAX_CLIENT_CA_LENGTH or PEM_CERTIFICATE not in pem:
+            raise ValueError(pem[:0])
+        ssl.create_default_context(cadata=pem)  # every certificate parsed, as a verifier will
+    except (ssl.SSLError, ValueError):
+        raise ConfigurationError(f"{source} is not PEM CA certificates (of at most 12 KiB)") from None
+    return pem
 
 
 def _check_access(allow_cidrs: Iterable[str] | None, proxy_protocol: int | None) -> Access:
@@ -78,6 +112,7 @@ class Forward:
         connect_timeout: float = LOCAL_CONNECT_TIMEOUT,
         allow_cidrs: Iterable[str] | None = None,
         proxy_protocol: int | None = None,
+        client_ca: str | bytes | os.PathLike[str] | None = None,
     ) -> None:
         self.target = LocalTarget.parse(port)
         self.port = self.target.port  # (0 for a unix socket)
@@ -91,7 +126,9 @@ class Forward:
         self.unencrypted = bool(unencrypted)
         self.h2 = bool(h2)
         self.settings = AgentSettings.resolve(relay, token, ca)
-        self.access = _check_access(allow_cidrs, proxy_protocol)
+        self.access = dataclasses.replace(
+            _check_access(allow_cidrs, proxy_protocol), client_ca=_read_client_ca(client_ca)
+        )
         self._tunnel = AgentTunnel(
             self.target,
             self.unencrypted,
@@ -234,6 +271,7 @@ def forward(
     connect_timeout: float = LOCAL_CONNECT_TIMEOUT,
     allow_cidrs: Iterable[str] | None = None,
     proxy_protocol: int | None = None,
+    client_ca: str | bytes | os.PathLike[str] | None = None,
 ) -> Forward:
     """Expose local TCP ``port`` to the Internet through a relay.
 
@@ -255,7 +293,9 @@ def forward(
     from those networks in (the relay refuses others before any TLS work).
     ``proxy_protocol=1`` or ``2`` has the relay put a PROXY protocol header of
     that version before each connection's bytes, so the service learns the
-    client's address (nginx: ``listen ... proxy_protocol``).
+    client's address (nginx: ``listen ... proxy_protocol``). ``client_ca=`` (PEM
+    text or a file) makes the TLS address require a client certificate issued
+    by one of those CAs (mutual TLS); the raw TCP address is not covered.
 
     If the link to the relay drops, burrow reconnects by itself and the
     tunnel comes back with the same URL; ``on_state`` (called on burrow's
@@ -273,4 +313,5 @@ def forward(
         connect_timeout=connect_timeout,
         allow_cidrs=allow_cidrs,
         proxy_protocol=proxy_protocol,
+        client_ca=client_ca,
     )

@@ -291,7 +291,8 @@ class RelayConnection(SessionConnection):
             # leave such a tunnel open, it would let in everyone the owner meant to keep out
             await self.unbind(address.id)
             raise TunnelRefused(
-                f"relay {self.name} does not enforce allow_cidrs or proxy_protocol (an older burrow); upgrade it",
+                f"relay {self.name} does not enforce allow_cidrs, proxy_protocol or client_ca (an older burrow); "
+                "upgrade it",
                 BindFailure.UNSUPPORTED,
             )
         return address

@@ -32,6 +32,10 @@ MAX_TEXT_LENGTH = 200
 #: Networks in one tunnel's allowlist: offices and VPNs are a handful; each connection is checked
 #: against every entry, so the list stays short.
 MAX_ALLOWED_NETWORKS = 64
+#: A tunnel's client-certificate CAs, as PEM: a few certificates (~1.5 KiB each), within a control
+#: frame's 16 KiB with room for BIND's (and BOUND's echo's) other fields.
+MAX_CLIENT_CA_LENGTH = 12 * 1024
+PEM_CERTIFICATE = "-----BEGIN CERTIFICATE-----"
 #: PROXY protocol versions a relay can put in front of a connection's bytes.
 PROXY_PROTOCOL_VERSIONS = (1, 2)
 
@@ -129,11 +133,14 @@ class Access:
     ``allow``: the networks clients may come from (empty: anyone); the relay
     refuses others before any TLS work. ``proxy_protocol``: 1 or 2 puts a PROXY
     protocol header of that version before a connection's bytes, so the
-    service learns the client's address; 0, none.
+    service learns the client's address; 0, none. ``client_ca``: PEM CA
+    certificates; the tunnel's TLS addresses then require a client certificate
+    issued by one of them (mutual TLS).
     """
 
     allow: tuple[str, ...] = ()
     proxy_protocol: int = 0
+    client_ca: str | None = None
 
     def to_message(self) -> dict[str, Any]:
         """BIND's fields for it (none when it asks for nothing)."""
@@ -142,6 +149,8 @@ class Access:
             message["allow"] = list(self.allow)
         if self.proxy_protocol:
             message["proxy"] = self.proxy_protocol
+        if self.client_ca is not None:
+            message["client_ca"] = self.client_ca
         return message
 
     @classmethod
@@ -157,8 +166,13 @@ class Access:
             raise RemoteProtocolError(
                 ErrorCode.PROTOCOL_ERROR, f"{frame.name} field 'allow' is not a short list of networks"
             )
+        client_ca = optional_of(message, "client_ca", str, frame)
+        if client_ca is not None and (len(client_ca) > MAX_CLIENT_CA_LENGTH or PEM_CERTIFICATE not in client_ca):
+            raise RemoteProtocolError(
+                ErrorCode.PROTOCOL_ERROR, f"{frame.name} field 'client_ca' is not PEM certificates of at most 12 KiB"
+            )
         try:
-            return cls(networks(allow), proxy)
+            return cls(networks(allow), proxy, client_ca)
         except ValueError as exc:
             raise RemoteProtocolError(ErrorCode.PROTOCOL_ERROR, f"{frame.name} field 'allow': {exc}") from None
 

@@ -187,7 +187,8 @@ class RelayControl:
         if request.access != ANYONE and not self.plane.access_control:
             raise BindRefused(
                 BindFailure.UNSUPPORTED,
-                "this relay's engine cannot do allow_cidrs or proxy_protocol; run the relay with --engine native",
+                "this relay's engine cannot do allow_cidrs, proxy_protocol or client_ca; "
+                "run the relay with --engine native",
             )
         token_fp, tenant = admitted.principal, admitted.tenant
         if tenant is not None and tenant.max_connections and not self.plane.access_control:

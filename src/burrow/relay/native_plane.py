@@ -326,6 +326,7 @@ class NativePlane:
             list(access.allow),
             access.proxy_protocol,
             route.quota,
+            access.client_ca.encode() if access.client_ca is not None else None,
         )
         self._tunnels.add(route.tunnel_id)
 
