@@ -66,6 +66,12 @@ def _damaged_home(tmp: Path) -> str:
 
 RELAY = ["relay", "--listen", "127.0.0.1:0"]
 
+
+def _held_port() -> int:
+    sock, port = _busy_port()
+    _HOLD.append(sock)
+    return port
+
 CASES: dict[str, Setup] = {
     "short ticket key": lambda t: ([*RELAY, "--ticket-key", str(_file(t / "k", b"short"))], {}),
     "ticket key is a directory": lambda t: ([*RELAY, "--ticket-key", str(t)], {}),
@@ -87,6 +93,8 @@ CASES: dict[str, Setup] = {
     "bad port range": lambda t: ([*RELAY, "--tcp-ports", "5-3"], {}),
     "exposed without token": lambda t: (["relay", "--listen", "0.0.0.0:0"], {}),
     "missing token file": lambda t: ([*RELAY, "--token-file", str(t / "none")], {}),
+    "metrics port in use": lambda t: ([*RELAY, "--metrics", f"127.0.0.1:{_held_port()}"], {}),
+    "metrics not host:port": lambda t: ([*RELAY, "--metrics", "9100"], {}),
     "missing token secret": lambda t: ([*RELAY, "--token-secret", str(t / "none")], {}),
     "short token secret": lambda t: ([*RELAY, "--token-secret", str(_file(t / "s", b"short"))], {}),
     "missing revocation list": lambda t: (

@@ -129,6 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="take tenant tokens signed with this secret (burrow token create; the same file on every relay)",
     )
     relay.add_argument(
+        "--metrics",
+        type=_host_port,
+        metavar="HOST:PORT",
+        help="serve Prometheus /metrics and /healthz (200, 503 while draining) here, e.g. 127.0.0.1:9100",
+    )
+    relay.add_argument(
         "--revoked", type=Path, metavar="FILE", help="revoked tenant token ids, one a line; re-read when it changes"
     )
     limits = relay.add_argument_group("deadlines and limits")
@@ -341,6 +347,7 @@ def run_relay(args: argparse.Namespace) -> int:
         ticket_key=args.ticket_key,
         token_secret=args.token_secret,
         revoked=args.revoked,
+        metrics=args.metrics,
         **{name: getattr(args, name) for name in _LIMITS},
     )
     if args.window is not None:

@@ -19,8 +19,11 @@ class LogLimiter:
         self._window: dict[str, float] = {}
         self._count: Counter[str] = Counter()
         self._suppressed: Counter[str] = Counter()
+        #: every event by kind, logged or not (the kinds are names in our code: a bounded set), for metrics
+        self.counts: Counter[str] = Counter()
 
     def log(self, kind: str, level: int, message: str, *args: object) -> None:
+        self.counts[kind] += 1
         now = time.monotonic()
         if now - self._window.get(kind, 0.0) >= 1.0:
             if self._suppressed[kind]:

@@ -100,6 +100,7 @@ class RelayConfig:
     ticket_key: Path | None = None  # resume-ticket key file; default: <data_dir>/ticket.key
     token_secret: Path | None = None  # signing secret of tenant tokens (burrow token create); None: none taken
     revoked: Path | None = None  # revoked tenant token ids, one a line, re-read when it changes
+    metrics: tuple[str, int] | None = None  # where /metrics and /healthz answer (burrow relay --metrics)
     heartbeat_timeout: float = HEARTBEAT_TIMEOUT
     max_pending_handshakes: int = MAX_PENDING_HANDSHAKES
     max_pending_per_source: int = MAX_PENDING_PER_SOURCE

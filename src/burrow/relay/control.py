@@ -18,9 +18,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from collections import Counter
 from collections.abc import Coroutine
 from typing import Any
 
+from ..connection import TrafficStats
 from ..logs import LogLimiter
 from ..protocol.frames import ErrorCode
 from ..protocol.messages import ANYONE, BindFailure, TunnelAddress
@@ -68,6 +70,9 @@ class RelayControl:
         self.registry = TunnelRegistry()
         # an unauthenticated peer can make us refuse it as often as it likes: those lines are rate-limited
         self.refusals = LogLimiter(logger)
+        self.bind_refusals: Counter[str] = Counter()  # by BindFailure code (a fixed set), for metrics
+        # what closed tunnels carried, by tenant (operator-issued names, "" for plain tokens): for metrics
+        self.closed_stats: dict[str, TrafficStats] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._plane: DataPlane | None = None
         self._ready: ReadyIds | None = None
@@ -169,7 +174,10 @@ class RelayControl:
         try:
             address = await self._open(request)
         except BindRefused as exc:
-            logger.info("session %s: bind refused (%s): %s", request.session_id, exc.code.value, exc)
+            self.bind_refusals[exc.code.value] += 1
+            self.refusals.log(
+                "bind", logging.INFO, "session %s: bind refused (%s): %s", request.session_id, exc.code.value, exc
+            )
             self.plane.bind_failed(request.session_id, request.request_id, exc.code, str(exc))
         except Exception:
             self.plane.bind_failed(request.session_id, request.request_id, BindFailure.OTHER, "relay error")
@@ -252,11 +260,19 @@ class RelayControl:
                 plane.remove_route(tunnel_id)  # the session died meanwhile: drop our listener
             raise BindRefused(BindFailure.IN_USE, f"tunnel {tunnel_id} was bound meanwhile")
         host = f"{tunnel_id}.{self.config.domain}"
-        record = TunnelRecord(
-            tunnel_id, host, request.session_id, token_fp, request.port, request.h2, request.unencrypted, tcp_port
-        )
         admitted = self.admission.sessions.get(request.session_id)
         tenant = admitted.tenant if admitted is not None else None
+        record = TunnelRecord(
+            tunnel_id,
+            host,
+            request.session_id,
+            token_fp,
+            request.port,
+            request.h2,
+            request.unencrypted,
+            tcp_port,
+            tenant.name if tenant is not None else "",
+        )
         quota = (token_fp, tenant.max_connections) if tenant is not None and tenant.max_connections else None
         try:
             plane.add_route(Route(tunnel_id, host, request.session_id, request.h2, tcp_port, request.access, quota))
@@ -319,6 +335,10 @@ class RelayControl:
         if self.registry.remove(record.id) is None:
             return
         stats = self.plane.stats(record.id)
+        closed = self.closed_stats.setdefault(record.tenant, TrafficStats())
+        closed.total_connections += stats.total_connections
+        closed.bytes_in += stats.bytes_in
+        closed.bytes_out += stats.bytes_out
         self.plane.remove_route(record.id)
         if notify:
             self.plane.unbound(record.session_id, record.id, reason)

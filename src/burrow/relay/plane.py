@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Protocol
 
 from ..connection import TrafficStats
+from ..logs import LogLimiter
 from ..protocol.frames import ErrorCode
 from ..protocol.messages import ANYONE, Access, BindFailure, TunnelAddress
 
@@ -90,6 +91,9 @@ class ControlPlane(Protocol):
 
 class DataPlane(Protocol):
     """What the control plane asks of the engine that moves bytes."""
+
+    #: its refusals' log lines, rate-limited, and their counts (metrics)
+    refusals: LogLimiter
 
     @property
     def ports(self) -> Sequence[int]:

@@ -40,6 +40,7 @@ class TunnelRecord:
     h2: bool
     unencrypted: bool
     tcp_port: int | None
+    tenant: str = ""  # the tenant of a signed token ("" for a plain token), for metrics
 
 
 class TunnelRegistry:

@@ -22,6 +22,7 @@ from .config import RelayConfig
 from .control import RelayControl
 from .descriptors import Descriptors
 from .engine import AsyncioPlane
+from .metrics import MetricsServer
 from .plane import DataPlane
 from .tickets import TicketSigner, default_key_path, load_or_create_key
 from .tokens import TokenSigner
@@ -41,6 +42,8 @@ class Relay:
         self.descriptors = Descriptors()
         self.control: RelayControl | None = None
         self.plane: DataPlane | None = None
+        self.draining = False  # set when shutdown begins: /healthz says 503 from then on
+        self.metrics: MetricsServer | None = None
 
     async def start(self) -> Relay:
         """Listen; returns once connections are accepted. Errors are one-line ConfigurationErrors."""
@@ -79,6 +82,13 @@ class Relay:
         await plane.start()
         self.control, self.plane = control, plane
         control.start()
+        if config.metrics is not None:
+            self.metrics = MetricsServer(self, *config.metrics)
+            try:
+                await self.metrics.start()
+            except BaseException:
+                self.close()
+                raise
         logger.info(
             "relay listening on %s:%d for *.%s (%s certificates)",
             config.host,
@@ -113,6 +123,7 @@ class Relay:
     async def shutdown(self, grace: float | None = None) -> None:
         """Graceful stop: refuse new connections, GOAWAY to agents, let streams finish, close."""
         grace = self.config.shutdown_grace if grace is None else grace
+        self.draining = True
         self.stop_listening()
         plane = self.plane
         if plane is not None:
@@ -126,6 +137,9 @@ class Relay:
 
     def close(self) -> None:
         """Stop now: close listeners and every session (streams are reset)."""
+        self.draining = True
+        if self.metrics is not None:
+            self.metrics.close()
         self.stop_listening()
         if self.control is not None:
             self.control.close_all("relay shutting down")

@@ -1,0 +1,182 @@
+"""``burrow relay --metrics HOST:PORT``: Prometheus metrics and a health check for load balancers.
+
+``/metrics`` is the Prometheus text format (prometheus-client), read from the
+relay at each scrape: nothing is counted twice and nothing per byte touches
+Python. ``/healthz`` answers 200 while the relay takes tunnels and 503 once it
+drains. Anything else is 404. The listener is a small asyncio HTTP/1.1 server:
+one request per connection, its head bounded and read under a deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from ..connection import TrafficStats
+from ..errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
+
+    from .server import Relay
+
+logger = logging.getLogger("burrow.relay")
+
+#: A scraper's request head is a few hundred bytes; more is not one.
+MAX_REQUEST_HEAD = 8 * 1024
+#: A scraper sends its request at once; a connection that does not is let go.
+REQUEST_TIMEOUT = 5.0
+
+
+class RelayCollector:
+    """The relay's numbers, as Prometheus metric families, read when scraped."""
+
+    def __init__(self, relay: Relay) -> None:
+        self.relay = relay
+
+    def collect(self) -> Iterator[Metric]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        control, plane = self.relay.control, self.relay.plane
+        if control is None or plane is None:
+            return
+        open_tunnels: dict[str, int] = {}
+        live: dict[str, TrafficStats] = {}
+        for record in control.registry:
+            open_tunnels[record.tenant] = open_tunnels.get(record.tenant, 0) + 1
+            stats, total = plane.stats(record.id), live.setdefault(record.tenant, TrafficStats())
+            total.open_connections += stats.open_connections
+            total.total_connections += stats.total_connections
+            total.bytes_in += stats.bytes_in
+            total.bytes_out += stats.bytes_out
+        tenants = sorted(set(live) | set(control.closed_stats))
+
+        def both(name: str) -> dict[str, int]:
+            return {
+                t: getattr(live.get(t, TrafficStats()), name)
+                + getattr(control.closed_stats.get(t, TrafficStats()), name)
+                for t in tenants
+            }
+
+        yield _gauge(
+            GaugeMetricFamily,
+            "burrow_up",
+            "1 while the relay takes tunnels, 0 once it drains",
+            [],
+            [((), 0.0 if self.relay.draining else 1.0)],
+        )
+        yield _gauge(
+            GaugeMetricFamily,
+            "burrow_sessions_open",
+            "agent sessions welcomed and open",
+            [],
+            [((), len(control.admission.sessions))],
+        )
+        yield _gauge(
+            GaugeMetricFamily,
+            "burrow_tunnels_open",
+            "tunnels open, by tenant",
+            ["tenant"],
+            [((t,), n) for t, n in open_tunnels.items()],
+        )
+        yield _gauge(
+            GaugeMetricFamily,
+            "burrow_connections_open",
+            "public connections open, by tenant",
+            ["tenant"],
+            [((t,), s.open_connections) for t, s in live.items()],
+        )
+        yield _gauge(
+            CounterMetricFamily,
+            "burrow_connections",
+            "public connections served, by tenant",
+            ["tenant"],
+            [((t,), n) for t, n in both("total_connections").items()],
+        )
+        bytes_family = CounterMetricFamily(
+            "burrow_bytes", "bytes through tunnels, by tenant and direction", labels=["tenant", "direction"]
+        )
+        for direction, name in (("in", "bytes_in"), ("out", "bytes_out")):
+            for tenant, value in both(name).items():
+                bytes_family.add_metric([tenant, direction], value)
+        yield bytes_family
+        refusals = control.refusals.counts + plane.refusals.counts
+        yield _gauge(
+            CounterMetricFamily,
+            "burrow_refusals",
+            "refused connections, sessions and requests, by kind (logged or not)",
+            ["kind"],
+            [((k,), n) for k, n in sorted(refusals.items())],
+        )
+        yield _gauge(
+            CounterMetricFamily,
+            "burrow_bind_refusals",
+            "tunnels refused, by BindFailure code",
+            ["code"],
+            [((c,), n) for c, n in sorted(control.bind_refusals.items())],
+        )
+
+
+def _gauge(
+    kind: type, name: str, documentation: str, labels: list[str], values: list[tuple[tuple[str, ...], float]]
+) -> Metric:
+    family = kind(name, documentation, labels=labels)
+    for label_values, value in values:
+        family.add_metric(list(label_values), value)
+    return family  # type: ignore[no-any-return]
+
+
+class MetricsServer:
+    """The ``--metrics`` listener."""
+
+    def __init__(self, relay: Relay, host: str, port: int) -> None:
+        try:
+            from prometheus_client import CollectorRegistry
+        except ImportError:
+            raise ConfigurationError("--metrics needs prometheus-client: pip install 'burrow[metrics]'") from None
+        self.relay = relay
+        self.host, self.port = host, port
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(RelayCollector(relay))
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        try:
+            self._server = await asyncio.start_server(self._serve, self.host, self.port, limit=MAX_REQUEST_HEAD)
+        except OSError as exc:
+            raise ConfigurationError(f"cannot listen on --metrics {self.host}:{self.port} ({exc.strerror})") from None
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            async with asyncio.timeout(REQUEST_TIMEOUT):
+                head = await reader.readuntil(b"\r\n\r\n")
+            path = head.split(b"\r\n", 1)[0].split(b" ")[1].split(b"?")[0] if head.count(b" ") >= 2 else b""
+            status, content_type, body = self._answer(path)
+            writer.write(
+                f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
+                "Connection: close\r\n\r\n".encode()
+                + body
+            )
+            await writer.drain()
+        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+            pass  # (a scraper that hangs up or never asks: nothing to answer)
+        finally:
+            writer.close()
+
+    def _answer(self, path: bytes) -> tuple[str, str, bytes]:
+        if path == b"/metrics":
+            from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+            return "200 OK", CONTENT_TYPE_LATEST, generate_latest(self.registry)
+        if path == b"/healthz":
+            if self.relay.draining:
+                return "503 Service Unavailable", "text/plain", b"draining\n"
+            return "200 OK", "text/plain", b"ok\n"
+        return "404 Not Found", "text/plain", b"try /metrics or /healthz\n"
