@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import hmac
 import itertools
-import json
 import logging
 import os
 import secrets
@@ -44,6 +43,10 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import FrameType
 from urllib.parse import urlsplit
+
+# the settings a Jupyter server needs behind a tunnel, one place for both examples (this directory is
+# sys.path[0] when the hub runs as `python examples/hub.py`)
+from jupyter import jupyter_command  # noqa: E402
 
 import burrow
 
@@ -80,29 +83,6 @@ class HubFull(Exception):
 
 class HubClosed(Exception):
     """The hub is stopping and starts no more notebooks."""
-
-
-def jupyter_command(port: int, root_dir: str, tunnel: burrow.Tunnel) -> list[str]:
-    """``jupyter server`` on loopback ``port`` for browsers coming through ``tunnel``.
-
-    The settings are examples/jupyter.py's (explained there and in
-    docs/examples.md); the token goes in ``JUPYTER_TOKEN``, never on argv.
-    """
-    command = [
-        sys.executable,
-        "-m",
-        "jupyter_server",
-        "--ServerApp.ip=127.0.0.1",
-        f"--ServerApp.port={port}",
-        "--ServerApp.port_retries=0",
-        "--ServerApp.open_browser=False",
-        f"--ServerApp.root_dir={root_dir}",
-        f"--ServerApp.local_hostnames={json.dumps(['localhost', tunnel.host])}",
-        "--ServerApp.log_level=WARN",  # many servers share the hub's stderr
-    ]
-    if hasattr(os, "geteuid") and os.geteuid() == 0:
-        command.append("--ServerApp.allow_root=True")
-    return command
 
 
 def free_port() -> int:
@@ -171,7 +151,8 @@ class Hub:
             tunnel = forward.open()
             env = {name: value for name, value in os.environ.items() if name not in PRIVATE_ENV}
             process = subprocess.Popen(
-                jupyter_command(port, root_dir, tunnel),
+                # (many servers share the hub's stderr: warnings only)
+                jupyter_command(port, root_dir, tunnel, "--ServerApp.log_level=WARN"),
                 env={**env, "JUPYTER_TOKEN": token},
                 cwd=root_dir,
                 stdin=subprocess.DEVNULL,

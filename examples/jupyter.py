@@ -39,8 +39,9 @@ JUPYTER_START_TIMEOUT = 30.0
 JUPYTER_STOP_TIMEOUT = 10.0
 
 
-def jupyter_command(port: int, root_dir: str, tunnel: burrow.Tunnel) -> list[str]:
-    """``jupyter server`` on loopback ``port``, for browsers that reach it through ``tunnel``.
+def jupyter_command(port: int, root_dir: str, tunnel: burrow.Tunnel, *extra: str) -> list[str]:
+    """``jupyter server`` on loopback ``port``, for browsers that reach it through ``tunnel`` (and ``extra``
+    settings of the caller's; examples/hub.py uses it too).
 
     The token is not here: it goes in the ``JUPYTER_TOKEN`` environment
     variable, because every local user can read a command line (``ps``).
@@ -65,7 +66,7 @@ def jupyter_command(port: int, root_dir: str, tunnel: burrow.Tunnel) -> list[str
     ]
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         command.append("--ServerApp.allow_root=True")  # containers often run as root; Jupyter refuses by default
-    return command
+    return [*command, *extra]
 
 
 def start_jupyter(port: int, root_dir: str, tunnel: burrow.Tunnel, token: str) -> subprocess.Popen[bytes]:
