@@ -72,6 +72,7 @@ def _held_port() -> int:
     _HOLD.append(sock)
     return port
 
+
 CASES: dict[str, Setup] = {
     "short ticket key": lambda t: ([*RELAY, "--ticket-key", str(_file(t / "k", b"short"))], {}),
     "ticket key is a directory": lambda t: ([*RELAY, "--ticket-key", str(t)], {}),

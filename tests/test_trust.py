@@ -12,15 +12,15 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 import burrow
 from burrow.relay.config import RelayConfig
+
+from .helpers import page_server
 
 STORE_DIRS = ("/usr/local/share/ca-certificates", "/etc/ssl/certs")
 BODY = b"trusted at last\n"
@@ -37,28 +37,10 @@ pytestmark = [
 Run = Callable[..., subprocess.CompletedProcess[str]]
 
 
-class _Page(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:  # noqa: N802
-        self.send_response(200)
-        self.send_header("Content-Type", "text/plain")
-        self.send_header("Content-Length", str(len(BODY)))
-        self.end_headers()
-        self.wfile.write(BODY)
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
 @pytest.fixture
 def url() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Page)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        with burrow.forward(server.server_address[1]) as tunnel:
-            yield tunnel.url + "/"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with page_server(BODY) as port, burrow.forward(port) as tunnel:
+        yield tunnel.url + "/"
 
 
 @pytest.fixture

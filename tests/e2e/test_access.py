@@ -9,10 +9,8 @@ import signal
 import socket
 import ssl
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -23,7 +21,7 @@ from burrow.errors import ConfigurationError, TunnelRefused
 from burrow.protocol.messages import TunnelAddress
 from burrow.relay.config import RelayConfig
 
-from ..helpers import free_port
+from ..helpers import free_port, page_server
 
 NATIVE = RelayConfig().engine == "native"
 native_only = pytest.mark.skipif(not NATIVE, reason="allow_cidrs and proxy_protocol are the native engine's")
@@ -32,24 +30,10 @@ BODY = b"inside\n"
 INSIDER, OUTSIDER = "127.0.0.2", "127.0.0.1"
 
 
-class _Page(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:  # noqa: N802
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(BODY)))
-        self.end_headers()
-        self.wfile.write(BODY)
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
 @pytest.fixture(scope="module")
 def page() -> Iterator[int]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Page)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield server.server_address[1]
-    server.shutdown()
-    server.server_close()
+    with page_server(BODY) as port:
+        yield port
 
 
 def _https_get(port: int, ca: Path, source: str, server_name: str = "localhost") -> tuple[bytes, int]:

@@ -18,10 +18,8 @@ import shutil
 import socket
 import ssl
 import subprocess
-import threading
 import urllib.request
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -29,7 +27,7 @@ import pytest
 import burrow
 from burrow.relay.config import RelayConfig
 
-from ..helpers import free_port
+from ..helpers import free_port, page_server
 
 pytestmark = pytest.mark.skipif(
     RelayConfig().engine != "native", reason="https://localhost:PORT is the native engine's (BURROW_ENGINE)"
@@ -38,30 +36,10 @@ pytestmark = pytest.mark.skipif(
 BODY = b"served through burrow\n" * 100
 
 
-class _Page(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def do_GET(self) -> None:  # noqa: N802
-        self.send_response(200)
-        self.send_header("Content-Type", "text/plain")
-        self.send_header("Content-Length", str(len(BODY)))
-        self.end_headers()
-        self.wfile.write(BODY)
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
 @pytest.fixture(scope="module")
 def tunnel() -> Iterator[burrow.Tunnel]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Page)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        with burrow.forward(server.server_address[1]) as opened:
-            yield opened
-    finally:
-        server.shutdown()
-        server.server_close()
+    with page_server(BODY) as port, burrow.forward(port) as opened:
+        yield opened
 
 
 @pytest.fixture(scope="module")
@@ -194,26 +172,13 @@ def test_openssl_s_client_connects_to_the_tls_socket(tunnel: burrow.Tunnel, cafi
 
 def test_each_tunnel_has_its_own_port_and_keeps_it_private(tunnel: burrow.Tunnel, cafile: str) -> None:
     """Another tunnel's port serves that tunnel only, whatever name a client asks for."""
-    other = ThreadingHTTPServer(("127.0.0.1", 0), type("Other", (_Page,), {"do_GET": _other_page}))
-    threading.Thread(target=other.serve_forever, daemon=True).start()
-    try:
-        with burrow.forward(other.server_address[1]) as second:
-            assert second.port != tunnel.port
-            assert _urllib(second.url + "/", cafile) == b"the other one\n"
-            assert _urllib(tunnel.url + "/", cafile) == BODY
-    finally:
-        other.shutdown()
-        other.server_close()
+    with page_server(b"the other one\n") as other, burrow.forward(other) as second:
+        assert second.port != tunnel.port
+        assert _urllib(second.url + "/", cafile) == b"the other one\n"
+        assert _urllib(tunnel.url + "/", cafile) == BODY
     # closed: its port no longer answers
     with pytest.raises(OSError):
         _urllib(second.url + "/", cafile)
-
-
-def _other_page(self: BaseHTTPRequestHandler) -> None:
-    self.send_response(200)
-    self.send_header("Content-Length", "14")
-    self.end_headers()
-    self.wfile.write(b"the other one\n")
 
 
 def test_h2load_drives_an_h2_tunnel(tmp_path: Path, cafile: str) -> None:
