@@ -70,22 +70,23 @@ enum Ending {
 
 /// Serve a public connection of `tunnel` until it ends.
 pub async fn serve<S: PublicIo>(shared: Arc<Shared>, tunnel: Arc<Tunnel>, io: S, peer: String) {
+    // one snapshot of the route serves every decision below
+    let route = tunnel.route();
     // the allowlist again, on the route this connection is served by: one accepted while the
     // tunnel had no route yet (its listener opens first) was let through the accept's check
     let client = io.socket().peer_addr().map(|address| address.ip());
-    if let (Some(route), Ok(ip)) = (tunnel.route(), client) {
+    if let (Some(route), Ok(ip)) = (&route, client) {
         if !access::allowed(&route.allow, ip) {
             let _ = io.socket().set_zero_linger();
             return;
         }
     }
-    let session = tunnel
-        .route()
+    let session = route
+        .as_ref()
         .and_then(|route| shared.session(&route.session))
         .filter(|s| s.state() == State::Open);
     let Some(session) = session else {
         // (no route or no session any more: the connection is dropped)
-        let route = tunnel.route();
         let state = route
             .as_ref()
             .and_then(|r| shared.session(&r.session))
@@ -101,8 +102,8 @@ pub async fn serve<S: PublicIo>(shared: Arc<Shared>, tunnel: Arc<Tunnel>, io: S,
         return;
     };
     // the tenant's cap on connections open at once, across its tunnels (held until this one ends)
-    let quota = tunnel.route().and_then(|route| route.quota);
-    let _held = match quota.as_ref().map(|quota| (quota, quota.take())) {
+    let quota = route.as_ref().and_then(|route| route.quota.as_ref());
+    let _held = match quota.map(|quota| (quota, quota.take())) {
         Some((quota, None)) => {
             shared.log(
                 "connections",
@@ -152,8 +153,8 @@ pub async fn serve<S: PublicIo>(shared: Arc<Shared>, tunnel: Arc<Tunnel>, io: S,
     tunnel.stats.open.fetch_add(1, Ordering::Relaxed);
     tunnel.stats.total.fetch_add(1, Ordering::Relaxed);
     // the PROXY protocol header, when the owner asked for one: the first bytes the service reads
-    let header = tunnel
-        .route()
+    let header = route
+        .as_ref()
         .filter(|route| route.proxy != 0)
         .and_then(|route| {
             let socket = io.socket();
