@@ -358,6 +358,14 @@ impl RelayEngine {
         self.engine.per_host_leaves()
     }
 
+    /// Serve a renewed certificate chain and key (PEM) from the next handshake on;
+    /// ValueError (and the old pair kept) if they are not a matching pair.
+    fn reload_certificate(&self, chain: &[u8], key: &[u8]) -> PyResult<()> {
+        self.engine
+            .reload_certificate(chain, key)
+            .map_err(|BadCertificate(why)| PyValueError::new_err(why))
+    }
+
     fn session_open(&self, session_id: &str) -> bool {
         self.engine.session_open(session_id)
     }

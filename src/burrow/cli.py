@@ -84,7 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"TLS listener for agents and public clients (default 127.0.0.1:{DEV_PORT})",
     )
     relay.add_argument("--domain", default=DEV_DOMAIN, help="tunnels are <id>.DOMAIN (default localhost)")
-    relay.add_argument("--cert", type=Path, help="certificate chain (PEM) for DOMAIN and *.DOMAIN")
+    relay.add_argument(
+        "--cert",
+        type=Path,
+        help="certificate chain (PEM) for DOMAIN and *.DOMAIN; re-read when it changes or on SIGHUP",
+    )
     relay.add_argument("--key", type=Path, help="private key (PEM) of --cert")
     relay.add_argument("--public-port", type=int, help="TLS port clients see, if not the listen port (NAT, LB)")
     relay.add_argument(
@@ -318,7 +322,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run_relay(args: argparse.Namespace) -> int:
-    """``burrow relay``: serve until SIGINT or SIGTERM."""
+    """``burrow relay``: serve until SIGINT or SIGTERM; SIGHUP reloads --cert/--key."""
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO,
         format="%(asctime)s %(levelname)s %(message)s",
@@ -398,6 +402,7 @@ async def _serve(config: RelayConfig) -> int:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal)
+    loop.add_signal_handler(signal.SIGHUP, relay.reload_certificate, "SIGHUP")  # (certbot's deploy hook)
     where = f"{config.domain}:{relay.public_port}"
     print(f"burrow relay ready on {config.host}:{relay.port} for *.{config.domain}", flush=True)
     print(f"  agents: BURROW_RELAY={where}" + (" BURROW_TOKEN=..." if config.tokens else ""), flush=True)

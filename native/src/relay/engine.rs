@@ -211,6 +211,11 @@ impl Engine {
         self.shared.identities.resolver.per_host_leaves()
     }
 
+    /// Serve a renewed operator certificate from the next handshake on.
+    pub fn reload_certificate(&self, chain: &[u8], key: &[u8]) -> Result<(), BadCertificate> {
+        self.shared.identities.resolver.reload(chain, key)
+    }
+
     pub fn session_open(&self, session_id: &str) -> bool {
         self.shared
             .session(session_id)

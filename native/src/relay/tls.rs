@@ -36,7 +36,8 @@ pub struct BadCertificate(pub String);
 
 /// The certificate for each name.
 pub struct Resolver {
-    shared: Option<Arc<CertifiedKey>>,
+    /// The operator's certificate; replaced whole by a reload (handshakes under way keep theirs).
+    shared: RwLock<Option<Arc<CertifiedKey>>>,
     dev_key: Option<Arc<dyn SigningKey>>,
     hosts: RwLock<HashMap<String, Arc<CertifiedKey>>>,
 }
@@ -64,14 +65,18 @@ fn signing_key(pem: &[u8]) -> Result<Arc<dyn SigningKey>, BadCertificate> {
         .map_err(|e| BadCertificate(format!("unusable private key: {e}")))
 }
 
+fn operator_key(chain_pem: &[u8], key_pem: &[u8]) -> Result<Arc<CertifiedKey>, BadCertificate> {
+    let key = CertifiedKey::new(chain(chain_pem)?, signing_key(key_pem)?);
+    key.keys_match()
+        .map_err(|_| BadCertificate("the key does not match the certificate".into()))?;
+    Ok(Arc::new(key))
+}
+
 impl Resolver {
     /// The operator's certificate chain and key, served for every name.
     pub fn shared(chain_pem: &[u8], key_pem: &[u8]) -> Result<Self, BadCertificate> {
-        let key = CertifiedKey::new(chain(chain_pem)?, signing_key(key_pem)?);
-        key.keys_match()
-            .map_err(|_| BadCertificate("the key does not match the certificate".into()))?;
         Ok(Self {
-            shared: Some(Arc::new(key)),
+            shared: RwLock::new(Some(operator_key(chain_pem, key_pem)?)),
             dev_key: None,
             hosts: RwLock::new(HashMap::new()),
         })
@@ -80,7 +85,7 @@ impl Resolver {
     /// Dev CA leaves, all signed for one key.
     pub fn per_host(key_pem: &[u8]) -> Result<Self, BadCertificate> {
         Ok(Self {
-            shared: None,
+            shared: RwLock::new(None),
             dev_key: Some(signing_key(key_pem)?),
             hosts: RwLock::new(HashMap::new()),
         })
@@ -88,7 +93,20 @@ impl Resolver {
 
     /// True when each host needs a leaf of its own.
     pub fn per_host_leaves(&self) -> bool {
-        self.shared.is_none()
+        self.dev_key.is_some()
+    }
+
+    /// Serve a new operator certificate chain and key from the next handshake on (a
+    /// renewal); connections already up keep theirs. A bad pair changes nothing.
+    pub fn reload(&self, chain_pem: &[u8], key_pem: &[u8]) -> Result<(), BadCertificate> {
+        if self.dev_key.is_some() {
+            return Err(BadCertificate(
+                "this relay serves dev CA leaves, not an operator certificate".into(),
+            ));
+        }
+        let key = operator_key(chain_pem, key_pem)?;
+        *self.shared.write().unwrap_or_else(|e| e.into_inner()) = Some(key);
+        Ok(())
     }
 
     /// Serve `host` with the leaf in `cert_pem` (dev CA).
@@ -118,8 +136,12 @@ impl Resolver {
     }
 
     fn lookup(&self, host: &str) -> Option<Arc<CertifiedKey>> {
-        if let Some(shared) = &self.shared {
-            return Some(shared.clone());
+        if self.dev_key.is_none() {
+            return self
+                .shared
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
         }
         self.hosts
             .read()

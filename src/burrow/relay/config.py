@@ -126,18 +126,14 @@ class RelayConfig:
 
     def _check_names(self, cert: Path) -> None:
         """The certificate must cover the domain (agents) and every ``<id>.<domain>`` (tunnels)."""
-        from ..certs import uncovered  # (cryptography: ~70 ms to import, for relays with --cert only)
-
         try:
-            found = uncovered(cert.read_bytes(), self.domain)
+            problem = coverage_problem(cert.read_bytes(), self.domain)
         except OSError as exc:
             raise ConfigurationError(f"cannot read --cert {cert} ({exc.strerror}); check the path") from None
-        if found is not None:
-            missing, names = found
-            has = ", ".join(names) if names else "no DNS name"
+        if problem is not None:
             raise ConfigurationError(
-                f"--cert {cert} does not cover {' and '.join(missing)} (it names {has}); "
-                f"get one for {self.domain} and *.{self.domain}, or set --domain to the name it is for"
+                f"--cert {cert} {problem}; get one for {self.domain} and *.{self.domain}, "
+                "or set --domain to the name it is for"
             )
 
     def check(self) -> None:
@@ -199,3 +195,14 @@ class RelayConfig:
             raise ConfigurationError(
                 f"refusing to listen on {exposed[0]} without a token; set BURROW_TOKEN, --token-file or --token-secret"
             )
+
+
+def coverage_problem(cert_pem: bytes, domain: str) -> str | None:
+    """What the certificate lacks of ``domain`` and ``*.domain`` ("does not cover ..."), or None."""
+    from ..certs import uncovered  # (cryptography: ~70 ms to import, for relays with --cert only)
+
+    found = uncovered(cert_pem, domain)
+    if found is None:
+        return None
+    missing, names = found
+    return f"does not cover {' and '.join(missing)} (it names {', '.join(names) if names else 'no DNS name'})"

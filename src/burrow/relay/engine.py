@@ -237,6 +237,10 @@ class AsyncioPlane:
             exc = task.exception()
             logger.error("relay task failed: %s: %s", type(exc).__name__, exc, exc_info=exc)
 
+    def reload_certificate(self, chain: bytes, key: bytes) -> None:
+        if self.certs is not None:
+            self.certs.reload(chain, key)
+
     def stop_listening(self) -> None:
         for task in list(self._tasks):
             task.cancel()

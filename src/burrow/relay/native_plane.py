@@ -176,6 +176,10 @@ class NativePlane:
         if self.engine is not None:
             self.engine.stop_listening()
 
+    def reload_certificate(self, chain: bytes, key: bytes) -> None:
+        if self.engine is not None:
+            self.engine.reload_certificate(chain, key)
+
     def goaway(self, code: ErrorCode, reason: str) -> None:
         if self.engine is not None:
             self.engine.goaway(encode_code(FrameType.GOAWAY, 0, code, reason))

@@ -157,6 +157,13 @@ class DataPlane(Protocol):
     def stop_listening(self) -> None:
         """Accept nothing new: the TLS port and every raw TCP listener."""
 
+    def reload_certificate(self, chain: bytes, key: bytes) -> None:
+        """Serve this operator certificate chain and key (PEM) from the next TLS handshake on.
+
+        Connections already up keep theirs. ValueError (the pair in use kept) if
+        they are not a chain and its key.
+        """
+
     def goaway(self, code: ErrorCode, reason: str) -> None:
         """Tell every agent to move on (GOAWAY); their open streams go on."""
 

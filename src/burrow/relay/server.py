@@ -18,6 +18,7 @@ from types import TracebackType
 from ..errors import ConfigurationError
 from ..paths import data_dir
 from ..protocol.frames import ErrorCode
+from .certwatch import CertificateWatch
 from .config import RelayConfig
 from .control import RelayControl
 from .descriptors import Descriptors
@@ -44,6 +45,7 @@ class Relay:
         self.plane: DataPlane | None = None
         self.draining = False  # set when shutdown begins: /healthz says 503 from then on
         self.metrics: MetricsServer | None = None
+        self.certificates: CertificateWatch | None = None  # with --cert/--key: reloads them
 
     async def start(self) -> Relay:
         """Listen; returns once connections are accepted. Errors are one-line ConfigurationErrors."""
@@ -82,6 +84,9 @@ class Relay:
         await plane.start()
         self.control, self.plane = control, plane
         control.start()
+        if not config.dev:
+            self.certificates = CertificateWatch(config, plane)
+            self.certificates.start()
         if config.metrics is not None:
             self.metrics = MetricsServer(self, *config.metrics)
             try:
@@ -113,6 +118,13 @@ class Relay:
         """The dev CA certificate file, when this relay uses the dev CA."""
         return self.plane.ca_path if self.plane is not None else None
 
+    def reload_certificate(self, why: str = "asked to") -> bool:
+        """Read ``--cert``/``--key`` again and serve them if good (SIGHUP); False if refused or dev CA."""
+        if self.certificates is None:
+            logger.info("relay: %s, but this relay has no --cert/--key to reload (dev CA)", why)
+            return False
+        return self.certificates.reload(why)
+
     def stop_listening(self) -> None:
         """Accept no new connection: TLS listener and every TCP tunnel listener."""
         if self.control is not None:
@@ -140,6 +152,8 @@ class Relay:
         self.draining = True
         if self.metrics is not None:
             self.metrics.close()
+        if self.certificates is not None:
+            self.certificates.close()
         self.stop_listening()
         if self.control is not None:
             self.control.close_all("relay shutting down")

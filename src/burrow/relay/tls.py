@@ -95,6 +95,27 @@ class CertificateStore:
                     "delete its ca.pem and ca-key.pem to make a new one"
                 ) from None
 
+    def reload(self, chain: bytes, key: bytes) -> None:
+        """Serve a new operator chain and key from the next handshake on (ValueError: nothing changed).
+
+        The pair is tried on a scratch context first: OpenSSL replaces a
+        context's certificate before it checks the key, so a bad pair loaded
+        straight into the live contexts would leave them half-changed.
+        """
+        if self.ca is not None:
+            raise ValueError("this relay serves dev CA leaves, not an operator certificate")
+        with tempfile.TemporaryDirectory(prefix="burrow-reload-") as scratch:
+            cert_file, key_file = Path(scratch) / "cert.pem", Path(scratch) / "key.pem"
+            cert_file.write_bytes(chain)
+            key_file.touch(mode=0o600)
+            key_file.write_bytes(key)
+            try:
+                _server_context(None).load_cert_chain(str(cert_file), str(key_file))
+            except ssl.SSLError as exc:
+                raise ValueError(exc.reason or str(exc)) from None
+            for context in (self.agent_context, *self._shared.values()):
+                context.load_cert_chain(str(cert_file), str(key_file))
+
     @property
     def ca_path(self) -> Path | None:
         """The dev CA certificate clients must trust, if this relay uses one."""
