@@ -1,0 +1,128 @@
+"""The deployment files (deploy/) against the code.
+
+Nothing here starts a relay: the systemd unit goes through ``systemd-analyze``
+and its ``burrow`` command line through burrow's own argument parser. Each
+check is also shown to fail on a broken copy, so that a check that cannot
+fail goes noticed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from burrow.cli import build_parser
+
+ROOT = Path(__file__).resolve().parent.parent
+UNIT = ROOT / "deploy" / "burrow-relay.service"
+
+#: ``systemd-analyze security`` rates a unit's exposure from 0.0 (locked down) to 10.0; 9.6 for a bare
+#: unit, 1.7 for ours. Weakening the sandbox past this fails.
+MAX_EXPOSURE = 2.5
+
+SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
+needs_systemd_analyze = pytest.mark.skipif(SYSTEMD_ANALYZE is None, reason="systemd-analyze is not installed")
+
+
+def parse(argv: list[str], where: str) -> argparse.Namespace:
+    """``burrow ARGV`` through the real parser (nothing runs); a usage error fails the test, saying where."""
+    try:
+        return build_parser().parse_args(argv)
+    except SystemExit:
+        pytest.fail(f"{where}: burrow {shlex.join(argv)} does not parse (see the error above)")
+
+
+# ---------------------------------------------------------------------------------------------- systemd
+
+
+def unit_lines(text: str) -> dict[str, str]:
+    """The unit's settings, continuation lines joined (the last of a repeated key wins)."""
+    settings: dict[str, str] = {}
+    for line in text.replace("\\\n", " ").splitlines():
+        if line.strip() and not line.startswith(("#", ";", "[")):
+            key, _, value = line.partition("=")
+            settings[key.strip()] = value.strip()
+    return settings
+
+
+def unit_copy(tmp_path: Path, text: str | None = None) -> Path:
+    """A copy of the unit whose ExecStart is this environment's burrow: verify insists the program exists,
+    and the unit names where the guide installs it (/opt/burrow/bin/burrow)."""
+    text = UNIT.read_text() if text is None else text
+    burrow = Path(sys.executable).parent / "burrow"
+    assert burrow.exists(), f"{burrow} missing: pip install -e . makes it"
+    copy = tmp_path / UNIT.name
+    copy.write_text(text.replace("/opt/burrow/bin/burrow", str(burrow)))
+    return copy
+
+
+def verify(unit: Path) -> list[str]:
+    """What ``systemd-analyze verify`` says about the unit itself. It exits 0 for settings it could not
+    parse (it ignores them, as systemd would), so its lines naming the unit are what counts."""
+    assert SYSTEMD_ANALYZE is not None
+    done = subprocess.run([SYSTEMD_ANALYZE, "verify", str(unit)], capture_output=True, text=True, timeout=30)
+    said = [line for line in (done.stdout + done.stderr).splitlines() if unit.name in line]
+    if done.returncode != 0 and not said:
+        said = [f"exit status {done.returncode}: {done.stderr.strip()}"]
+    return said
+
+
+@needs_systemd_analyze
+def test_unit_verifies(tmp_path: Path) -> None:
+    assert verify(unit_copy(tmp_path)) == []
+
+
+@needs_systemd_analyze
+@pytest.mark.parametrize(
+    ("setting", "broken"),
+    [
+        ("Restart=on-failure", "Restart=sometimes"),  # a value systemd cannot parse
+        ("ProtectSystem=strict", "ProtectSytem=strict"),  # a misspelt key
+        ("ExecReload=/bin/kill", "ExecReload=/no/such/kill"),  # a program that does not exist
+    ],
+)
+def test_verify_catches_a_broken_unit(tmp_path: Path, setting: str, broken: str) -> None:
+    text = UNIT.read_text()
+    assert setting in text
+    assert verify(unit_copy(tmp_path, text.replace(setting, broken))) != []
+
+
+def exposure_within_limit(unit: Path) -> bool:
+    assert SYSTEMD_ANALYZE is not None
+    command = [SYSTEMD_ANALYZE, "security", "--offline=true", f"--threshold={round(MAX_EXPOSURE * 10)}"]
+    done = subprocess.run([*command, str(unit)], capture_output=True, text=True, timeout=30)
+    return done.returncode == 0
+
+
+@needs_systemd_analyze
+def test_unit_sandbox(tmp_path: Path) -> None:
+    assert exposure_within_limit(unit_copy(tmp_path))
+    # the same unit with its sandbox taken out (capabilities, namespaces, the system call filter, ...)
+    sandbox = re.compile(r"^(Ambient|Capability|NoNew|Protect|Private|Restrict|Lock|SystemCall|UMask|Remove)")
+    bare = "\n".join(line for line in UNIT.read_text().splitlines() if not sandbox.match(line))
+    assert not exposure_within_limit(unit_copy(tmp_path, bare))
+
+
+def test_unit_runs_the_relay() -> None:
+    settings = unit_lines(UNIT.read_text())
+    program, *argv = shlex.split(settings["ExecStart"].replace("${BURROW_DOMAIN}", "r1.example.com"))
+    assert program == "/opt/burrow/bin/burrow"
+    args = parse(argv, UNIT.name)
+    assert args.command == "relay"
+    assert args.listen == ("0.0.0.0", 443)
+    assert settings["AmbientCapabilities"] == "CAP_NET_BIND_SERVICE"  # (443 as a user)
+    assert settings["User"] == "burrow" and settings["NoNewPrivileges"] == "yes"
+    assert args.metrics is not None and args.metrics[0] == "127.0.0.1"
+    # stopping waits out the relay's drain before SIGKILL
+    assert settings["KillSignal"] == "SIGTERM"
+    assert float(settings["TimeoutStopSec"]) > args.shutdown_grace
+    assert settings["ExecReload"] == "/bin/kill -HUP $MAINPID"
+    assert settings["Environment"] == f"BURROW_HOME=/var/lib/{settings['StateDirectory']}"
+    assert int(settings["LimitNOFILE"]) >= 65536
