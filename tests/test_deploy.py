@@ -1,9 +1,9 @@
-"""The deployment files (deploy/) against the code.
+"""The operator guide and the deployment files (docs/operating.md, deploy/) against the code.
 
-Nothing here starts a relay: the systemd unit goes through ``systemd-analyze``
-and its ``burrow`` command line through burrow's own argument parser. Each
-check is also shown to fail on a broken copy, so that a check that cannot
-fail goes noticed.
+Nothing here starts a relay: the systemd unit goes through ``systemd-analyze``,
+the Containerfile through a reading of its instructions, and every ``burrow``
+command line they give through burrow's own argument parser. Each check is also
+shown to fail on a broken copy, so that a check that cannot fail goes noticed.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from burrow.cli import build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "deploy" / "burrow-relay.service"
+CONTAINERFILE = ROOT / "deploy" / "Containerfile"
 
 #: ``systemd-analyze security`` rates a unit's exposure from 0.0 (locked down) to 10.0; 9.6 for a bare
 #: unit, 1.7 for ours. Weakening the sandbox past this fails.
@@ -126,3 +127,65 @@ def test_unit_runs_the_relay() -> None:
     assert settings["ExecReload"] == "/bin/kill -HUP $MAINPID"
     assert settings["Environment"] == f"BURROW_HOME=/var/lib/{settings['StateDirectory']}"
     assert int(settings["LimitNOFILE"]) >= 65536
+
+
+# ---------------------------------------------------------------------------------------------- image
+
+
+def instructions(text: str) -> list[tuple[str, str]]:
+    """The Containerfile's instructions, continuation lines joined, comments dropped."""
+    lines = [line for line in text.splitlines() if not line.lstrip().startswith("#")]
+    joined = "\n".join(lines).replace("\\\n", " ")
+    found = []
+    for line in joined.splitlines():
+        if line.strip():
+            word, _, rest = line.strip().partition(" ")
+            found.append((word.upper(), rest.strip()))
+    return found
+
+
+#: Names that would put a secret into the image's layers or its configuration.
+SECRET = re.compile(r"token|secret|ticket|passw|\.pem|\.key\b|private", re.IGNORECASE)
+
+
+def image_problems(text: str) -> list[str]:
+    """What is wrong with a Containerfile for the relay image, as lines; [] when nothing is."""
+    steps = instructions(text)
+    stages = [i for i, (word, _) in enumerate(steps) if word == "FROM"]
+    problems = []
+    if len(stages) < 2 or " AS " not in steps[stages[0]][1].upper():
+        problems.append("not a multi-stage build with a named build stage")
+    final = steps[stages[-1] :] if stages else steps
+    users = [rest for word, rest in final if word == "USER"]
+    if not users or not re.fullmatch(r"[1-9][0-9]*(:[0-9]+)?", users[-1]):
+        problems.append(f"the runtime stage's USER is {users[-1:] or 'unset'}, not a numeric non-root user")
+    if ("ENTRYPOINT", '["burrow", "relay"]') not in final:
+        problems.append("the ENTRYPOINT is not exec-form burrow relay")
+    if not any(word == "RUN" and "[metrics]" in rest for word, rest in final):
+        problems.append("the metrics extra is not installed (--metrics needs prometheus-client)")
+    for word, rest in steps:
+        if word in ("ENV", "ARG", "LABEL") and SECRET.search(rest):
+            problems.append(f"a secret in the image's configuration: {word} {rest}")
+        if word in ("COPY", "ADD") and SECRET.search(rest):
+            problems.append(f"a secret copied into a layer: {word} {rest}")
+    return problems
+
+
+def test_containerfile() -> None:
+    assert image_problems(CONTAINERFILE.read_text()) == []
+
+
+@pytest.mark.parametrize(
+    ("setting", "broken"),
+    [
+        ("USER 10001:10001", "USER root"),
+        ('ENTRYPOINT ["burrow", "relay"]', "ENTRYPOINT burrow relay"),
+        ("ENV BURROW_HOME", "ENV BURROW_TOKEN=hunter2 BURROW_HOME"),
+        ("COPY src src", "COPY src src\nCOPY deploy/privkey.pem /etc/burrow/"),
+        ("FROM docker.io/library/rust:1-slim-bookworm AS build", "FROM docker.io/library/rust:1-slim-bookworm"),
+    ],
+)
+def test_containerfile_check_can_fail(setting: str, broken: str) -> None:
+    text = CONTAINERFILE.read_text()
+    assert setting in text
+    assert image_problems(text.replace(setting, broken)) != []
