@@ -1,8 +1,9 @@
 """The operator guide and the deployment files (docs/operating.md, deploy/) against the code.
 
 Nothing here starts a relay: the systemd unit goes through ``systemd-analyze``,
-the Containerfile through a reading of its instructions, and every ``burrow``
-command line they give through burrow's own argument parser. Each check is also
+the Kubernetes manifests through kubernetes-validate (strict), the Containerfile
+through a reading of its instructions, and every ``burrow`` command line they
+give through burrow's own argument parser. Each check is also
 shown to fail on a broken copy, so that a check that cannot fail goes noticed.
 """
 
@@ -15,18 +16,30 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+import kubernetes_validate
 import pytest
+import yaml
 
 from burrow.cli import build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "deploy" / "burrow-relay.service"
 CONTAINERFILE = ROOT / "deploy" / "Containerfile"
+KUBERNETES = ROOT / "deploy" / "kubernetes"
+MANIFESTS = sorted(KUBERNETES.glob("*.yaml"))
+RELAYS = ("r1", "r2")
 
+#: The Kubernetes release whose API schemas the manifests are held to (kubernetes-validate 1.37 ships them).
+KUBERNETES_VERSION = "1.37.0"
 #: ``systemd-analyze security`` rates a unit's exposure from 0.0 (locked down) to 10.0; 9.6 for a bare
 #: unit, 1.7 for ours. Weakening the sandbox past this fails.
 MAX_EXPOSURE = 2.5
+#: The image's name (the relays' ``image:`` ends with it).
+IMAGE_TAG = "burrow-relay"
+#: The NodePort range kube-proxy holds on every node; a relay on hostNetwork must keep its raw ports below.
+NODE_PORTS_START = 30000
 
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
 needs_systemd_analyze = pytest.mark.skipif(SYSTEMD_ANALYZE is None, reason="systemd-analyze is not installed")
@@ -189,3 +202,102 @@ def test_containerfile_check_can_fail(setting: str, broken: str) -> None:
     text = CONTAINERFILE.read_text()
     assert setting in text
     assert image_problems(text.replace(setting, broken)) != []
+
+
+# ------------------------------------------------------------------------------------------- Kubernetes
+
+
+def documents(text: str) -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all(text) if doc]
+
+
+def test_manifests_found() -> None:
+    assert {path.name for path in MANIFESTS} >= {"namespace.yaml", "revoked.yaml", "relay-r1.yaml", "relay-r2.yaml"}
+
+
+@pytest.mark.parametrize("path", MANIFESTS, ids=[path.name for path in MANIFESTS])
+def test_manifest_validates(path: Path) -> None:
+    for doc in documents(path.read_text()):
+        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+
+
+def test_validation_catches_a_misspelt_field() -> None:
+    deployment = documents((KUBERNETES / "relay-r1.yaml").read_text())[0]
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    container["securityContext"]["readOnlyRootFileSystem"] = container["securityContext"].pop("readOnlyRootFilesystem")
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, KUBERNETES_VERSION, strict=True)
+
+
+def test_relays_differ_only_in_name() -> None:
+    r1, r2 = ((KUBERNETES / f"relay-{relay}.yaml").read_text() for relay in RELAYS)
+    assert documents(r2) == documents(r1.replace("r1", "r2"))
+
+
+def relay_objects(relay: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    deployment, service = documents((KUBERNETES / f"relay-{relay}.yaml").read_text())
+    assert (deployment["kind"], service["kind"]) == ("Deployment", "Service")
+    return deployment, service
+
+
+@pytest.mark.parametrize("relay", RELAYS)
+def test_relay_deployment(relay: str) -> None:
+    deployment, service = relay_objects(relay)
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    args = parse(["relay", *container["args"]], f"relay-{relay}.yaml")
+    assert args.domain == f"{relay}.example.com"
+    assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"]["type"] == "Recreate"
+    assert pod["terminationGracePeriodSeconds"] > args.shutdown_grace
+
+    ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+    assert ports == {"tls": args.listen[1], "metrics": args.metrics[1]}
+    (service_port,) = service["spec"]["ports"]
+    assert (service_port["port"], service_port["targetPort"]) == (443, "tls") and args.public_port == 443
+    assert service["spec"]["externalTrafficPolicy"] == "Local"  # (clients' own addresses)
+    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+    assert pod["hostNetwork"] and args.tcp_ports[1] < NODE_PORTS_START and args.tcp_host == f"tcp.{relay}.example.com"
+
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == str(args.metrics[1])
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+
+    limits = container["resources"]["limits"]
+    assert container["resources"]["requests"] == limits and args.threads == int(limits["cpu"])
+
+    security = container["securityContext"]
+    assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["runAsUser"] != 0
+    assert security["readOnlyRootFilesystem"] and not security["allowPrivilegeEscalation"]
+    assert security["capabilities"] == {"drop": ["ALL"]}
+
+    # every file the relay reads comes from a whole-directory mount (updates reach it) of the right source
+    mounts = {mount["name"]: mount for mount in container["volumeMounts"]}
+    sources = {volume["name"]: volume for volume in pod["volumes"]}
+    assert not any("subPath" in mount for mount in mounts.values())
+    for path, volume, source in (
+        (args.cert, "tls", f"burrow-{relay}-tls"),
+        (args.key, "tls", f"burrow-{relay}-tls"),
+        (args.token_secret, "fleet", "burrow-fleet"),
+        (args.ticket_key, "fleet", "burrow-fleet"),
+        (args.revoked, "revoked", "burrow-revoked"),
+    ):
+        assert path.parent == Path(mounts[volume]["mountPath"])
+        given = sources[volume].get("secret", {}).get("secretName") or sources[volume]["configMap"]["name"]
+        assert given == source
+
+
+def test_revocation_list_is_read() -> None:
+    (configmap,) = documents((KUBERNETES / "revoked.yaml").read_text())
+    deployment, _ = relay_objects("r1")
+    args = parse(["relay", *deployment["spec"]["template"]["spec"]["containers"][0]["args"]], "relay-r1.yaml")
+    assert args.revoked.name in configmap["data"]
+
+
+def test_image_serves_what_the_pods_use() -> None:
+    steps = instructions(CONTAINERFILE.read_text())
+    exposed = {int(port) for word, rest in steps if word == "EXPOSE" for port in rest.split()}
+    for relay in RELAYS:
+        (container,) = relay_objects(relay)[0]["spec"]["template"]["spec"]["containers"]
+        assert {port["containerPort"] for port in container["ports"]} == exposed
+        assert container["image"].rsplit("/", 1)[-1].split(":")[0] == IMAGE_TAG
