@@ -3,7 +3,7 @@
 Nothing here starts a relay: the systemd unit goes through ``systemd-analyze``,
 the Kubernetes manifests through kubernetes-validate (strict), the Containerfile
 through a reading of its instructions, and every ``burrow`` command line they
-give through burrow's own argument parser. Each check is also
+and the guide give through burrow's own argument parser. Each check is also
 shown to fail on a broken copy, so that a check that cannot fail goes noticed.
 """
 
@@ -15,6 +15,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ import yaml
 from burrow.cli import build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
+GUIDE = ROOT / "docs" / "operating.md"
 UNIT = ROOT / "deploy" / "burrow-relay.service"
 CONTAINERFILE = ROOT / "deploy" / "Containerfile"
 KUBERNETES = ROOT / "deploy" / "kubernetes"
@@ -36,10 +38,10 @@ KUBERNETES_VERSION = "1.37.0"
 #: ``systemd-analyze security`` rates a unit's exposure from 0.0 (locked down) to 10.0; 9.6 for a bare
 #: unit, 1.7 for ours. Weakening the sandbox past this fails.
 MAX_EXPOSURE = 2.5
-#: The image's name (the relays' ``image:`` ends with it).
-IMAGE_TAG = "burrow-relay"
 #: The NodePort range kube-proxy holds on every node; a relay on hostNetwork must keep its raw ports below.
 NODE_PORTS_START = 30000
+#: The image runs the relay; the guide runs the image under this tag (``podman build -t``).
+IMAGE_TAG = "burrow-relay"
 
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
 needs_systemd_analyze = pytest.mark.skipif(SYSTEMD_ANALYZE is None, reason="systemd-analyze is not installed")
@@ -301,3 +303,68 @@ def test_image_serves_what_the_pods_use() -> None:
         (container,) = relay_objects(relay)[0]["spec"]["template"]["spec"]["containers"]
         assert {port["containerPort"] for port in container["ports"]} == exposed
         assert container["image"].rsplit("/", 1)[-1].split(":")[0] == IMAGE_TAG
+
+
+# ---------------------------------------------------------------------------------------------- guide
+
+
+def shell_blocks(text: str) -> Iterator[str]:
+    """The guide's ```sh blocks."""
+    yield from re.findall(r"^```sh\n(.*?)^```", text, flags=re.MULTILINE | re.DOTALL)
+
+
+def burrow_commands(text: str) -> Iterator[tuple[str, list[str]]]:
+    """Each ``burrow ...`` command in the guide's shell blocks, as (the line, burrow's argv): ``burrow`` or a
+    path ending in /burrow where a command starts (after VAR=value assignments and ``sudo``), up to the end
+    of the line or a shell operator. In a ``podman run`` / ``docker run`` line the image's tag stands for
+    ``burrow relay`` (the image's ENTRYPOINT)."""
+    operators = {"|", "||", "&&", ";", "&", ">", ">>", "<", "(", ")"}
+    for block in shell_blocks(text):
+        for line in block.replace("\\\n", " ").splitlines():
+            lexer = shlex.shlex(line, posix=True, punctuation_chars=True)
+            lexer.whitespace_split = True
+            lexer.commenters = "#"
+            words = list(lexer)
+            runs_image = words[:2] in (["podman", "run"], ["docker", "run"])
+            argv: list[str] | None = None
+            starts = True  # (a command may start at this word)
+            for word in words:
+                if argv is not None:
+                    if word in operators:
+                        yield line.strip(), argv
+                        argv, starts = None, True
+                    else:
+                        argv.append(word)
+                elif word in operators:
+                    starts = True
+                elif starts and (word == "sudo" or re.match(r"[A-Za-z_][A-Za-z0-9_]*=", word)):
+                    pass
+                elif starts and (word == "burrow" or word.endswith("/burrow")):
+                    argv = []
+                elif runs_image and word == IMAGE_TAG:
+                    argv = ["relay"]
+                else:
+                    starts = False
+            if argv is not None:
+                yield line.strip(), argv
+
+
+def test_guide_commands_parse() -> None:
+    commands = list(burrow_commands(GUIDE.read_text()))
+    for line, argv in commands:
+        parse(argv, f"docs/operating.md: {line}")
+    said = {" ".join(argv[:2]) if argv[0] == "token" else argv[0] for _, argv in commands}
+    assert said >= {"relay", "token create", "forward"}, said  # (the extraction found them)
+
+
+def test_guide_check_can_fail() -> None:
+    guide = (
+        "```sh\n"
+        "chgrp burrow /etc/burrow/revoked && sudo BURROW_HOME=/x burrow relay --domain r1.example.com \\\n"
+        "    --no-such-flag | tee log  # burrow token create\n"
+        "```\n"
+    )
+    ((line, argv),) = burrow_commands(guide)
+    assert argv == ["relay", "--domain", "r1.example.com", "--no-such-flag"]
+    with pytest.raises(pytest.fail.Exception):
+        parse(argv, line)
