@@ -37,7 +37,7 @@ class RelayCollector:
         self.relay = relay
 
     def collect(self) -> Iterator[Metric]:
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
         control, plane = self.relay.control, self.relay.plane
         if control is None or plane is None:
@@ -117,6 +117,53 @@ class RelayCollector:
             ["code"],
             [((c,), n) for c, n in sorted(control.bind_refusals.items())],
         )
+        yield _gauge(
+            CounterMetricFamily,
+            "burrow_tls_handshake_failures",
+            "TLS handshakes on the relay's ports that failed, by reason: timeout, closed (by the client), "
+            "not_tls, no_server_name, unknown_server_name, alpn, client_certificate, client_alert, protocol",
+            ["reason"],
+            [((r,), n) for r, n in plane.handshake_failures().items()],
+        )
+        yield _gauge(
+            CounterMetricFamily,
+            "burrow_agent_auth_failures",
+            "agent sessions refused for their token (unknown, expired or revoked)",
+            [],
+            [((), control.refusals.counts["token"])],
+        )
+        yield _gauge(
+            CounterMetricFamily,
+            "burrow_tunnel_resumes",
+            "tunnels reopened under their old id and address by a valid resume ticket (an agent came back)",
+            [],
+            [((), control.resumed_tunnels)],
+        )
+        yield _gauge(
+            CounterMetricFamily,
+            "burrow_session_reconnects",
+            "agent sessions replaced by a reconnected agent that took their tunnels over before the relay "
+            "noticed the old link had died",
+            [],
+            [((), control.replaced_sessions)],
+        )
+        latency = plane.open_latency()
+        cumulative, buckets = 0, []
+        for bound, count in zip((*latency.bounds, float("inf")), latency.counts, strict=True):
+            cumulative += count
+            buckets.append((_bucket_label(bound), cumulative))
+        yield HistogramMetricFamily(
+            "burrow_stream_open_seconds",
+            "seconds from accepting a public connection to queueing its stream's OPEN for the agent: the TLS "
+            "handshake (TLS addresses), routing and the caps; the agent does not answer an OPEN, so its dial "
+            "of the local service is not included",
+            buckets=buckets,
+            sum_value=latency.sum,
+        )
+
+
+def _bucket_label(bound: float) -> str:
+    return "+Inf" if bound == float("inf") else repr(bound)
 
 
 def _gauge(
