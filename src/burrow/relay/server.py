@@ -44,6 +44,7 @@ class Relay:
         self.plane: DataPlane | None = None
         self.draining = False  # set when shutdown begins: /healthz says 503 from then on
         self.metrics: MetricsServer | None = None
+        self.started = 0.0  # time.monotonic() once listening (the admin view's uptime)
 
     async def start(self) -> Relay:
         """Listen; returns once connections are accepted. Errors are one-line ConfigurationErrors."""
@@ -81,6 +82,7 @@ class Relay:
         control.attach(plane)
         await plane.start()
         self.control, self.plane = control, plane
+        self.started = time.monotonic()
         control.start()
         if config.metrics is not None:
             self.metrics = MetricsServer(self, *config.metrics)
