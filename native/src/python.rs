@@ -156,6 +156,9 @@ fn addresses(hosts: Vec<String>) -> PyResult<Vec<IpAddr>> {
 /// payload)`, `("closed", session)` or `("log", kind, level, message)`.
 type PyEvent = (&'static str, Py<PyAny>, Py<PyAny>, Py<PyAny>);
 
+/// The most connections one listing of a tunnel holds (its true count comes with it).
+const MAX_LISTED_CONNECTIONS: usize = 1000;
+
 /// The relay's data plane (see `burrow/relay/native_plane.py`, which drives it).
 #[pyclass(module = "burrow._native")]
 struct RelayEngine {
@@ -394,6 +397,29 @@ impl RelayEngine {
 
     fn buffered(&self, tunnel_id: &str) -> i64 {
         self.engine.buffered(tunnel_id)
+    }
+
+    /// `[(reason, count)]` of TLS handshakes that failed, every reason listed.
+    fn handshake_failures(&self) -> Vec<(&'static str, u64)> {
+        self.engine.handshake_failures()
+    }
+
+    /// `(bounds, counts, sum)`: the stream-open latency histogram (one count per bound, then +Inf).
+    fn open_latency(&self) -> (Vec<f64>, Vec<u64>, f64) {
+        self.engine.open_latency()
+    }
+
+    /// `(open, [(client, bytes_in, bytes_out, age_seconds)])`: how many public connections the
+    /// tunnel has open and the `limit` oldest (at most [`MAX_LISTED_CONNECTIONS`]). Without the
+    /// GIL: a tunnel may hold thousands, and the data plane's tasks never wait for Python.
+    fn connections(
+        &self,
+        py: Python<'_>,
+        tunnel_id: &str,
+        limit: usize,
+    ) -> (usize, Vec<crate::relay::observe::Listing>) {
+        let limit = limit.min(MAX_LISTED_CONNECTIONS);
+        py.detach(|| self.engine.connections(tunnel_id, limit))
     }
 
     /// Credit the relay may still lend to streams beyond their base windows.

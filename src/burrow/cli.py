@@ -1,4 +1,4 @@
-"""The ``burrow`` command: ``relay``, ``forward PORT``, ``run --port PORT -- CMD``, ``trust`` and ``demo``."""
+"""The ``burrow`` command: ``relay``, ``forward PORT``, ``run --port PORT -- CMD``, ``status``, ``trust``, ``demo``."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import signal
@@ -26,6 +27,7 @@ from .connection import TrafficStats
 from .errors import BurrowError, ConfigurationError, RelayUnavailable
 from .protocol.messages import networks
 from .relay.config import DEFAULT_TCP_PORTS, DEV_DOMAIN, DEV_PORT, ENGINES, RelayConfig
+from .status import DEFAULT_ADMIN, admin_token, fetch_status, format_status, human_bytes
 from .tunnel import TunnelState
 
 #: How often `burrow forward` redraws its status line on a terminal.
@@ -136,7 +138,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--metrics",
         type=_host_port,
         metavar="HOST:PORT",
-        help="serve Prometheus /metrics and /healthz (200, 503 while draining) here, e.g. 127.0.0.1:9100",
+        help="serve Prometheus /metrics, /healthz (200, 503 while draining) and the admin view (burrow status, "
+        "the page at /) here, e.g. 127.0.0.1:9090",
+    )
+    relay.add_argument(
+        "--admin-token-file",
+        type=Path,
+        metavar="FILE",
+        help="the token burrow status and the admin page must send (required for them when --metrics is not "
+        "on loopback; /metrics and /healthz stay open)",
     )
     relay.add_argument(
         "--revoked", type=Path, metavar="FILE", help="revoked tenant token ids, one a line; re-read when it changes"
@@ -239,6 +249,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     trust.add_argument("--remove", action="store_true", help="take the dev CA out of every store it was put in")
 
+    status = commands.add_parser(
+        "status",
+        help="a relay's tunnels and connections, from its --metrics listener",
+        description="Print a relay's tunnels (id, kind, tenant, connections open/total, bytes in/out, age), "
+        "read from the admin view on its --metrics listener.",
+    )
+    status.add_argument(
+        "--admin",
+        metavar="URL",
+        default=os.environ.get("BURROW_ADMIN") or DEFAULT_ADMIN,
+        help=f"the relay's --metrics listener (default: BURROW_ADMIN, else {DEFAULT_ADMIN})",
+    )
+    status.add_argument(
+        "--token-file", type=Path, metavar="FILE", help="the relay's admin token (default: BURROW_ADMIN_TOKEN)"
+    )
+    status.add_argument("--json", action="store_true", help="print the relay's JSON answer as it came")
+
     commands.add_parser(
         "demo",
         help="see it work: embedded relay, sample app, tunnel, one HTTPS request",
@@ -305,6 +332,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "forward": run_forward,
         "run": run_run,
         "trust": run_trust,
+        "status": run_status,
         "token": run_token,
         "demo": run_demo,
     }
@@ -352,6 +380,7 @@ def run_relay(args: argparse.Namespace) -> int:
         token_secret=args.token_secret,
         revoked=args.revoked,
         metrics=args.metrics,
+        admin_token_file=args.admin_token_file,
         **{name: getattr(args, name) for name in _LIMITS},
     )
     if args.window is not None:
@@ -417,19 +446,11 @@ async def _serve(config: RelayConfig) -> int:
 # ---------------------------------------------------------------------- forward
 
 
-def _human(count: float) -> str:
-    for unit in ("B", "kB", "MB", "GB"):
-        if count < 1000:
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1000
-    return f"{count:.1f} TB"
-
-
 def status_line(stats: TrafficStats) -> str:
     """``2 open (17 total) · 1.2 MB in · 34.0 kB out``."""
     return (
         f"{stats.open_connections} open ({stats.total_connections} total) · "
-        f"{_human(stats.bytes_in)} in · {_human(stats.bytes_out)} out"
+        f"{human_bytes(stats.bytes_in)} in · {human_bytes(stats.bytes_out)} out"
     )
 
 
@@ -672,6 +693,16 @@ def _duration(text: str) -> float:
     if not digits.isdigit():
         raise argparse.ArgumentTypeError(f"{text!r} is not a duration (e.g. 30d, 12h, 90m, 3600, 0)")
     return float(int(digits) * scale)
+
+
+def run_status(args: argparse.Namespace) -> int:
+    """``burrow status``: the relay's tunnels as a table, or its JSON."""
+    status = fetch_status(args.admin, admin_token(args.token_file))
+    if args.json:
+        print(json.dumps(status, indent=2))
+    else:
+        print(format_status(status))
+    return 0
 
 
 def run_trust(args: argparse.Namespace) -> int:

@@ -23,6 +23,7 @@ use tokio::time::{timeout_at, Instant};
 use tokio_rustls::LazyConfigAcceptor;
 
 use super::events::{DEBUG, INFO, WARNING};
+use super::observe::HandshakeFailure;
 use super::{format_address, public, session, Shared, Tunnel};
 use crate::sni;
 
@@ -76,6 +77,7 @@ pub async fn tls_port(shared: Arc<Shared>, listening: Listening, pinned: Option<
                 continue;
             }
         };
+        let accepted = Instant::now();
         let refusal = match shared.refuse_descriptor(i64::from(tcp.as_raw_fd())) {
             Some(refusal) => Err(refusal),
             None => shared.admit(address.ip()),
@@ -93,7 +95,7 @@ pub async fn tls_port(shared: Arc<Shared>, listening: Listening, pinned: Option<
                 tokio::spawn(handshake(
                     shared.clone(),
                     tcp,
-                    address,
+                    (address, accepted),
                     slot,
                     pinned.clone(),
                 ));
@@ -130,7 +132,13 @@ pub async fn tcp_port(shared: Arc<Shared>, listening: Listening, tunnel: Arc<Tun
         let _ = tcp.set_nodelay(true);
         public::limit_unsent(&tcp);
         let peer = format_address(address);
-        tokio::spawn(public::serve(shared.clone(), tunnel.clone(), tcp, peer));
+        tokio::spawn(public::serve(
+            shared.clone(),
+            tunnel.clone(),
+            tcp,
+            peer,
+            Instant::now(),
+        ));
     }
 }
 
@@ -161,7 +169,8 @@ async fn send_alert(mut tcp: TcpStream, description: u8) {
     let _ = tcp.shutdown().await;
 }
 
-/// Read the ClientHello, route it, run TLS, hand the connection over.
+/// Read the ClientHello, route it, run TLS, hand the connection over (`accepted`: when,
+/// for the stream-open latency). A refusal is logged and counted by its reason.
 ///
 /// The slot counts the connection as pending until its TLS is done, or, for
 /// an agent, until it is welcomed. A `pinned` tunnel's port (the embedded relay's
@@ -171,14 +180,15 @@ async fn send_alert(mut tcp: TcpStream, description: u8) {
 async fn handshake(
     shared: Arc<Shared>,
     mut tcp: TcpStream,
-    address: SocketAddr,
+    (address, accepted): (SocketAddr, Instant),
     slot: super::PendingSlot,
     pinned: Option<Arc<Tunnel>>,
 ) {
     let _ = tcp.set_nodelay(true);
     let peer = format_address(address);
-    let deadline = Instant::now() + shared.config.handshake_timeout;
-    let refused = |reason: &str| {
+    let deadline = accepted + shared.config.handshake_timeout;
+    let refused = |why: HandshakeFailure, reason: &str| {
+        shared.observed.handshakes.count(why);
         shared.log(
             "handshake",
             INFO,
@@ -191,15 +201,15 @@ async fn handshake(
             Ok(sni::Peek::Hello(hello)) => break hello,
             Ok(sni::Peek::NeedMore) => {}
             Err(not_hello) => {
-                refused(&not_hello.to_string());
+                refused(HandshakeFailure::NotTls, &not_hello.to_string());
                 return;
             }
         }
         first.reserve(2048);
         match timeout_at(deadline, tcp.read_buf(&mut first)).await {
-            Err(_) => return refused("no TLS handshake in time"),
-            Ok(Ok(0)) => return refused("closed before its ClientHello"),
-            Ok(Err(error)) => return refused(&error.to_string()),
+            Err(_) => return refused(HandshakeFailure::Timeout, "no TLS handshake in time"),
+            Ok(Ok(0)) => return refused(HandshakeFailure::Closed, "closed before its ClientHello"),
+            Ok(Err(error)) => return refused(HandshakeFailure::Closed, &error.to_string()),
             Ok(Ok(_)) => {}
         }
     };
@@ -224,7 +234,11 @@ async fn handshake(
         },
     };
     let Some(target) = target else {
-        refused("unknown or missing server name");
+        let why = match hello.server_name {
+            None => HandshakeFailure::NoServerName,
+            Some(_) => HandshakeFailure::UnknownServerName,
+        };
+        refused(why, "unknown or missing server name");
         send_alert(tcp, UNRECOGNIZED_NAME).await;
         return;
     };
@@ -242,8 +256,8 @@ async fn handshake(
     };
     let acceptor = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), replay);
     let started = match timeout_at(deadline, acceptor).await {
-        Err(_) => return refused("no TLS handshake in time"),
-        Ok(Err(error)) => return refused(&error.to_string()),
+        Err(_) => return refused(HandshakeFailure::Timeout, "no TLS handshake in time"),
+        Ok(Err(error)) => return refused(HandshakeFailure::of(&error), &error.to_string()),
         Ok(Ok(started)) => started,
     };
     let config = match &target {
@@ -265,13 +279,14 @@ async fn handshake(
         },
     };
     let mut tls = match timeout_at(deadline, started.into_stream(config)).await {
-        Err(_) => return refused("no TLS handshake in time"),
-        Ok(Err(error)) => return refused(&error.to_string()),
+        Err(_) => return refused(HandshakeFailure::Timeout, "no TLS handshake in time"),
+        Ok(Err(error)) => return refused(HandshakeFailure::of(&error), &error.to_string()),
         Ok(Ok(tls)) => tls,
     };
     tls.get_mut().0.release_replay();
     match target {
         Target::Agent if tls.get_ref().1.alpn_protocol().is_none() => {
+            shared.observed.handshakes.count(HandshakeFailure::Alpn);
             shared.log(
                 "alpn",
                 INFO,
@@ -282,7 +297,7 @@ async fn handshake(
         Target::Agent => session::Session::serve(shared, tls, peer, slot).await,
         Target::Tunnel(tunnel) => {
             drop(slot);
-            public::serve(shared, tunnel, tls, peer).await;
+            public::serve(shared, tunnel, tls, peer, accepted).await;
         }
     }
 }

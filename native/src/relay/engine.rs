@@ -262,6 +262,28 @@ impl Engine {
             .unwrap_or(0)
     }
 
+    /// TLS handshake failures by reason, zeros included.
+    pub fn handshake_failures(&self) -> Vec<(&'static str, u64)> {
+        self.shared.observed.handshakes.read()
+    }
+
+    /// The stream-open latency histogram: (bounds, per-bucket counts and +Inf, sum of seconds).
+    pub fn open_latency(&self) -> (Vec<f64>, Vec<u64>, f64) {
+        self.shared.observed.open_latency.read()
+    }
+
+    /// How many public connections the tunnel has open, and the `limit` oldest of them.
+    pub fn connections(
+        &self,
+        tunnel_id: &str,
+        limit: usize,
+    ) -> (usize, Vec<super::observe::Listing>) {
+        self.shared
+            .tunnel(tunnel_id)
+            .map(|t| t.connections.read(limit))
+            .unwrap_or_default()
+    }
+
     /// Credit the relay may still lend beyond base windows.
     pub fn budget_left(&self) -> i64 {
         self.shared.budget.left()

@@ -15,6 +15,7 @@ pub mod accept;
 pub mod access;
 pub mod engine;
 pub mod events;
+pub mod observe;
 pub mod public;
 pub mod session;
 pub mod tls;
@@ -95,6 +96,8 @@ pub struct Tunnel {
     /// Credit beyond base windows this tunnel's streams may hold: half a session's budget,
     /// so one tunnel whose clients stop reading leaves room for the session's others.
     pub budget: Arc<Budget>,
+    /// Its open public connections, for the operator's listing.
+    pub connections: observe::Connections,
 }
 
 impl Tunnel {
@@ -106,6 +109,7 @@ impl Tunnel {
             stats: Stats::default(),
             closed: watch::channel(false).0,
             listeners: Mutex::new(Vec::new()),
+            connections: observe::Connections::default(),
         }
     }
 
@@ -246,6 +250,8 @@ pub struct Shared {
     pub accepting: Mutex<Vec<AbortHandle>>,
     /// Tunnels' own ports: whether each listener still holds its port, and whose it is.
     pub tunnel_ports: Mutex<HashMap<u16, PortHolder>>,
+    /// Handshake failures, stream-open latency: counted here, read at each scrape.
+    pub observed: observe::Observed,
 }
 
 /// A tunnel listener's token (alive while it holds its port) and its tunnel.
@@ -275,6 +281,7 @@ impl Shared {
             quotas: Mutex::new(HashMap::new()),
             accepting: Mutex::new(Vec::new()),
             tunnel_ports: Mutex::new(HashMap::new()),
+            observed: observe::Observed::default(),
         }
     }
 

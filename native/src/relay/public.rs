@@ -13,12 +13,14 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 use tokio_rustls::server::TlsStream;
 
 use super::accept::Rewind;
 use super::events::WARNING;
+use super::observe::Live;
 use super::session::{code, Message, Session, State, Stream};
-use super::{access, Shared, Tunnel};
+use super::{access, Shared, Stats, Tunnel};
 
 /// A first read of an idle connection takes this much; busy ones grow to [`MAX_READ`].
 const FIRST_READ: usize = 4096;
@@ -68,8 +70,15 @@ enum Ending {
     TunnelClosed,
 }
 
-/// Serve a public connection of `tunnel` until it ends.
-pub async fn serve<S: PublicIo>(shared: Arc<Shared>, tunnel: Arc<Tunnel>, io: S, peer: String) {
+/// Serve a public connection of `tunnel` until it ends (`accepted`: when its socket was
+/// accepted, for the stream-open latency).
+pub async fn serve<S: PublicIo>(
+    shared: Arc<Shared>,
+    tunnel: Arc<Tunnel>,
+    io: S,
+    peer: String,
+    accepted: Instant,
+) {
     // one snapshot of the route serves every decision below
     let route = tunnel.route();
     // the allowlist again, on the route this connection is served by: one accepted while the
@@ -150,8 +159,12 @@ pub async fn serve<S: PublicIo>(shared: Arc<Shared>, tunnel: Arc<Tunnel>, io: S,
         );
         return;
     };
+    shared.observed.open_latency.observe(accepted.elapsed());
     tunnel.stats.open.fetch_add(1, Ordering::Relaxed);
     tunnel.stats.total.fetch_add(1, Ordering::Relaxed);
+    let listed = tunnel
+        .connections
+        .list(shared.observed.connection_number(), &peer);
     // the PROXY protocol header, when the owner asked for one: the first bytes the service reads
     let header = route
         .as_ref()
@@ -163,8 +176,9 @@ pub async fn serve<S: PublicIo>(shared: Arc<Shared>, tunnel: Arc<Tunnel>, io: S,
         });
     let (mut reader, mut writer) = tokio::io::split(io);
     let ending = {
-        let up = up(&session, &stream, &tunnel, &mut reader, header);
-        let down = down(&session, &stream, &tunnel, &mut writer, rx);
+        let counted = (&tunnel.stats, &*listed.live);
+        let up = up(&session, &stream, counted, &mut reader, header);
+        let down = down(&session, &stream, counted, &mut writer, rx);
         tokio::pin!(up, down);
         let (mut up_done, mut down_done) = (false, false);
         loop {
@@ -186,6 +200,7 @@ pub async fn serve<S: PublicIo>(shared: Arc<Shared>, tunnel: Arc<Tunnel>, io: S,
         }
     };
     tunnel.stats.open.fetch_sub(1, Ordering::Relaxed);
+    drop(listed);
     let mut io = reader.unsplit(writer);
     match ending {
         Ending::Finished => {
@@ -212,11 +227,14 @@ pub async fn serve<S: PublicIo>(shared: Arc<Shared>, tunnel: Arc<Tunnel>, io: S,
     }
 }
 
+/// Where a connection's bytes are counted: its tunnel's totals and its own line of the listing.
+type Counted<'a> = (&'a Stats, &'a Live);
+
 /// Client to agent, until the client's EOF (then FIN).
 async fn up<S: PublicIo>(
     session: &Session,
     stream: &Stream,
-    tunnel: &Tunnel,
+    (stats, live): Counted<'_>,
     reader: &mut ReadHalf<S>,
     header: Option<Vec<u8>>,
 ) -> Result<(), ()> {
@@ -248,10 +266,8 @@ async fn up<S: PublicIo>(
             return Ok(());
         }
         stream.take_credit(read);
-        tunnel
-            .stats
-            .bytes_in
-            .fetch_add(read as u64, Ordering::Relaxed);
+        stats.bytes_in.fetch_add(read as u64, Ordering::Relaxed);
+        live.bytes_in.fetch_add(read as u64, Ordering::Relaxed);
         session.send_data(stream, &buf[..read]);
         if read == buf.len() && buf.len() < MAX_READ {
             buf.resize(buf.len() * 4, 0);
@@ -263,7 +279,7 @@ async fn up<S: PublicIo>(
 async fn down<S: PublicIo>(
     session: &Session,
     stream: &Stream,
-    tunnel: &Tunnel,
+    (stats, live): Counted<'_>,
     writer: &mut WriteHalf<S>,
     mut rx: tokio::sync::mpsc::UnboundedReceiver<Message>,
 ) -> Result<Option<u16>, ()> {
@@ -275,10 +291,8 @@ async fn down<S: PublicIo>(
                 writer.flush().await.map_err(|_| ())?;
                 let size = held.data.len();
                 drop(held);
-                tunnel
-                    .stats
-                    .bytes_out
-                    .fetch_add(size as u64, Ordering::Relaxed);
+                stats.bytes_out.fetch_add(size as u64, Ordering::Relaxed);
+                live.bytes_out.fetch_add(size as u64, Ordering::Relaxed);
                 session.consumed(stream, &mut unacked, size);
             }
             Message::Fin => {

@@ -101,6 +101,7 @@ class RelayConfig:
     token_secret: Path | None = None  # signing secret of tenant tokens (burrow token create); None: none taken
     revoked: Path | None = None  # revoked tenant token ids, one a line, re-read when it changes
     metrics: tuple[str, int] | None = None  # where /metrics and /healthz answer (burrow relay --metrics)
+    admin_token_file: Path | None = None  # the token /api/status and the admin page want (--admin-token-file)
     heartbeat_timeout: float = HEARTBEAT_TIMEOUT
     max_pending_handshakes: int = MAX_PENDING_HANDSHAKES
     max_pending_per_source: int = MAX_PENDING_PER_SOURCE

@@ -73,6 +73,11 @@ class RelayControl:
         self.bind_refusals: Counter[str] = Counter()  # by BindFailure code (a fixed set), for metrics
         # what closed tunnels carried, by tenant (operator-issued names, "" for plain tokens): for metrics
         self.closed_stats: dict[str, TrafficStats] = {}
+        # for metrics: tunnels reopened under their id by a valid resume ticket, and stale
+        # sessions whose every tunnel a reconnected agent took over (the relay had not yet
+        # noticed their link die)
+        self.resumed_tunnels = 0
+        self.replaced_sessions = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._plane: DataPlane | None = None
         self._ready: ReadyIds | None = None
@@ -221,6 +226,8 @@ class RelayControl:
             address = await self._install(request, token_fp, tunnel_id, claims)
             if fresh:
                 self.admission.opened(admitted)  # (only a tunnel that opened counts toward the minute's cap)
+            else:
+                self.resumed_tunnels += 1
             return address
         except BaseException:
             if fresh:
@@ -328,6 +335,7 @@ class RelayControl:
             # its agent has moved on, so its link is dead or useless: no graceful TLS
             # close, which would wait for a close_notify that never comes
             logger.info("session %s replaced by a reconnected agent", stale)
+            self.replaced_sessions += 1
             self.plane.close_session(stale, ErrorCode.SHUTDOWN, "replaced by a newer session of this agent")
 
     def close_tunnel(self, record: TunnelRecord, reason: str, notify: bool = True) -> None:

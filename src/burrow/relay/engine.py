@@ -21,10 +21,14 @@ chose. The plane decides nothing about tunnels: it routes what it was told to.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import errno
+import heapq
 import logging
 import socket
 import ssl
+import time
+from collections import Counter
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +44,15 @@ from .agent_connection import AgentConnection
 from .config import RelayConfig
 from .descriptors import Descriptors
 from .limits import PendingHandshakes
-from .plane import Census, ControlPlane, Route
+from .plane import (
+    HANDSHAKE_FAILURES,
+    OPEN_LATENCY_BOUNDS,
+    Census,
+    ControlPlane,
+    LatencyHistogram,
+    LiveConnection,
+    Route,
+)
 from .tls import AGENT_ALPN, AGENT_ALPNS, CertificateStore
 
 logger = logging.getLogger("burrow.relay")
@@ -64,10 +76,33 @@ def format_address(address: Any) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+#: OpenSSL's reasons for a handshake that never was TLS.
+_NOT_TLS = ("HTTP_REQUEST", "WRONG_VERSION_NUMBER", "UNKNOWN_PROTOCOL", "RECORD_LAYER_FAILURE")
+
+UNKNOWN_NAME = "unknown or missing server name"
+
+
+def _failure_kind(exc: BaseException) -> str:
+    """Which of :data:`~burrow.relay.plane.HANDSHAKE_FAILURES` a failed handshake is."""
+    text = str(exc)
+    if "taking longer" in text or isinstance(exc, TimeoutError):
+        return "timeout"
+    if isinstance(exc, ssl.SSLEOFError | ConnectionError) or not isinstance(exc, ssl.SSLError):
+        return "closed"
+    reason = exc.reason or ""
+    if reason == "NO_APPLICATION_PROTOCOL":
+        return "alpn"
+    if "ALERT" in reason:
+        return "client_alert"
+    if reason in _NOT_TLS:
+        return "not_tls"
+    return "protocol"
+
+
 def _refusal_reason(exc: BaseException) -> str:
     text = str(exc)
     if "CALLBACK_FAILED" in text:
-        return "unknown or missing server name"
+        return UNKNOWN_NAME
     if "taking longer" in text or isinstance(exc, TimeoutError):
         return "no TLS handshake in time"
     return f"{type(exc).__name__}: {text}"[:200]
@@ -109,12 +144,25 @@ class RoutedTunnel:
 
 
 class PublicEndpoint(StreamEndpoint):
-    """A public client's connection, peered with a stream to the agent."""
+    """A public client's connection, peered with a stream to the agent; its own bytes counted
+    too, for the operator's listing."""
 
-    def __init__(self, session: AgentConnection, stream_id: int, tunnel: RoutedTunnel) -> None:
+    def __init__(self, session: AgentConnection, stream_id: int, tunnel: RoutedTunnel, peer: str) -> None:
         super().__init__(session, stream_id, tunnel.stats, inbound=True)
         self.tunnel = tunnel
+        self.peer = peer
+        self.opened = time.monotonic()
+        self.bytes_in = self.bytes_out = 0
         tunnel.endpoints.add(self)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if not (self.done or self.sent_fin):
+            self.bytes_in += nbytes
+        super().buffer_updated(nbytes)
+
+    def deliver(self, data: bytes | bytearray | memoryview) -> None:
+        self.bytes_out += len(data)
+        super().deliver(data)
 
     def _finish(self) -> None:
         super()._finish()
@@ -124,9 +172,10 @@ class PublicEndpoint(StreamEndpoint):
 class _Dispatcher(asyncio.Protocol):
     """First protocol of every TLS connection: hands it to a session or a tunnel."""
 
-    def __init__(self, plane: AsyncioPlane, peer: str, release: Callable[[], None]) -> None:
+    def __init__(self, plane: AsyncioPlane, peer: str, release: Callable[[], None], accepted: float) -> None:
         self.plane = plane
         self.peer = peer
+        self.accepted = accepted
         self.release = release  # frees the connection's pending-handshake slot
         self.keeps_slot = False  # an agent keeps it until it is welcomed
 
@@ -137,6 +186,7 @@ class _Dispatcher(asyncio.Protocol):
         plane = self.plane
         if host == plane.config.domain:
             if sslobj.selected_alpn_protocol() not in AGENT_ALPNS:
+                plane.handshake_counts["alpn"] += 1
                 plane.refusals.log(
                     "alpn", logging.INFO, "refused %s: connected to %s without ALPN %s", self.peer, host, AGENT_ALPN
                 )
@@ -151,19 +201,20 @@ class _Dispatcher(asyncio.Protocol):
         if tunnel is None:  # closed during the handshake
             transport.close()
             return
-        plane.attach_public(tunnel, transport, self.peer)
+        plane.attach_public(tunnel, transport, self.peer, self.accepted)
 
 
 class _TcpAccept(asyncio.Protocol):
     """First protocol of a raw TCP tunnel connection."""
 
-    def __init__(self, plane: AsyncioPlane, tunnel: RoutedTunnel, peer: str) -> None:
+    def __init__(self, plane: AsyncioPlane, tunnel: RoutedTunnel, peer: str, accepted: float) -> None:
         self.plane = plane
         self.tunnel = tunnel
         self.peer = peer
+        self.accepted = accepted
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.plane.attach_public(self.tunnel, cast(asyncio.Transport, transport), self.peer)
+        self.plane.attach_public(self.tunnel, cast(asyncio.Transport, transport), self.peer, self.accepted)
 
 
 class AsyncioPlane:
@@ -179,6 +230,9 @@ class AsyncioPlane:
         self.certs: CertificateStore | None = None
         self.pending = PendingHandshakes(config.max_pending_handshakes, config.max_pending_per_source)
         self.refusals = LogLimiter(logger)
+        self.handshake_counts: Counter[str] = Counter()  # by HANDSHAKE_FAILURES reason
+        self._latency_counts = [0] * (len(OPEN_LATENCY_BOUNDS) + 1)
+        self._latency_sum = 0.0
         self._listeners: list[socket.socket] = []
         self._ports: list[int] = []
         self._tasks: set[asyncio.Task[None]] = set()
@@ -271,6 +325,21 @@ class AsyncioPlane:
             return 0
         return sum(e.transport.get_write_buffer_size() for e in tunnel.endpoints if e.transport is not None)
 
+    def handshake_failures(self) -> dict[str, int]:
+        return {reason: self.handshake_counts[reason] for reason in HANDSHAKE_FAILURES}
+
+    def open_latency(self) -> LatencyHistogram:
+        return LatencyHistogram(OPEN_LATENCY_BOUNDS, tuple(self._latency_counts), self._latency_sum)
+
+    def connections(self, tunnel_id: str, limit: int) -> tuple[int, list[LiveConnection]]:
+        tunnel = self.tunnels.get(tunnel_id)
+        if tunnel is None:
+            return 0, []
+        now = time.monotonic()
+        oldest = heapq.nsmallest(limit, tunnel.endpoints, key=lambda e: e.opened)
+        listed = [LiveConnection(e.peer, e.bytes_in, e.bytes_out, now - e.opened) for e in oldest]
+        return len(tunnel.endpoints), listed
+
     def close(self) -> None:
         self.stop_listening()
         for tunnel_id in list(self.tunnels):
@@ -293,6 +362,7 @@ class AsyncioPlane:
         while True:
             try:
                 conn, address = await loop.sock_accept(listener)
+                accepted = time.monotonic()
             except OSError as exc:  # EMFILE/ENFILE: wait for descriptors rather than spin
                 if listener.fileno() < 0:
                     return
@@ -307,17 +377,17 @@ class AsyncioPlane:
                 self.refusals.log("refused", logging.WARNING, "refused %s: %s", format_address(address), refusal)
                 continue
             if tunnel is None:
-                self.spawn(self._handshake(conn, address))
+                self.spawn(self._handshake(conn, address, accepted))
                 continue
             try:
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # (see _handshake)
                 peer = format_address(address)
-                await loop.connect_accepted_socket(lambda: _TcpAccept(self, tunnel, peer), conn)  # noqa: B023
+                await loop.connect_accepted_socket(lambda: _TcpAccept(self, tunnel, peer, accepted), conn)  # noqa: B023
             except OSError as exc:
                 conn.close()
                 self.refusals.log("accept", logging.INFO, "dropped %s: %s", format_address(address), exc)
 
-    async def _handshake(self, conn: socket.socket, address: Any) -> None:
+    async def _handshake(self, conn: socket.socket, address: Any, accepted: float) -> None:
         """TLS, then hand the connection over; its pending slot is freed here, or at its WELCOME.
 
         An agent's connection stays counted as pending until it is welcomed
@@ -337,7 +407,7 @@ class AsyncioPlane:
                 released = True
                 pending.done(source)
 
-        dispatcher = _Dispatcher(self, peer, release)
+        dispatcher = _Dispatcher(self, peer, release, accepted)
         try:
             # Nagle off: the tunnel forwards what it reads at once. Every other socket
             # comes from create_server or create_connection, which set it (asyncio and
@@ -353,6 +423,8 @@ class AsyncioPlane:
         except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
             conn.close()
             reason = _refusal_reason(exc)
+            if reason != UNKNOWN_NAME:  # (_on_sni counted it, telling a missing name from an unknown one)
+                self.handshake_counts[_failure_kind(exc)] += 1
             self.refusals.log("handshake", logging.INFO, "refused TLS handshake from %s: %s", peer, reason)
         except asyncio.CancelledError:
             conn.close()
@@ -363,19 +435,21 @@ class AsyncioPlane:
 
     def _on_sni(self, sslobj: ssl.SSLObject, name: str | None, context: ssl.SSLContext) -> int | None:
         if name is None:
+            self.handshake_counts["no_server_name"] += 1
             return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
         host = name.lower().rstrip(".")
         if host != self.config.domain:
             tunnel = self.by_host.get(host)
             if tunnel is None or tunnel.route is None:
                 logger.debug("TLS handshake for unknown host %r", host[:253])
+                self.handshake_counts["unknown_server_name"] += 1
                 return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
             assert self.certs is not None
             sslobj.context = self.certs.tunnel_context(host, tunnel.route.h2)
         sslobj.burrow_host = host  # type: ignore[attr-defined]
         return None
 
-    def attach_public(self, tunnel: RoutedTunnel, transport: asyncio.Transport, peer: str) -> None:
+    def attach_public(self, tunnel: RoutedTunnel, transport: asyncio.Transport, peer: str, accepted: float) -> None:
         """Turn a public connection into a stream on the tunnel's session (within the caps)."""
         route = tunnel.route
         session = self.sessions.get(route.session_id) if route is not None else None
@@ -394,7 +468,10 @@ class AsyncioPlane:
             self.refusals.log("streams", logging.WARNING, "refused %s: %s", peer, refusal)
             return
         stream_id = session.proto.open_stream(route.tunnel_id, peer)
-        endpoint = PublicEndpoint(session, stream_id, tunnel)
+        waited = time.monotonic() - accepted
+        self._latency_counts[bisect.bisect_left(OPEN_LATENCY_BOUNDS, waited)] += 1
+        self._latency_sum += waited
+        endpoint = PublicEndpoint(session, stream_id, tunnel, peer)
         transport.set_protocol(endpoint)
         endpoint.connection_made(transport)
         endpoint.read_now()  # a raw TCP client's first bytes go out with the OPEN

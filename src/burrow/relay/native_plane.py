@@ -37,7 +37,7 @@ from ..protocol.messages import BindFailure, TunnelAddress
 from ..protocol.session import MIN_WINDOW, HelloMessage, decode_bind, decode_hello, decode_unbind
 from .config import BASE_WINDOW, HELLO_TIMEOUT, RelayConfig
 from .descriptors import CONNECTION_RESERVE, Descriptors
-from .plane import BindRequest, Census, ControlPlane, Hello, Route
+from .plane import BindRequest, Census, ControlPlane, Hello, LatencyHistogram, LiveConnection, Route
 
 if TYPE_CHECKING:
     from ..certs import DevCA
@@ -199,6 +199,21 @@ class NativePlane:
 
     def buffered(self, tunnel_id: str) -> int:
         return self.engine.buffered(tunnel_id) if self.engine is not None else 0
+
+    def handshake_failures(self) -> dict[str, int]:
+        return dict(self.engine.handshake_failures()) if self.engine is not None else {}
+
+    def open_latency(self) -> LatencyHistogram:
+        if self.engine is None:
+            return LatencyHistogram((), (0,), 0.0)
+        bounds, counts, total = self.engine.open_latency()
+        return LatencyHistogram(tuple(bounds), tuple(counts), total)
+
+    def connections(self, tunnel_id: str, limit: int) -> tuple[int, list[LiveConnection]]:
+        if self.engine is None:
+            return 0, []
+        count, listed = self.engine.connections(tunnel_id, limit)
+        return count, [LiveConnection(*entry) for entry in listed]
 
     def close(self) -> None:
         engine = self.engine

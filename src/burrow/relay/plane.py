@@ -73,6 +73,45 @@ class Census:
     identities: int  # per-host TLS identities (dev CA leaves or contexts) kept
 
 
+#: Upper bounds (seconds) of the stream-open latency histogram's buckets, the native engine's too
+#: (``OPEN_LATENCY_BOUNDS`` in ``native/src/relay/observe.rs``): from half a millisecond (a raw
+#: TCP connection on loopback) to the 10 s handshake deadline.
+OPEN_LATENCY_BOUNDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+#: The TLS handshake failures a data plane tells apart (``burrow_tls_handshake_failures_total{reason}``).
+HANDSHAKE_FAILURES = (
+    "timeout",  # no ClientHello, or no finished handshake, within the deadline
+    "closed",  # the client hung up (or its connection failed) first
+    "not_tls",  # the first bytes are not a ClientHello (plain HTTP, a scanner)
+    "no_server_name",  # no SNI (an IP literal)
+    "unknown_server_name",  # neither the agent endpoint nor a routed tunnel
+    "alpn",  # no ALPN protocol in common (the agent endpoint without burrow/1)
+    "client_certificate",  # a mutual-TLS tunnel got no client certificate, or one it refuses
+    "client_alert",  # the client gave up with an alert (often: it does not trust our certificate)
+    "protocol",  # any other TLS error
+)
+
+
+@dataclass(frozen=True, slots=True)
+class LatencyHistogram:
+    """A histogram as a data plane keeps it: a count per bucket of ``bounds`` (not cumulative), one
+    more for what is above them all, and the sum of the observed seconds."""
+
+    bounds: tuple[float, ...]
+    counts: tuple[int, ...]
+    sum: float
+
+
+@dataclass(frozen=True, slots=True)
+class LiveConnection:
+    """One open public connection of a tunnel, for the operator's listing."""
+
+    client: str  # host:port, [v6]:port
+    bytes_in: int  # from the client towards the service
+    bytes_out: int  # from the service towards the client
+    age: float  # seconds since its stream opened
+
+
 class ControlPlane(Protocol):
     """What the data plane hands up; each call returns at once (slow work is spawned)."""
 
@@ -178,6 +217,15 @@ class DataPlane(Protocol):
 
     def buffered(self, tunnel_id: str) -> int:
         """Bytes held for the tunnel's public clients, not yet written to them."""
+
+    def handshake_failures(self) -> dict[str, int]:
+        """TLS handshakes that failed, by reason (every one of :data:`HANDSHAKE_FAILURES`)."""
+
+    def open_latency(self) -> LatencyHistogram:
+        """How long public connections waited from accept to their stream's OPEN being sent."""
+
+    def connections(self, tunnel_id: str, limit: int) -> tuple[int, list[LiveConnection]]:
+        """How many public connections the tunnel has open, and the ``limit`` oldest of them."""
 
     def close(self) -> None:
         """Close everything now."""

@@ -9,9 +9,10 @@ kept for a tunnel after it closes.
 from __future__ import annotations
 
 import secrets
+import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 ID_ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz"
 #: 36**14 > 2**72: unguessable (the reference uses the same shape), and a DNS label.
@@ -41,6 +42,7 @@ class TunnelRecord:
     unencrypted: bool
     tcp_port: int | None
     tenant: str = ""  # the tenant of a signed token ("" for a plain token), for metrics
+    opened: float = field(default_factory=time.monotonic)  # when this relay opened (or resumed) it: its age
 
 
 class TunnelRegistry:

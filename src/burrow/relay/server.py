@@ -46,6 +46,7 @@ class Relay:
         self.draining = False  # set when shutdown begins: /healthz says 503 from then on
         self.metrics: MetricsServer | None = None
         self.certificates: CertificateWatch | None = None  # with --cert/--key: reloads them
+        self.started = 0.0  # time.monotonic() once listening (the admin view's uptime)
 
     async def start(self) -> Relay:
         """Listen; returns once connections are accepted. Errors are one-line ConfigurationErrors."""
@@ -83,6 +84,7 @@ class Relay:
         control.attach(plane)
         await plane.start()
         self.control, self.plane = control, plane
+        self.started = time.monotonic()
         control.start()
         if not config.dev:
             self.certificates = CertificateWatch(config, plane)
