@@ -118,6 +118,16 @@ CASES: dict[str, Setup] = {
     "damaged dev CA (embedded relay)": lambda t: (["forward", "8000"], {"BURROW_HOME": _damaged_home(t)}),
     "relay is an IP": lambda t: (["forward", "8000"], {"BURROW_RELAY": "127.0.0.1:4443"}),
     "relay port is junk": lambda t: (["forward", "8000"], {"BURROW_RELAY": "localhost:http"}),
+    "relay list with a hole": lambda t: (["forward", "8000", "--relay", "r1.example.com,,r2.example.com"], {}),
+    "failover after zero": lambda t: (
+        ["forward", "8000", "--relay", "r1.example.com,r2.example.com", "--failover-after", "0"],
+        {},
+    ),
+    "relays file missing": lambda t: (["forward", "8000"], {"BURROW_RELAYS_FILE": str(t / "relays.toml")}),
+    "relays file is not TOML": lambda t: (
+        ["forward", "8000", "--relay-timeout", "0"],
+        {"BURROW_RELAYS_FILE": str(_file(t / "relays.toml", b"[[relay]\n"))},
+    ),
     "nobody at the relay": lambda t: (
         ["forward", "8000", "--relay-timeout", "0"],
         {"BURROW_RELAY": f"localhost:{free_port()}"},

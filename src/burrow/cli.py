@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from . import __version__
-from .agent.config import RelayAddress, read_token_file
+from .agent.config import parse_relays, read_token_file
 from .agent.forward import Forward
 from .agent.relay_connection import LOCAL_CONNECT_TIMEOUT
 from .agent.runtime import new_event_loop
@@ -310,7 +311,18 @@ def _tunnel_options(parser: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="require a client certificate issued by these CAs (PEM) on the TLS address (mutual TLS)",
     )
-    parser.add_argument("--relay", metavar="HOST:PORT", help="the relay (default: BURROW_RELAY, else embedded)")
+    parser.add_argument(
+        "--relay",
+        metavar="HOST:PORT[,...]",
+        help="the relay, or several (the nearest answering is used) (default: BURROW_RELAY, else embedded)",
+    )
+    parser.add_argument(
+        "--failover-after",
+        type=float,
+        metavar="SECONDS",
+        help="with several relays: move to another after the relay stays away this long "
+        "(default 30, BURROW_FAILOVER_AFTER)",
+    )
     parser.add_argument(
         "--token-file", type=Path, help="file holding the token (default: BURROW_TOKEN, BURROW_TOKEN_FILE)"
     )
@@ -497,6 +509,12 @@ def _allow(given: list[str] | None) -> list[str] | None:
         raise ConfigurationError(f"--allow: {exc}") from None
 
 
+def _failover_after(value: float | None) -> float | None:
+    if value is not None and not 0 < value < math.inf:
+        raise ConfigurationError(f"--failover-after {value:g} is not a positive number of seconds")
+    return value
+
+
 def _open_forward(args: argparse.Namespace) -> Forward:
     if not args.relay_timeout >= 0:
         raise ConfigurationError(f"--relay-timeout {args.relay_timeout:g} is not 0 or more seconds")
@@ -504,12 +522,13 @@ def _open_forward(args: argparse.Namespace) -> Forward:
         args.port,
         unencrypted=args.unencrypted,
         h2=args.h2,
-        relay=RelayAddress.parse(args.relay, "--relay") if args.relay is not None else None,
+        relay=parse_relays(args.relay, "--relay") if args.relay is not None else None,
         ca=args.ca,
         connect_timeout=args.connect_timeout,
         allow_cidrs=_allow(args.allow),
         proxy_protocol=args.proxy_protocol,
         client_ca=args.client_ca,
+        failover_after=_failover_after(args.failover_after),
     )
     if args.token_file:
         token = read_token_file(args.token_file, "--token-file")
@@ -555,15 +574,21 @@ def _watch(forward: Forward) -> int:
     relay closed the tunnel."""
     tty = sys.stderr.isatty()
     state = forward.state
+    relay = forward.tunnel.relay
     try:
         while forward.is_open:
             if forward.state is not state:
                 state = forward.state
                 if state is TunnelState.RECONNECTING:
-                    note("burrow: link to the relay lost; reconnecting...")
+                    note(f"burrow: link to relay {relay} lost; reconnecting...")
                 else:
-                    note(f"burrow: reconnected: {forward.tunnel.url}")
-                    say(forward.tunnel.url)  # (it may have changed)
+                    tunnel = forward.tunnel
+                    if tunnel.relay != relay:
+                        relay = tunnel.relay
+                        note(f"burrow: moved to relay {relay}: {tunnel.url}")
+                    else:
+                        note(f"burrow: reconnected: {tunnel.url}")
+                    say(tunnel.url)  # (it may have changed)
             if tty:
                 print(f"\r  {status_line(forward.stats)}\033[K", end="", file=sys.stderr, flush=True)
             time.sleep(STATUS_INTERVAL)
@@ -603,7 +628,7 @@ def _announce(args: argparse.Namespace, forward: Forward) -> None:
             f"burrow: nothing accepts on {forward.target} yet; public connections wait up to "
             f"{forward.connect_timeout:g} s for it (--connect-timeout)"
         )
-    note(f"burrow: forwarding {forward.target} to {tunnel.url}")
+    note(f"burrow: forwarding {forward.target} to {tunnel.url} (relay {tunnel.relay})")
     say(tunnel.url)
     if tunnel.unencrypted_port is not None:
         host, port = tunnel.tcp_socket

@@ -33,6 +33,7 @@ class Tunnel:
     port: int = HTTPS_PORT
     unencrypted_host: str | None = None
     unencrypted_port: int | None = None
+    relay: str = ""  # the relay that serves it, host:port (another one after a fleet's failover)
 
     @property
     def url(self) -> str:

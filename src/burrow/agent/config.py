@@ -18,6 +18,10 @@ from ..relay.tls import AGENT_ALPNS
 
 DEFAULT_RELAY_PORT = 443
 
+#: Seconds an open tunnel waits for its own relay to come back before it moves to another
+#: relay of the fleet (and gets that relay's URL): ``forward(failover_after=)``.
+FAILOVER_AFTER = 30.0
+
 
 @dataclass(frozen=True)
 class RelayAddress:
@@ -67,9 +71,25 @@ class RelayAddress:
         )
 
 
+def parse_relays(text: str, source: str = "BURROW_RELAY") -> tuple[RelayAddress, ...]:
+    """One relay or several, comma-separated (``r1.example.com,r2.example.com:8443``)."""
+    items = [item.strip() for item in text.split(",")]
+    if not all(items):
+        raise ConfigurationError(f"{source}={text!r} has an empty item; write e.g. r1.example.com,r2.example.com:443")
+    relays = tuple(RelayAddress.parse(item, source) for item in items)
+    if len(set(relays)) != len(relays):
+        raise ConfigurationError(f"{source}={text!r} names a relay twice; list each once")
+    return relays
+
+
 @dataclass(frozen=True)
 class AgentSettings:
-    """Everything needed to reach one relay. ``relay=None`` means the embedded relay."""
+    """Everything needed to reach a relay (or a fleet of them). ``relay=None`` and no fleet: embedded.
+
+    ``relay`` is the one relay of a link; a fleet (several relays, or a relays
+    file) leaves it None and :class:`~burrow.agent.fleet.Fleet` picks one,
+    giving each link its own settings with ``relay`` set.
+    """
 
     relay: RelayAddress | None
     token: str = field(default="", repr=False)
@@ -77,31 +97,63 @@ class AgentSettings:
     ca: Path | None = None
     window: int = DEFAULT_WINDOW
     heartbeat_timeout: float = HEARTBEAT_TIMEOUT
+    fleet: tuple[RelayAddress, ...] = ()  # several relays to choose from (BURROW_RELAY=a,b)
+    relays_file: Path | None = None  # or a directory file of them (BURROW_RELAYS_FILE), re-read when it changes
+    failover_after: float = FAILOVER_AFTER
 
     @classmethod
     def resolve(
         cls,
-        relay: str | RelayAddress | None = None,
+        relay: str | RelayAddress | tuple[RelayAddress, ...] | None = None,
         token: str | None = None,
         ca: str | os.PathLike[str] | None = None,
+        failover_after: float | None = None,
     ) -> AgentSettings:
-        """Arguments first, then ``BURROW_RELAY``, ``BURROW_TOKEN``/``BURROW_TOKEN_FILE``, ``BURROW_CA``."""
+        """Arguments first, then ``BURROW_RELAY`` or ``BURROW_RELAYS_FILE``, ``BURROW_TOKEN``/``BURROW_TOKEN_FILE``,
+        ``BURROW_CA``, ``BURROW_FAILOVER_AFTER``."""
+        relays_file: Path | None = None
         if isinstance(relay, RelayAddress):  # (parsed already, by a caller that names its source)
-            address: RelayAddress | None = relay
+            relays: tuple[RelayAddress, ...] = (relay,)
+        elif isinstance(relay, tuple):
+            relays = relay
+        elif relay is not None:
+            relays = parse_relays(relay, "relay") if relay.strip() else ()
         else:
-            relay_text = (relay if relay is not None else os.environ.get("BURROW_RELAY", "")).strip()
-            address = (
-                RelayAddress.parse(relay_text, "relay" if relay is not None else "BURROW_RELAY") if relay_text else None
-            )
+            relays, relays_file = _relays_from_environment()
         if token is not None:
             found, source = token, "token="
         else:
             found, source = read_token()
-        return cls(address, found, source, _ca_path(ca), DEFAULT_WINDOW, _heartbeat())
+        if failover_after is None:
+            failover_after = _seconds("BURROW_FAILOVER_AFTER", FAILOVER_AFTER)
+        elif (
+            isinstance(failover_after, bool)
+            or not isinstance(failover_after, int | float)
+            or not 0 < failover_after < float("inf")
+        ):
+            raise ConfigurationError(f"failover_after {failover_after!r} is not a positive number of seconds")
+        one = relays[0] if len(relays) == 1 and relays_file is None else None
+        fleet = relays if one is None else ()
+        return cls(
+            one, found, source, _ca_path(ca), DEFAULT_WINDOW, _heartbeat(), fleet, relays_file, float(failover_after)
+        )
+
+    @property
+    def is_fleet(self) -> bool:
+        """True when a relay is to be chosen among several (or from a relays file)."""
+        return bool(self.fleet) or self.relays_file is not None
 
     def key(self) -> tuple[object, ...]:
-        """Sessions are shared by agents with equal keys."""
-        return (self.relay, self.token, self.ca, self.window, self.heartbeat_timeout)
+        """Sessions (and fleets) are shared by agents with equal keys (failover_after is each tunnel's)."""
+        return (
+            self.relay,
+            self.fleet,
+            self.relays_file,
+            self.token,
+            self.ca,
+            self.window,
+            self.heartbeat_timeout,
+        )
 
     def token_problem(self, reason: str = "") -> str:
         """What to say when the relay refuses this agent's token (``reason``: the relay's word for why)."""
@@ -191,16 +243,32 @@ def read_token_file(path: Path, source: str) -> str:
 
 
 def _heartbeat() -> float:
-    text = os.environ.get("BURROW_HEARTBEAT_TIMEOUT", "").strip()
+    return _seconds("BURROW_HEARTBEAT_TIMEOUT", HEARTBEAT_TIMEOUT)
+
+
+def _seconds(name: str, default: float) -> float:
+    text = os.environ.get(name, "").strip()
     if not text:
-        return HEARTBEAT_TIMEOUT
+        return default
     try:
         value = float(text)
     except ValueError:
         value = 0.0
-    if not value > 0:
-        raise ConfigurationError(f"BURROW_HEARTBEAT_TIMEOUT={text!r} is not a positive number of seconds")
+    if not 0 < value < float("inf"):
+        raise ConfigurationError(f"{name}={text!r} is not a positive number of seconds")
     return value
+
+
+def _relays_from_environment() -> tuple[tuple[RelayAddress, ...], Path | None]:
+    text = os.environ.get("BURROW_RELAY", "").strip()
+    path = os.environ.get("BURROW_RELAYS_FILE", "").strip()
+    if text and path:
+        raise ConfigurationError("BURROW_RELAY and BURROW_RELAYS_FILE are both set; unset one of them")
+    if path:
+        if not Path(path).is_file():
+            raise ConfigurationError(f"BURROW_RELAYS_FILE {path} is not a file; point it at a TOML or JSON relays file")
+        return (), Path(path)  # (read by the fleet at each use: it may change)
+    return (parse_relays(text) if text else ()), None
 
 
 def _ca_path(ca: str | os.PathLike[str] | None) -> Path | None:

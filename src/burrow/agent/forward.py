@@ -20,7 +20,6 @@ from ..protocol.messages import (
     PEM_CERTIFICATE,
     PROXY_PROTOCOL_VERSIONS,
     Access,
-    TunnelAddress,
     networks,
 )
 from ..tunnel import Tunnel, TunnelState
@@ -105,7 +104,7 @@ class Forward:
         unencrypted: bool = False,
         h2: bool = False,
         h2_enabled: bool | None = None,
-        relay: str | RelayAddress | None = None,
+        relay: str | RelayAddress | tuple[RelayAddress, ...] | None = None,
         token: str | None = None,
         ca: str | os.PathLike[str] | None = None,
         on_state: Callable[[TunnelState], None] | None = None,
@@ -113,6 +112,7 @@ class Forward:
         allow_cidrs: Iterable[str] | None = None,
         proxy_protocol: int | None = None,
         client_ca: str | bytes | os.PathLike[str] | None = None,
+        failover_after: float | None = None,
     ) -> None:
         self.target = LocalTarget.parse(port)
         self.port = self.target.port  # (0 for a unix socket)
@@ -125,7 +125,7 @@ class Forward:
             )
         self.unencrypted = bool(unencrypted)
         self.h2 = bool(h2)
-        self.settings = AgentSettings.resolve(relay, token, ca)
+        self.settings = AgentSettings.resolve(relay, token, ca, failover_after)
         self.access = dataclasses.replace(
             _check_access(allow_cidrs, proxy_protocol), client_ca=_read_client_ca(client_ca)
         )
@@ -136,6 +136,7 @@ class Forward:
             access=self.access,
             on_state=on_state,
             connect_timeout=self.connect_timeout,
+            failover_after=self.settings.failover_after,
         )
         self._link: RelayLink | None = None
         self._opened = False
@@ -144,7 +145,7 @@ class Forward:
 
     def __repr__(self) -> str:
         address = self._tunnel.address
-        where = _tunnel_from(address).url if address is not None else "not open"
+        where = _tunnel_from(self._tunnel).url if address is not None else "not open"
         return f"<burrow.Forward {self.target} {self.state.value} {where}>"
 
     @property
@@ -152,12 +153,12 @@ class Forward:
         """The tunnel's addresses; raises :class:`TunnelClosed` before opening and after closing.
 
         The value stays the same across reconnects (same id and URL); only a
-        raw TCP port that the relay could not take back may change.
+        raw TCP port that the relay could not take back may change, and with
+        a fleet of relays, a tunnel moved to another relay (``relay``, ``url``).
         """
-        address = self._tunnel.address
-        if address is None or self._tunnel.closed:
+        if self._tunnel.address is None or self._tunnel.closed:
             raise TunnelClosed(f"the tunnel to {self.target} is not open; use it inside its with-block")
-        return _tunnel_from(address)
+        return _tunnel_from(self._tunnel)
 
     @property
     def state(self) -> TunnelState:
@@ -240,7 +241,7 @@ class Forward:
             self._tunnel.set_state(TunnelState.CLOSED)
             raise
         assert self._tunnel.address is not None
-        return _tunnel_from(self._tunnel.address)
+        return _tunnel_from(self._tunnel)
 
     def _submit_close(self) -> concurrent.futures.Future[None] | None:
         with self._lock:
@@ -254,8 +255,12 @@ class Forward:
         return runtime().submit(runtime().close(link, self._tunnel))
 
 
-def _tunnel_from(address: TunnelAddress) -> Tunnel:
-    return Tunnel(address.id, address.host, address.port, address.unencrypted_host, address.unencrypted_port)
+def _tunnel_from(tunnel: AgentTunnel) -> Tunnel:
+    address = tunnel.address
+    assert address is not None
+    return Tunnel(
+        address.id, address.host, address.port, address.unencrypted_host, address.unencrypted_port, tunnel.relay
+    )
 
 
 def forward(
@@ -272,6 +277,7 @@ def forward(
     allow_cidrs: Iterable[str] | None = None,
     proxy_protocol: int | None = None,
     client_ca: str | bytes | os.PathLike[str] | None = None,
+    failover_after: float | None = None,
 ) -> Forward:
     """Expose local TCP ``port`` to the Internet through a relay.
 
@@ -300,6 +306,13 @@ def forward(
     If the link to the relay drops, burrow reconnects by itself and the
     tunnel comes back with the same URL; ``on_state`` (called on burrow's
     thread) and ``Forward.state`` report RECONNECTING, then OPEN again.
+
+    ``relay="r1.example.com,r2.example.com:8443"`` (or ``BURROW_RELAY``, or a
+    file named by ``BURROW_RELAYS_FILE``) is a fleet: the tunnel opens on the
+    nearest relay that answers (``tunnel.relay``). If that relay stays away
+    ``failover_after`` seconds (default 30, ``BURROW_FAILOVER_AFTER``), the
+    tunnel moves to the next nearest, with that relay's URL: the state goes
+    RECONNECTING, then OPEN, and ``Forward.tunnel`` gives the new URL.
     """
     return Forward(
         port,
@@ -314,4 +327,5 @@ def forward(
         allow_cidrs=allow_cidrs,
         proxy_protocol=proxy_protocol,
         client_ca=client_ca,
+        failover_after=failover_after,
     )

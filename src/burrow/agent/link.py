@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from typing import TYPE_CHECKING
 
 from ..errors import AuthenticationFailed, BurrowError, TunnelRefused
 from ..protocol.messages import BindFailure, TunnelAddress
@@ -21,6 +22,9 @@ from ..tunnel import TunnelState
 from .config import AgentSettings
 from .plane import AgentSession
 from .relay_connection import AgentTunnel, RelayConnection
+
+if TYPE_CHECKING:
+    from .fleet import Fleet
 
 logger = logging.getLogger("burrow")
 
@@ -47,6 +51,7 @@ class RelayLink:
         self._connecting: asyncio.Future[AgentSession] | None = None
         self._reconnecting: asyncio.Task[None] | None = None
         self._stopped = False
+        self.fleet: Fleet | None = None  # set when the relay is one of a fleet: failover to the others
 
     # ------------------------------------------------------------------ sessions
 
@@ -75,10 +80,26 @@ class RelayLink:
     async def open(self, tunnel: AgentTunnel) -> None:
         """Open ``tunnel`` at the relay; it is then kept open across reconnects until :meth:`close`."""
         session = await self.current_session()
-        tunnel.address = await session.bind(tunnel.local_port, tunnel.unencrypted, tunnel.h2, access=tunnel.access)
+        address = await session.bind(tunnel.local_port, tunnel.unencrypted, tunnel.h2, access=tunnel.access)
+        if tunnel.closed:  # closed by its owner while it was moving here (a fleet's failover)
+            await session.unbind(address.id)
+            return
+        tunnel.address, tunnel.link = address, self
         session.tunnels[tunnel.id] = tunnel
         self.tunnels.append(tunnel)
         tunnel.set_state(TunnelState.OPEN)
+
+    async def resume(self, tunnel: AgentTunnel) -> None:
+        """Take back a tunnel this link carried before (a fleet found no other relay): by its ticket."""
+        session = await self.current_session()
+        self.tunnels.append(tunnel)
+        try:
+            await self._resume(session, tunnel)
+        except BaseException:
+            if tunnel in self.tunnels:
+                self.tunnels.remove(tunnel)
+            raise
+        tunnel.link = self
 
     async def close(self, tunnel: AgentTunnel) -> None:
         """Close ``tunnel`` at the relay (waiting for the relay to confirm) and forget it."""
@@ -101,6 +122,8 @@ class RelayLink:
     # --------------------------------------------------- SessionOwner callbacks
 
     def session_lost(self, session: AgentSession) -> None:
+        if self.fleet is not None and self.settings.relay is not None:
+            self.fleet.failed(self.settings.relay)
         if session is self.session:
             self.session = None
             self._start_reconnecting(session.close_reason or "link lost")
@@ -147,9 +170,19 @@ class RelayLink:
     async def _reconnect(self) -> None:
         attempt = 0
         warned: set[str] = set()
+        loop = asyncio.get_running_loop()
+        lost_at = loop.time()
         while not self._stopped and any(t.state is TunnelState.RECONNECTING for t in self.tunnels):
             await asyncio.sleep(backoff(attempt))
             attempt += 1
+            if self.fleet is not None:
+                away = loop.time() - lost_at
+                for tunnel in [t for t in self.tunnels if t.state is TunnelState.RECONNECTING]:
+                    if away >= tunnel.failover_after:
+                        self.tunnels.remove(tunnel)
+                        self.fleet.move(tunnel, self, away)
+                if not any(t.state is TunnelState.RECONNECTING for t in self.tunnels):
+                    break
             try:
                 session = await self.current_session()
                 for tunnel in list(self.tunnels):

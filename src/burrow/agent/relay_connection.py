@@ -9,7 +9,7 @@ import socket
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..connection import SessionConnection, StreamEndpoint, TrafficStats
 from ..errors import AuthenticationFailed, RelayUnavailable, SessionClosed, TunnelRefused
@@ -20,9 +20,12 @@ from ..protocol.messages import ANYONE, Access, BindFailure, TunnelAddress
 from ..protocol.session import Role, SessionProtocol, SessionState
 from ..relay.tls import EARLY_ALPN
 from ..tunnel import TunnelState
-from .config import AgentSettings
+from .config import FAILOVER_AFTER, AgentSettings, RelayAddress
 from .plane import SessionOwner
 from .target import LOOPBACK, LocalTarget
+
+if TYPE_CHECKING:
+    from .link import RelayLink
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +57,13 @@ AGENT_NAME = "burrow-python"
 NOT_TLS = frozenset({"WRONG_VERSION_NUMBER", "PACKET_LENGTH_TOO_LONG", "RECORD_LAYER_FAILURE"})
 
 
+def dial_hosts(address: RelayAddress) -> list[str]:
+    """What to dial for a relay, in order (the next one if the first refuses)."""
+    host = address.connect_host or address.host
+    # RFC 6761: localhost names are loopback whatever the resolver says (and need no lookup)
+    return list(LOCAL_HOSTS) if host == "localhost" or host.endswith(".localhost") else [host]
+
+
 @dataclass(eq=False)
 class AgentTunnel:
     """The agent's record of one tunnel; it outlives sessions (reconnects keep it)."""
@@ -67,6 +77,13 @@ class AgentTunnel:
     stats: TrafficStats = field(default_factory=TrafficStats)
     state: TunnelState = TunnelState.OPENING
     on_state: Callable[[TunnelState], None] | None = None
+    link: RelayLink | None = None  # the link that carries it (another one after a failover)
+    failover_after: float = FAILOVER_AFTER  # with a fleet: how long its relay may stay away before it moves
+
+    @property
+    def relay(self) -> str:
+        """The relay that serves the tunnel (``host:port``), "" before it is open."""
+        return str(self.link.settings.relay) if self.link is not None else ""
 
     @property
     def local_port(self) -> int:
@@ -198,9 +215,7 @@ class RelayConnection(SessionConnection):
         assert address is not None
         loop = asyncio.get_running_loop()
         context = settings.ssl_context()
-        host = address.connect_host or address.host
-        # RFC 6761: localhost names are loopback whatever the resolver says (and need no lookup)
-        hosts = list(LOCAL_HOSTS) if host == "localhost" or host.endswith(".localhost") else [host]
+        hosts = dial_hosts(address)
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT):
                 for index, dial in enumerate(hosts):

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from ..errors import PortAlreadyForwarded
 from ..relay.config import RelayConfig
 from .config import AgentSettings, RelayAddress
+from .fleet import Fleet
 from .link import RelayLink
 from .plane import AgentSession
 from .relay_connection import AgentTunnel
@@ -60,6 +61,7 @@ class Runtime:
         self.loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self.links: dict[tuple[object, ...], RelayLink] = {}
+        self.fleets: dict[tuple[object, ...], Fleet] = {}
         self.embedded: Relay | None = None
         self._embedded_starting: asyncio.Future[Relay] | None = None
         self.forwarded: dict[LocalTarget, object] = {}  # target -> whoever forwards it
@@ -110,6 +112,8 @@ class Runtime:
             return
 
         async def goodbye() -> None:
+            for fleet in list(self.fleets.values()):
+                fleet.stop()
             for link in list(self.links.values()):
                 link.stop()
             if self.embedded is not None:
@@ -127,11 +131,22 @@ class Runtime:
         """The link to the relay these settings name (the embedded relay if none)."""
         if settings.relay is None:
             settings = dataclasses.replace(settings, relay=await self._embedded_address())
+        return self._link(settings)
+
+    def _link(self, settings: AgentSettings) -> RelayLink:
         key = settings.key()
         link = self.links.get(key)
         if link is None:
             link = self.links[key] = RelayLink(settings)
         return link
+
+    def fleet_for(self, settings: AgentSettings) -> Fleet:
+        """The fleet of relays these settings name (several relays, or a relays file)."""
+        key = settings.key()
+        fleet = self.fleets.get(key)
+        if fleet is None:
+            fleet = self.fleets[key] = Fleet(settings, self._link)
+        return fleet
 
     @property
     def sessions(self) -> list[AgentSession]:
@@ -173,17 +188,20 @@ class Runtime:
             )
         self.forwarded[target] = owner
         try:
-            link = await self.link_for(settings)
-            await link.open(tunnel)
+            if settings.is_fleet:
+                link = await self.fleet_for(settings).open(tunnel)
+            else:
+                link = await self.link_for(settings)
+                await link.open(tunnel)
         except BaseException:
             del self.forwarded[target]
             raise
         return link
 
     async def close(self, link: RelayLink, tunnel: AgentTunnel) -> None:
-        """Close the tunnel at the relay, then release its port."""
+        """Close the tunnel at the relay (its link now: a fleet may have moved it), then release its port."""
         try:
-            await link.close(tunnel)
+            await (tunnel.link or link).close(tunnel)
         finally:
             self.forwarded.pop(tunnel.target, None)
 
