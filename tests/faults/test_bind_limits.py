@@ -51,8 +51,12 @@ async def _bind_all(session: RelayConnection, count: int, unencrypted: bool) -> 
 
 def test_a_thousand_refused_binds_leave_no_certificate_id_or_memory_behind() -> None:
     async def main() -> None:
-        relay = await Relay(RelayConfig(port=0, max_tunnels_per_token=1, raise_fd_limit=False)).start()
-        session = await RelayConnection.connect(AgentSettings(RelayAddress("localhost", relay.port)))
+        # tracemalloc slows this loop (agent and relay control) tenfold under some pytest plugins
+        # (hypothesis 6.170's: ~10 s for the traced binds): heartbeats must not end the session meanwhile
+        config = RelayConfig(port=0, max_tunnels_per_token=1, raise_fd_limit=False, heartbeat_timeout=120)
+        relay = await Relay(config).start()
+        settings = AgentSettings(RelayAddress("localhost", relay.port), heartbeat_timeout=120)
+        session = await RelayConnection.connect(settings)
         try:
             assert relay.plane is not None and relay.control is not None
             first = await session.bind(8000, unencrypted=False, h2=False)
