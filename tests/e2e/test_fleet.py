@@ -250,3 +250,23 @@ def test_burrow_forward_says_which_relay_and_where_the_tunnel_moved(
     assert f"to {first} (relay {lab.addresses['r1']})" in err
     assert f"burrow: moved to relay {lab.addresses['r2']}: {moved}" in err
     assert "Traceback" not in err
+
+
+def test_the_ranking_is_measured_again_in_the_background_once_old(
+    lab: Lab, echo: EchoServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from burrow.agent import fleet as fleet_module
+
+    fleet = f"{lab.addresses['r2']},{lab.addresses['r1']}"
+    with burrow.forward(echo.port, relay=fleet) as tunnel:
+        assert tunnel.relay == lab.addresses["r1"]
+    measured = fleet_of(lab.addresses["r1"])
+    first = measured.measured_at
+    assert first is not None
+    monkeypatch.setattr(fleet_module, "RERANK_AFTER", 0.0)
+    with burrow.forward(echo.port, relay=fleet) as tunnel:  # (opened on the ranking it has)
+        assert tunnel.relay == lab.addresses["r1"]
+    deadline = time.monotonic() + 5
+    while measured.measured_at == first:
+        assert time.monotonic() < deadline, "no measurement in the background"
+        time.sleep(0.02)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import ssl
 import time
+import os
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -81,6 +82,10 @@ def test_a_scrape_counts_tunnels_connections_bytes_and_refusals(
                     burrow.forward(echoes[2].port, relay=address, token="wrong").open()
             seen = _scrape(server)
             assert seen[("burrow_up", ())] == 1
+            # the process's own, for memory and descriptor alerts: this process (the test's), live
+            rss = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            assert 0.5 * rss < seen[("process_resident_memory_bytes", ())] < 2 * rss
+            assert 10 < seen[("process_open_fds", ())] <= seen[("process_max_fds", ())]
             assert seen[("burrow_tunnels_open", (("tenant", "acme"),))] == 2
             assert seen[("burrow_sessions_open", ())] >= 1
             assert seen[("burrow_connections_total", (("tenant", "acme"),))] == 3

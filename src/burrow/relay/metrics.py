@@ -184,7 +184,7 @@ class MetricsServer:
 
     def __init__(self, relay: Relay, host: str, port: int) -> None:
         try:
-            from prometheus_client import CollectorRegistry
+            from prometheus_client import CollectorRegistry, ProcessCollector
         except ImportError:
             raise ConfigurationError("--metrics needs prometheus-client: pip install 'burrow[metrics]'") from None
         self.relay = relay
@@ -200,6 +200,8 @@ class MetricsServer:
             )
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(RelayCollector(relay))
+        # the process's own: resident memory, CPU seconds, open descriptors and their limit (Linux)
+        ProcessCollector(registry=self.registry)
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:

@@ -51,12 +51,24 @@ MAX_PREPARED_LEAVES = 64
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 
 
-def data_threads() -> int:
-    """The data plane's threads by default: the cores this process may use."""
+def data_threads(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """The data plane's threads by default: the cores this process may use.
+
+    That is the CPU affinity, and under a cgroup v2 CPU quota (a container's
+    ``resources.limits.cpu``, systemd's ``CPUQuota=``) no more threads than the
+    quota's cores, rounded up: more would only be throttled.
+    """
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # pragma: no cover (not Linux)
-        return max(1, os.cpu_count() or 1)
+        cores = os.cpu_count() or 1
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, -(-int(quota) // int(period)))
+    except (OSError, ValueError, ZeroDivisionError):
+        pass  # (no cgroup v2 here, or no quota)
+    return max(1, cores)
 
 
 class NativePlane:
