@@ -115,9 +115,7 @@ def test_the_environment_names_a_list_or_a_file_not_both(tmp_path: Path, monkeyp
         AgentSettings.resolve()
 
 
-def test_a_relays_file_that_is_bad_at_first_use_fails_the_open(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_relays_file_that_is_bad_at_first_use_fails_the_open(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "relays.toml"
     path.write_text("not toml at all [")
     monkeypatch.setenv("BURROW_RELAYS_FILE", str(path))

@@ -223,9 +223,7 @@ def test_no_relay_of_the_fleet_answering_is_one_error_naming_each(echo: EchoServ
     assert "\n" not in message
 
 
-def test_burrow_forward_says_which_relay_and_where_the_tunnel_moved(
-    lab: Lab, echo: EchoServer, ca_file: Path
-) -> None:
+def test_burrow_forward_says_which_relay_and_where_the_tunnel_moved(lab: Lab, echo: EchoServer, ca_file: Path) -> None:
     fleet = f"{lab.addresses['r1']},{lab.addresses['r2']}"
     process = subprocess.Popen(
         [sys.executable, "-m", "burrow", "forward", str(echo.port), "--relay", fleet, "--failover-after", "1"],

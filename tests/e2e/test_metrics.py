@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import ssl
 import time
-import os
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
