@@ -574,21 +574,22 @@ def _watch(forward: Forward) -> int:
     relay closed the tunnel."""
     tty = sys.stderr.isatty()
     state = forward.state
-    relay = forward.tunnel.relay
+    relay, url = forward.tunnel.relay, forward.tunnel.url
     try:
         while forward.is_open:
-            if forward.state is not state:
-                state = forward.state
-                if state is TunnelState.RECONNECTING:
-                    note(f"burrow: link to relay {relay} lost; reconnecting...")
-                else:
-                    tunnel = forward.tunnel
-                    if tunnel.relay != relay:
-                        relay = tunnel.relay
-                        note(f"burrow: moved to relay {relay}: {tunnel.url}")
-                    else:
-                        note(f"burrow: reconnected: {tunnel.url}")
-                    say(tunnel.url)  # (it may have changed)
+            now = forward.state
+            if now is TunnelState.RECONNECTING and state is not now:
+                note(f"burrow: link to relay {relay} lost; reconnecting...")
+            elif now is TunnelState.OPEN:
+                tunnel = forward.tunnel  # (compared each time: a quick move may never be seen RECONNECTING)
+                if tunnel.relay != relay:
+                    note(f"burrow: moved to relay {tunnel.relay}: {tunnel.url}")
+                elif state is not now or tunnel.url != url:
+                    note(f"burrow: reconnected: {tunnel.url}")
+                if (tunnel.relay, tunnel.url) != (relay, url) or state is not now:
+                    relay, url = tunnel.relay, tunnel.url
+                    say(url)  # (it may have changed)
+            state = now
             if tty:
                 print(f"\r  {status_line(forward.stats)}\033[K", end="", file=sys.stderr, flush=True)
             time.sleep(STATUS_INTERVAL)

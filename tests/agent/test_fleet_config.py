@@ -36,6 +36,8 @@ def test_a_list_of_relays_is_a_fleet_and_one_relay_is_not(monkeypatch: pytest.Mo
         ("r1.example.com,r1.example.com:443", "names a relay twice"),
         ("r1.example.com,r2.example.com:99999", "has a bad port"),
         ("r1.example.com,10.0.0.1", "is an IP address"),
+        ("r1..example.com,r2.example.com", "is not a valid DNS name"),
+        ("r2.example.com," + "a" * 64 + ".example.com", "is not a valid DNS name"),
     ],
 )
 def test_a_bad_relay_list_says_what_to_write(text: str, says: str) -> None:

@@ -268,3 +268,65 @@ def test_the_ranking_is_measured_again_in_the_background_once_old(
     while measured.measured_at == first:
         assert time.monotonic() < deadline, "no measurement in the background"
         time.sleep(0.02)
+
+
+def restart_relay(name: str, port: int) -> Relay:
+    """The relay again on its port (same domain, same ticket key: the tunnels' tickets still hold)."""
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            return on_runtime(Relay(RelayConfig(port=port, domain=f"{name}.localhost")).start())
+        except Exception:
+            assert time.monotonic() < deadline, f"{name} could not listen on {port} again"
+            time.sleep(0.1)
+
+
+def test_a_relay_back_within_failover_after_keeps_its_tunnels_and_urls(
+    lab: Lab, echo: EchoServer, ca_file: Path
+) -> None:
+    fleet = f"{lab.addresses['r2']},{lab.addresses['r1']}"
+    states: list[TunnelState] = []
+    forward = burrow.forward(echo.port, relay=fleet, failover_after=10, on_state=states.append)
+    try:
+        first = forward.open()
+        assert first.relay == lab.addresses["r1"]
+        port = lab.relays["r1"].port
+        stop_relay(lab.relays["r1"])
+        time.sleep(1.5)  # a while away, but less than failover_after: no move yet
+        assert forward.state is TunnelState.RECONNECTING
+        lab.relays["r1"] = restart_relay("r1", port)
+        deadline = time.monotonic() + 8
+        while forward.state is not TunnelState.OPEN:
+            assert time.monotonic() < deadline, f"the tunnel did not come back: {states}"
+            time.sleep(0.05)
+        assert forward.tunnel == first  # same id, URL and relay: resumed by ticket, not moved
+        assert echo_once(forward.tunnel, ca_file, b"back home") == b"back home"
+        assert lab.relays["r2"].control is not None and len(lab.relays["r2"].control.registry) == 0
+    finally:
+        forward.close()
+
+
+def test_closing_a_tunnel_while_no_relay_takes_it_ends_its_move(
+    lab: Lab, echo: EchoServer, service_loop: ServiceThread
+) -> None:
+    fleet = f"{lab.addresses['r1']},{lab.addresses['r2']}"
+    forward = burrow.forward(echo.port, relay=fleet, failover_after=0.3)
+    assert forward.open().relay == lab.addresses["r1"]
+    moves = fleet_of(lab.addresses["r1"])._moves
+    r2_port = lab.relays["r2"].port
+    stop_relay(lab.relays["r2"])
+    stop_relay(lab.relays["r1"])
+    deadline = time.monotonic() + 5
+    while not moves:  # the link gave the tunnel to the fleet, which finds no relay
+        assert time.monotonic() < deadline, "the tunnel was never handed over"
+        time.sleep(0.02)
+    forward.close()
+    assert forward.state is TunnelState.CLOSED
+    deadline = time.monotonic() + 5
+    while moves:
+        assert time.monotonic() < deadline, "the move goes on after close"
+        time.sleep(0.02)
+    # r2 back (behind its proxy): nothing is opened there for the closed tunnel
+    lab.relays["r2"] = restart_relay("r2", r2_port)
+    time.sleep(1.0)
+    assert lab.relays["r2"].control is not None and len(lab.relays["r2"].control.registry) == 0

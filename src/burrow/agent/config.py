@@ -62,6 +62,10 @@ class RelayAddress:
         if not host or "/" in host or " " in host:
             raise ConfigurationError(f"{source}={text!r} is not host:port; write e.g. r1.example.com:443")
         try:
+            host.encode("idna")  # (what the resolver will do: an empty or over-long label fails here, in one line)
+        except UnicodeError:
+            raise ConfigurationError(f"{source}={text!r} is not a valid DNS name; check its spelling") from None
+        try:
             ipaddress.ip_address(host)
         except ValueError:
             return cls(host.lower().rstrip("."), port, source=source)

@@ -235,7 +235,7 @@ class Fleet:
                         except ConnectionRefusedError:
                             if host == dial_hosts(address)[-1]:
                                 raise
-            except (OSError, TimeoutError, ssl.SSLError):
+            except (OSError, TimeoutError, ssl.SSLError, ValueError):  # (ValueError: a name IDNA refuses)
                 return math.inf
             samples.append(loop.time() - started)
             # a clean close (the client's Finished, then close_notify): the relay sees a handshake
@@ -257,29 +257,51 @@ class Fleet:
     def region(self, address: RelayAddress) -> str:
         return next((r.region for r in self.relays if r.address == address), "")
 
-    async def open(self, tunnel: AgentTunnel) -> RelayLink:
-        """Open ``tunnel`` on the nearest relay that takes it; the link that carries it."""
-        problems: list[str] = []
-        for address in await self.ranking():
-            link = self.link(address)
-            try:
-                await link.open(tunnel)
-                return link
-            except RelayUnavailable as exc:
-                self.failed(address)
-                problems.append(str(exc))
-            except BurrowError as exc:  # (a refused token or tunnel: other relays may still take it)
-                problems.append(str(exc))
-        shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
-        raise RelayUnavailable(f"no relay of {len(problems)} took the tunnel: {shown}", transient=True)
+    async def open(self, tunnel: AgentTunnel, within: float) -> RelayLink:
+        """Open ``tunnel`` on the nearest relay that takes it, within ``within`` seconds; its link.
+
+        When every relay refused for a reason that waiting will not fix (a token
+        refused everywhere, a certificate not trusted), the first such error is
+        raised as it is; otherwise one transient RelayUnavailable naming each.
+        """
+        problems: list[BurrowError] = []
+        ranked: list[RelayAddress] = []
+        try:
+            async with asyncio.timeout(within):
+                ranked = await self.ranking()
+                for address in ranked:
+                    link = self.link(address)
+                    try:
+                        await link.open(tunnel)
+                        return link
+                    except RelayUnavailable as exc:
+                        self.failed(address)
+                        problems.append(exc)
+                    except BurrowError as exc:  # (a refused token or tunnel: other relays may still take it)
+                        problems.append(exc)
+        except TimeoutError:
+            problems.append(RelayUnavailable(f"no answer within {within:.0f} s", transient=True))
+        if problems and not any(getattr(p, "transient", False) for p in problems):
+            raise problems[0]
+        said = [str(p) for p in problems]
+        shown = "; ".join(said[:3]) + (f"; and {len(said) - 3} more" if len(said) > 3 else "")
+        tried = len(ranked) or len(self.relays)
+        raise RelayUnavailable(f"no relay of {tried} took the tunnel: {shown}", transient=True)
 
     def move(self, tunnel: AgentTunnel, origin: RelayLink, away: float) -> None:
         """Move a tunnel whose relay stayed away ``away`` seconds (its failover_after) to another relay."""
+        tunnel.moving = True
         task = asyncio.get_running_loop().create_task(self._move(tunnel, origin, away))
         self._moves.add(task)
         task.add_done_callback(self._moves.discard)
 
     async def _move(self, tunnel: AgentTunnel, origin: RelayLink, away: float) -> None:
+        try:
+            await self._place(tunnel, origin, away)
+        finally:
+            tunnel.moving = False
+
+    async def _place(self, tunnel: AgentTunnel, origin: RelayLink, away: float) -> None:
         from .link import backoff
 
         home = origin.settings.relay
@@ -291,8 +313,8 @@ class Fleet:
             attempt += 1
             try:
                 ranked = await self.ranking()
-            except ConfigurationError as exc:
-                logger.warning("burrow: %s", exc)
+            except Exception as exc:  # (a bad relays file edit, a name no resolver takes: try again later)
+                logger.warning("burrow: cannot rank the relays to move tunnel %s: %s", old_id, exc)
                 continue
             for address in [a for a in ranked if a != home] + [home]:
                 if tunnel.state is not TunnelState.RECONNECTING:
@@ -306,8 +328,10 @@ class Fleet:
                 except RelayUnavailable:
                     self.failed(address)
                     continue
-                except BurrowError:
+                except (BurrowError, OSError, ValueError):
                     continue
+                if tunnel.closed:
+                    return
                 if address != home and tunnel.address is not None:
                     region = self.region(address)
                     logger.warning(

@@ -92,6 +92,8 @@ class RelayLink:
     async def resume(self, tunnel: AgentTunnel) -> None:
         """Take back a tunnel this link carried before (a fleet found no other relay): by its ticket."""
         session = await self.current_session()
+        if tunnel.closed:  # closed by its owner while the session was connecting
+            return
         self.tunnels.append(tunnel)
         try:
             await self._resume(session, tunnel)
@@ -122,9 +124,9 @@ class RelayLink:
     # --------------------------------------------------- SessionOwner callbacks
 
     def session_lost(self, session: AgentSession) -> None:
-        if self.fleet is not None and self.settings.relay is not None:
-            self.fleet.failed(self.settings.relay)
         if session is self.session:
+            if self.fleet is not None and self.settings.relay is not None:
+                self.fleet.failed(self.settings.relay)  # (not for a stale session: the relay may be back)
             self.session = None
             self._start_reconnecting(session.close_reason or "link lost")
 
@@ -177,16 +179,16 @@ class RelayLink:
             attempt += 1
             if self.fleet is not None:
                 away = loop.time() - lost_at
-                for tunnel in [t for t in self.tunnels if t.state is TunnelState.RECONNECTING]:
+                for tunnel in [t for t in self.tunnels if t.state is TunnelState.RECONNECTING and not t.moving]:
                     if away >= tunnel.failover_after:
                         self.tunnels.remove(tunnel)
                         self.fleet.move(tunnel, self, away)
-                if not any(t.state is TunnelState.RECONNECTING for t in self.tunnels):
+                if not any(t.state is TunnelState.RECONNECTING and not t.moving for t in self.tunnels):
                     break
             try:
                 session = await self.current_session()
                 for tunnel in list(self.tunnels):
-                    if tunnel.state is TunnelState.RECONNECTING:
+                    if tunnel.state is TunnelState.RECONNECTING and not tunnel.moving:  # (a fleet's move resumes it)
                         await self._resume(session, tunnel)
             except (BurrowError, OSError) as exc:
                 message = str(exc)
@@ -208,7 +210,7 @@ class RelayLink:
             # the relay cannot honour the ticket (its key changed): a new URL beats none
             logger.warning("burrow: tunnel %s cannot keep its URL (%s); opening a new one", old_id, exc)
             address = await session.bind(tunnel.local_port, tunnel.unencrypted, tunnel.h2, access=tunnel.access)
-        if tunnel not in self.tunnels:  # closed by its owner meanwhile
+        if tunnel.closed or tunnel not in self.tunnels:  # closed by its owner meanwhile
             await session.unbind(address.id)
             return
         tunnel.address = address

@@ -79,6 +79,7 @@ class AgentTunnel:
     on_state: Callable[[TunnelState], None] | None = None
     link: RelayLink | None = None  # the link that carries it (another one after a failover)
     failover_after: float = FAILOVER_AFTER  # with a fleet: how long its relay may stay away before it moves
+    moving: bool = False  # a fleet is placing it on a relay (its own link's reconnect leaves it alone)
 
     @property
     def relay(self) -> str:

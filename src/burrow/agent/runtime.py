@@ -35,6 +35,10 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
+#: How long opening a tunnel on a fleet may take (ranking, then relay after relay): inside
+#: forward()'s synchronous wait, so a caller gets one line, not a timeout of its own.
+FLEET_OPEN_TIMEOUT = 25.0
+
 
 try:  # imported with burrow, so that the first forward() does not pay for it
     import uvloop
@@ -189,7 +193,7 @@ class Runtime:
         self.forwarded[target] = owner
         try:
             if settings.is_fleet:
-                link = await self.fleet_for(settings).open(tunnel)
+                link = await self.fleet_for(settings).open(tunnel, FLEET_OPEN_TIMEOUT)
             else:
                 link = await self.link_for(settings)
                 await link.open(tunnel)
