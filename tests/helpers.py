@@ -145,14 +145,19 @@ def tls_connect(tunnel: Tunnel, ca: Path, timeout: float = 10.0) -> ssl.SSLSocke
 def echo_once(tunnel: Tunnel, ca: Path, payload: bytes = b"hello burrow") -> bytes:
     """Send ``payload`` through the tunnel's TLS address to an echo service; what came back."""
     with tls_connect(tunnel, ca) as sock:
-        sock.sendall(payload)
-        got = b""
-        while len(got) < len(payload):
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            got += chunk
-        return got
+        return echo_through(sock, payload)
+
+
+def echo_through(sock: socket.socket, payload: bytes) -> bytes:
+    """Send ``payload`` on a connection to an echo service; what came back (short if it closed)."""
+    sock.sendall(payload)
+    got = b""
+    while len(got) < len(payload):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        got += chunk
+    return got
 
 
 def recv_all(sock: socket.socket) -> bytes:

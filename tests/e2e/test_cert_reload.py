@@ -26,7 +26,7 @@ import burrow
 from burrow.relay import Relay, RelayConfig, certwatch
 from burrow.tunnel import Tunnel, TunnelState
 
-from ..helpers import EchoServer, connect, on_runtime
+from ..helpers import EchoServer, connect, echo_through, on_runtime
 
 DOMAIN = "r1.localhost"
 
@@ -61,14 +61,7 @@ def serial_of(tunnel: Tunnel, ca: Path) -> int:
 
 
 def echoes(sock: ssl.SSLSocket, payload: bytes) -> bool:
-    sock.sendall(payload)
-    got = b""
-    while len(got) < len(payload):
-        chunk = sock.recv(65536)
-        if not chunk:
-            return False
-        got += chunk
-    return got == payload
+    return echo_through(sock, payload) == payload
 
 
 def wait_for_serial(tunnel: Tunnel, ca: Path, serial: int, within: float = 10.0) -> None:

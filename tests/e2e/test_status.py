@@ -25,7 +25,7 @@ from burrow.relay import Relay, RelayConfig, admin
 from burrow.relay.tickets import load_or_create_key
 from burrow.relay.tokens import TokenSigner
 
-from ..helpers import EchoServer, ServiceThread, free_port, on_runtime, tls_connect
+from ..helpers import EchoServer, ServiceThread, echo_through, free_port, on_runtime, tls_connect
 
 pytest.importorskip("prometheus_client")
 
@@ -77,13 +77,7 @@ def _status(relay: Relay, query: str = "") -> dict[str, Any]:
 
 
 def _echo(sock: socket.socket, payload: bytes) -> None:
-    sock.sendall(payload)
-    got = b""
-    while len(got) < len(payload):
-        chunk = sock.recv(65536)
-        assert chunk, "the tunnel closed"
-        got += chunk
-    assert got == payload
+    assert echo_through(sock, payload) == payload
 
 
 def _client(sock: socket.socket) -> str:

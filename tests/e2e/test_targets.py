@@ -16,7 +16,7 @@ import pytest
 import burrow
 from burrow.agent.target import LocalTarget
 
-from ..helpers import free_port, tls_connect
+from ..helpers import echo_through, free_port, tls_connect
 from ..test_cli import BURROW
 
 
@@ -63,25 +63,14 @@ def echo_on_unix_socket(tmp_path: Path) -> Iterator[str]:
         yield path
 
 
-def _echo(sock: socket.socket, payload: bytes) -> bytes:
-    sock.sendall(payload)
-    received = b""
-    while len(received) < len(payload):
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        received += chunk
-    return received
-
-
 def test_forward_to_another_loopback_address(echo_on_127_0_0_2: int, ca_file: Path) -> None:
     port = echo_on_127_0_0_2
     with burrow.forward(f"127.0.0.2:{port}", unencrypted=True) as tunnel:
         with tls_connect(tunnel, ca_file) as sock:
-            assert _echo(sock, b"over TLS to 127.0.0.2" * 1000) == b"over TLS to 127.0.0.2" * 1000
+            assert echo_through(sock, b"over TLS to 127.0.0.2" * 1000) == b"over TLS to 127.0.0.2" * 1000
         assert tunnel.unencrypted_port is not None
         with socket.create_connection(("127.0.0.1", tunnel.unencrypted_port), timeout=10) as sock:
-            assert _echo(sock, b"raw to 127.0.0.2") == b"raw to 127.0.0.2"
+            assert echo_through(sock, b"raw to 127.0.0.2") == b"raw to 127.0.0.2"
 
 
 @pytest.mark.skipif(not socket.has_ipv6, reason="no IPv6")
@@ -89,17 +78,17 @@ def test_forward_to_an_ipv6_address(ca_file: Path) -> None:
     for server in _serving(_TCP6(("::1", 0), _Echo)):
         port = server.server_address[1]  # type: ignore[index]
         with burrow.forward(f"[::1]:{port}") as tunnel, tls_connect(tunnel, ca_file) as sock:
-            assert _echo(sock, b"to ::1") == b"to ::1"
+            assert echo_through(sock, b"to ::1") == b"to ::1"
 
 
 def test_forward_to_a_unix_socket(echo_on_unix_socket: str, ca_file: Path) -> None:
     payload = bytes(range(256)) * 4096  # 1 MiB, every byte value
     with burrow.forward(f"unix:{echo_on_unix_socket}", unencrypted=True) as tunnel:
         with tls_connect(tunnel, ca_file) as sock:
-            assert _echo(sock, payload) == payload
+            assert echo_through(sock, payload) == payload
         assert tunnel.unencrypted_port is not None
         with socket.create_connection(("127.0.0.1", tunnel.unencrypted_port), timeout=10) as sock:
-            assert _echo(sock, b"raw to a unix socket") == b"raw to a unix socket"
+            assert echo_through(sock, b"raw to a unix socket") == b"raw to a unix socket"
 
 
 def test_the_same_target_is_forwarded_once_per_process(echo_on_unix_socket: str) -> None:
@@ -152,7 +141,7 @@ def test_the_cli_forwards_a_unix_socket(echo_on_unix_socket: str) -> None:
         tcp = env_relay.stdout.readline().strip()
         assert url.startswith("https://") and tcp.startswith("tcp://localhost:")
         with socket.create_connection(("127.0.0.1", int(tcp.rsplit(":", 1)[1])), timeout=10) as sock:
-            assert _echo(sock, b"via the CLI") == b"via the CLI"
+            assert echo_through(sock, b"via the CLI") == b"via the CLI"
     finally:
         env_relay.terminate()
         _, err = env_relay.communicate(timeout=20)
