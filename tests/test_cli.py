@@ -286,3 +286,36 @@ def test_forward_keeps_the_signals_its_starter_ignored_and_stops_on_sigterm() ->
         process.kill()
         process.wait(10)
         app.stop()
+
+
+def test_a_stop_at_any_moment_after_the_url_closes_cleanly(relay_process: tuple[Background, int]) -> None:
+    """SIGTERM, SIGHUP or Ctrl-C while `burrow forward` is still printing (an import, a print, a
+    lock taken): taken at the next wait, never raised in the middle; exit 0 at once, tunnel closed."""
+    _, port = relay_process
+    app = start_sample_app()
+    env = {**os.environ, "BURROW_RELAY": f"localhost:{port}"}
+    try:
+        for n, delay in enumerate([0, 0, 0.001, 0.002, 0.003, 0.005, 0.008, 0.013, 0.021]):
+            forward = Background("forward", str(app.port), env=env)
+            forward.wait_for(r"^https://\S+$")
+            time.sleep(delay)
+            started = time.monotonic()
+            code, _, err = forward.stop((signal.SIGTERM, signal.SIGHUP, signal.SIGINT)[n % 3])
+            assert code == 0, err
+            assert time.monotonic() - started < 5
+            assert "burrow: tunnel closed; 0 open (0 total)" in err
+            _no_traceback(err)
+    finally:
+        app.stop()
+
+
+def test_a_stop_while_the_relay_is_tried_again_ends_the_wait_at_once() -> None:
+    port = free_port()
+    forward = Background("forward", "8000", env={**os.environ, "BURROW_RELAY": f"localhost:{port}"})
+    assert forward.process.stderr is not None
+    assert "trying again in" in forward.process.stderr.readline()
+    started = time.monotonic()
+    code, out, err = forward.stop(signal.SIGTERM)
+    assert time.monotonic() - started < 2
+    assert code == 130 and out == ""
+    _no_traceback(err)

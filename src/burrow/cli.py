@@ -472,7 +472,7 @@ RELAY_RETRY_CAP = 5.0
 
 
 @contextlib.contextmanager
-def _opened(args: argparse.Namespace, wait: Callable[[float], None] = time.sleep) -> Iterator[Forward]:
+def _opened(args: argparse.Namespace, wait: Callable[[float], None] | None = None) -> Iterator[Forward]:
     """The tunnel open (closed at the relay on exit). A relay that cannot be reached yet is tried
     again with backoff for up to ``--relay-timeout`` seconds, saying so at each attempt; settings
     that must change (an untrusted certificate, a refused token) fail at once."""
@@ -481,7 +481,8 @@ def _opened(args: argparse.Namespace, wait: Callable[[float], None] = time.sleep
     while True:
         forward = _open_forward(args)
         try:
-            forward.open()
+            with _signals.waiting():
+                forward.open()
             break
         except RelayUnavailable as exc:
             left = deadline - time.monotonic()
@@ -491,7 +492,7 @@ def _opened(args: argparse.Namespace, wait: Callable[[float], None] = time.sleep
                 raise
             delay = min(RELAY_RETRY_FIRST * 2**attempt, RELAY_RETRY_CAP, left)
             note(f"burrow: {exc}; trying again in {delay:.1f} s (--relay-timeout {args.relay_timeout:g})")
-            wait(delay)
+            (wait or _signals.sleep)(delay)
             attempt += 1
     try:
         yield forward
@@ -539,18 +540,54 @@ def _open_forward(args: argparse.Namespace) -> Forward:
 
 
 class _Stop(KeyboardInterrupt):
-    """SIGTERM or SIGHUP: leave like Ctrl-C, closing the tunnels at the relay."""
+    """Ctrl-C, SIGTERM or SIGHUP: leave, closing the tunnels at the relay."""
 
 
-def _stop_on_signals() -> None:
-    def stop(signum: int, frame: object) -> None:
-        raise _Stop(signal.Signals(signum).name)
+class _Signals:
+    """Ctrl-C, SIGTERM and SIGHUP as a request to stop, taken only where the main thread waits.
 
-    # SIGINT is Python's KeyboardInterrupt already; a signal ignored when we started stays ignored, as
-    # `nohup` and a shell's background jobs (SIGINT, SIGQUIT) expect: stop those with SIGTERM
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        if signal.getsignal(sig) is not signal.SIG_IGN:
-            signal.signal(sig, stop)
+    A handler that raises wherever the main thread happens to be can land in
+    the middle of an import or of a lock's bookkeeping and leave it held; the
+    way out then waits on it forever (``burrow forward`` stopped by SIGTERM
+    just after printing its URL, while it imported what the next line needs,
+    once hung in CI). So the exception is raised only inside :meth:`waiting`
+    (the blocking waits for the relay, the sleeps between looks); anywhere
+    else the request is kept and taken at the next wait.
+    """
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._armed = False
+
+    def install(self) -> None:
+        # a signal ignored when we started stays ignored, as `nohup` and a shell's background jobs
+        # (SIGINT, SIGQUIT) expect: stop those with SIGTERM
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            if signal.getsignal(sig) is not signal.SIG_IGN:
+                signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.received = signal.Signals(signum).name
+        if self._armed:
+            raise _Stop(self.received)
+
+    @contextlib.contextmanager
+    def waiting(self) -> Iterator[None]:
+        """A blocking wait that a stop request ends at once (raising :class:`_Stop`)."""
+        self._armed = True  # (before the look: a signal between the two is not missed)
+        try:
+            if self.received is not None:
+                raise _Stop(self.received)
+            yield
+        finally:
+            self._armed = False
+
+    def sleep(self, seconds: float) -> None:
+        with self.waiting():
+            time.sleep(seconds)
+
+
+_signals = _Signals()
 
 
 def say(text: str) -> None:
@@ -592,10 +629,12 @@ def _watch(forward: Forward) -> int:
             state = now
             if tty:
                 print(f"\r  {status_line(forward.stats)}\033[K", end="", file=sys.stderr, flush=True)
-            time.sleep(STATUS_INTERVAL)
-    except (KeyboardInterrupt, _Stop):
+            _signals.sleep(STATUS_INTERVAL)
+    except _Stop:
         if tty:
             print(file=sys.stderr)
+        return 0
+    if _signals.received is not None:  # (asked to stop as the tunnel closed)
         return 0
     note("burrow: the relay closed the tunnel")
     return 1
@@ -610,14 +649,11 @@ def run_forward(args: argparse.Namespace) -> int:
     """``burrow forward PORT``: the URLs on stdout, everything else on stderr."""
     _log_level(args)
     _open_forward(args)  # (bad settings: one line, before any waiting)
-    _stop_on_signals()
+    _signals.install()
     with _opened(args) as forward:
         stats = forward.stats
-        try:
-            _announce(args, forward)
-            code = _watch(forward)
-        except KeyboardInterrupt:  # (Ctrl-C, SIGTERM or SIGHUP before the watch began)
-            code = 0
+        _announce(args, forward)  # (a stop asked for meanwhile is taken by the watch, at once)
+        code = _watch(forward)
     note(f"burrow: tunnel closed; {status_line(stats)}")
     return code
 
@@ -757,8 +793,11 @@ def run_demo(args: argparse.Namespace) -> int:
 
     app = start_sample_app()
     forward = Forward(app.port)
-    _stop_on_signals()
-    with forward as tunnel:
+    _signals.install()
+    with _signals.waiting():
+        forward.open()
+    try:
+        tunnel = forward.tunnel
         print(f"burrow demo: sample web app on 127.0.0.1:{app.port}, tunnel open", flush=True)
         cafile = ca_for(tunnel)
         started = time.monotonic()
@@ -771,6 +810,8 @@ def run_demo(args: argparse.Namespace) -> int:
         print(f"  try   {curl}", flush=True)
         print("  Ctrl-C to stop", flush=True)
         code = _watch(forward)
+    finally:
+        forward.close()
     app.stop()
     return code
 
