@@ -52,8 +52,27 @@ class Background:
 
     def stop(self, sig: int = signal.SIGINT) -> tuple[int, str, str]:
         self.process.send_signal(sig)
-        out, err = self.process.communicate(timeout=20)
+        try:
+            out, err = self.process.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            stacks = _stacks(self.process.pid)  # (where it hangs, for the report)
+            self.process.kill()
+            out, err = self.process.communicate(timeout=20)
+            raise AssertionError(
+                f"no exit 20 s after {signal.Signals(sig).name}; stacks:\n{stacks}\nstderr:\n{err}"
+            ) from None
         return self.process.returncode, "".join(self.lines) + out, err
+
+
+def _stacks(pid: int) -> str:
+    py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    try:
+        done = subprocess.run(
+            [py_spy, "dump", "--native", "--pid", str(pid)], capture_output=True, text=True, timeout=30
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"(py-spy: {exc})"
+    return done.stdout + done.stderr
 
 
 @pytest.fixture
