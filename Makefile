@@ -37,8 +37,8 @@ setup: $(VENV)/.test-installed
 # what the tests and the bench drive, as COMMAND:DEBIAN-PACKAGE: real clients (curl, wget, openssl, Chromium, h2load
 # with nghttpd, certutil, ssh, psql, redis-cli) and their throwaway servers (sshd, PostgreSQL, Redis, nginx with the
 # PROXY protocol), testssl.sh on the TLS edge, the trust store `burrow trust` changes, systemd-analyze on deploy/'s
-# systemd unit; the bench (and its quick run in the test suite) drives OpenSSH (sshd and ssh -R), HAProxy, iperf3
-# and wrk
+# systemd unit; the bench (and its quick run in the test suite) drives OpenSSH (sshd and ssh -R), HAProxy, iperf3,
+# wrk, redis-benchmark and pgbench
 SYSTEM_TOOLS := curl:curl wget:wget openssl:openssl ssh:openssh-client /usr/sbin/sshd:openssh-server \
 	/usr/sbin/haproxy:haproxy iperf3:iperf3 wrk:wrk testssl:testssl.sh socat:socat chromium:chromium \
 	h2load:nghttp2-client /usr/sbin/nghttpd:nghttp2-server certutil:libnss3-tools \

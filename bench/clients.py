@@ -209,3 +209,42 @@ def wrk(endpoint: Endpoint, seconds: int, connections: int, threads: int, workdi
     if 50 not in latency or 99 not in latency:
         raise BenchError(f"wrk through {endpoint}: no latency distribution in {out[-600:]}")
     return WrkResult(float(rps.group(1)), latency[50], latency[99], errors)
+
+
+# ------------------------------------------------------------ real programs
+
+
+def redis_benchmark(endpoint: Endpoint, requests: int, clients: int, pipeline: int = 1) -> dict[str, float]:
+    """``redis-benchmark -t set,get`` through ``endpoint``: {"SET": requests/s, "GET": requests/s}."""
+    argv = ["redis-benchmark", "-h", endpoint.host, "-p", str(endpoint.port), "-c", str(clients)]
+    argv += ["-n", str(requests), "-P", str(pipeline), "-t", "set,get", "--csv"]
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise BenchError(f"redis-benchmark through {endpoint} did not finish in 300 s") from None
+    rates = {test: float(rps) for test, rps in re.findall(r'^"(SET|GET)","([\d.]+)"', done.stdout, re.M)}
+    if done.returncode != 0 or set(rates) != {"SET", "GET"}:
+        raise BenchError(f"redis-benchmark through {endpoint} failed: {done.stdout[-400:]} {done.stderr[-400:]}")
+    return rates
+
+
+@dataclass
+class PgbenchResult:
+    tps: float  # transactions per second, without the initial connection time
+    latency: float  # s, average
+
+
+def pgbench(endpoint: Endpoint, seconds: int, clients: int) -> PgbenchResult:
+    """``pgbench -S`` (select-only: one indexed SELECT per transaction) through ``endpoint``."""
+    argv = ["pgbench", "-S", "-n", "-c", str(clients), "-j", str(min(clients, 2)), "-T", str(max(1, int(seconds)))]
+    argv += ["-h", endpoint.host, "-p", str(endpoint.port), "-U", "postgres", "postgres"]
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise BenchError(f"pgbench through {endpoint} did not finish in time") from None
+    tps = re.search(r"^tps = ([\d.]+) \(without initial connection time\)", done.stdout, re.M)
+    latency = re.search(r"^latency average = ([\d.]+) ms", done.stdout, re.M)
+    failed = re.search(r"^number of failed transactions: (\d+)", done.stdout, re.M)
+    if done.returncode != 0 or tps is None or latency is None or (failed and int(failed.group(1))):
+        raise BenchError(f"pgbench through {endpoint} failed: {done.stdout[-400:]} {done.stderr[-400:]}")
+    return PgbenchResult(float(tps.group(1)), float(latency.group(1)) / 1e3)

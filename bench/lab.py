@@ -4,21 +4,27 @@ A *path* is one way from the measuring client to a local service: ``direct``,
 through ``ssh -R`` (two ciphers), through HAProxy terminating TLS in front of
 ``ssh -R``, or through burrow (its raw TCP address, or its TLS URL). A
 *target* is the local service at the end: ``iperf`` (iperf3 -s), ``source``
-(endless sender), ``echo``, ``http`` (HAProxy answering a small response).
+(endless sender), ``echo``, ``http`` (HAProxy answering a small response),
+``redis`` (redis-server), ``postgres`` (a throwaway PostgreSQL cluster with
+pgbench's tables).
 :meth:`Lab.prepare` starts what a set of (path, target) pairs needs, all on
 loopback and free ports; :meth:`Lab.endpoint` says where the client connects.
 """
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import functools
 import getpass
+import glob
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +62,14 @@ def default_ssh_cipher() -> str:
         if line.startswith("ciphers "):
             return line.split()[1].split(",")[0]
     return "chacha20-poly1305@openssh.com"
+
+
+def postgres_bin() -> Path:
+    """Debian's newest PostgreSQL server programs (/usr/lib/postgresql/VERSION/bin)."""
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/postgres"), key=lambda p: int(Path(p).parts[-3]))
+    if not found:
+        raise BenchError("PostgreSQL is not installed (/usr/lib/postgresql/*/bin/postgres): apt-get install postgresql")
+    return Path(found[-1]).parent
 
 
 def short_cipher(name: str) -> str:
@@ -197,6 +211,7 @@ class Lab:
         self.sshd_port = 0
         self.ssh: dict[tuple[str, str], int] = {}  # (cipher, target) -> port sshd listens on
         self.haproxy: dict[tuple[str, str], int] = {}  # (cipher, target) -> TLS port
+        self.pgbench_scale = 10  # pgbench -i -s: 1M accounts, ~150 MB (the quick run sets 1)
 
     # ------------------------------------------------------------------ setup
 
@@ -298,6 +313,10 @@ class Lab:
             return ready
         if name == "http":
             return self._start_http_target()
+        if name == "redis":
+            return self._start_redis()
+        if name == "postgres":
+            return self._start_postgres()
         argv = [sys.executable, "-m", "bench.services", name, "--tls", str(self.certs.cert), str(self.certs.key)]
         proc = self.procs.start(f"target-{name}", argv, cwd=Path(__file__).resolve().parent.parent)
 
@@ -329,26 +348,83 @@ frontend http
 
         return ready
 
-    # ----------------------------------------------------------------- burrow
-
-    def _start_relay(self) -> _Wait:
-        self.relay_port = free_port()
-        argv = [sys.executable, "-m", "burrow", "relay", "--listen", f"127.0.0.1:{self.relay_port}", *BENCH_RELAY_FLAGS]
-        proc = self.relay = self.procs.start("burrow-relay", argv, env=self.burrow_env(), nofile=65536)
+    def _start_redis(self) -> _Wait:
+        port = free_port()
+        directory = self.workdir / "redis"
+        directory.mkdir(exist_ok=True)
+        argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory)]
+        argv += ["--save", "", "--appendonly", "no", "--protected-mode", "no", "--maxclients", "1000"]
+        proc = self.procs.start("target-redis", argv, nofile=65536)
 
         def ready() -> None:
-            proc.wait_for(r"burrow relay ready on \S+:(\d+)")
+            proc.wait_listening(port)
+            self.targets["redis"] = Target("redis", proc, port)
 
         return ready
 
-    def _start_agent(self, target: str) -> _Wait:
-        argv = [sys.executable, "-m", "burrow", "forward", str(self.targets[target].tcp_port), "--unencrypted"]
-        proc = self.procs.start(f"burrow-agent-{target}", argv, env=self.burrow_env(relay=True), nofile=65536)
+    def _start_postgres(self) -> _Wait:
+        """A cluster for pgbench (scale ``pgbench_scale``), fsync off: the bench measures the path, not the disk."""
+        bin_dir = postgres_bin()
+        # not under the work directory, which may be private to root; the cluster is not root's
+        directory = Path(tempfile.mkdtemp(prefix="burrow-bench-pg-"))
+        atexit.register(shutil.rmtree, directory, True)
+        user = None
+        if os.geteuid() == 0:  # initdb and postgres refuse to run as root
+            shutil.chown(directory, "postgres", "postgres")
+            user = "postgres"
+        data = directory / "data"
+        initdb = [str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust", "--no-sync"]
+        self.procs.run("postgres-initdb", initdb, timeout=120, user=user)
+        port = free_port()
+        argv = [
+            str(bin_dir / "postgres"), "-D", str(data), "-p", str(port), "-k", str(directory),
+            "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "synchronous_commit=off",
+            "-c", "max_connections=200",
+        ]  # fmt: skip
+        proc = self.procs.start("target-postgres", argv, user=user)
 
         def ready() -> None:
+            proc.wait_for(r"ready to accept connections", timeout=60)
+            proc.wait_listening(port)
+            init = ["pgbench", "-i", "-q", "-s", str(self.pgbench_scale), "-h", "127.0.0.1", "-p", str(port)]
+            self.procs.run("pgbench-init", [*init, "-U", "postgres", "postgres"], timeout=300)
+            self.targets["postgres"] = Target("postgres", proc, port)
+
+        return ready
+
+    # ----------------------------------------------------------------- burrow
+
+    def _start_relay(self) -> _Wait:
+        proc, self.relay_port = self.start_relay("burrow-relay")
+        self.relay = proc
+        return lambda: None
+
+    def start_relay(self, name: str, flags: Sequence[str] = ()) -> tuple[Proc, int]:
+        """A ``burrow relay`` (with the bench's flags and ``flags``) on a free port, ready."""
+        port = free_port()
+        argv = [sys.executable, "-m", "burrow", "relay", "--listen", f"127.0.0.1:{port}", *BENCH_RELAY_FLAGS, *flags]
+        proc = self.procs.start(name, argv, env=self.burrow_env(), nofile=65536)
+        proc.wait_for(r"burrow relay ready on \S+:(\d+)")
+        return proc, port
+
+    def _start_agent(self, target: str) -> _Wait:
+        ready = self.start_agent(f"burrow-agent-{target}", self.targets[target].tcp_port, self.relay_port)
+
+        def done() -> None:
+            self.agents[target] = ready()
+
+        return done
+
+    def start_agent(self, name: str, port: int, relay_port: int) -> Callable[[], Agent]:
+        """``burrow forward PORT --unencrypted`` to the relay on ``relay_port``; returns its wait for the addresses."""
+        argv = [sys.executable, "-m", "burrow", "forward", str(port), "--unencrypted"]
+        env = self.burrow_env() | {"BURROW_RELAY": f"localhost:{relay_port}"}
+        proc = self.procs.start(name, argv, env=env, nofile=65536)
+
+        def ready() -> Agent:
             url = proc.wait_for(r"^https://([^:/\s]+):(\d+)$")
             tcp = proc.wait_for(r"^tcp://\S+:(\d+)$")
-            self.agents[target] = Agent(proc, url[1], int(tcp[1]))
+            return Agent(proc, url[1], int(tcp[1]))
 
         return ready
 

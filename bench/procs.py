@@ -143,6 +143,7 @@ class Procs:
         nofile: int | None = None,
         stdin: int | None = subprocess.DEVNULL,
         cwd: Path | None = None,
+        user: str | None = None,
     ) -> Proc:
         log = self.logdir / f"{name}.log"
         serial = 1
@@ -165,6 +166,9 @@ class Procs:
                 cwd=cwd,
                 start_new_session=True,
                 preexec_fn=_preexec(nofile),
+                user=user,
+                group=user,
+                extra_groups=[] if user else None,
             )
         proc = Proc(name, popen, log, list(argv))
         self.running.append(proc)

@@ -45,6 +45,9 @@ PROGRAMS = {
     "ssh": "openssh-client",
     "ssh-keygen": "openssh-client",
     "/usr/sbin/sshd": "openssh-server",
+    "redis-server": "redis-server",
+    "redis-benchmark": "redis-tools",
+    "pgbench": "postgresql",
 }
 
 

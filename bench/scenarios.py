@@ -1,4 +1,5 @@
-"""The eight scenarios of issue 3: what each runs, on which paths, and its targets.
+"""The scenarios (issue 3's eight; issue 14's real programs and relay threads): what each runs, on
+which paths, and its targets.
 
 Every scenario measures each of its paths ``settings.runs`` times, interleaved
 (run 1 of every path, then run 2, ...) so that drift hits all paths alike, and
@@ -7,9 +8,11 @@ returns a :class:`~bench.report.Scenario` of figures (median, min, max) and chec
 
 from __future__ import annotations
 
+import concurrent.futures
 import getpass
 import json
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -45,6 +48,10 @@ class Settings:
     create_count: int
     ssh_create_count: int
     scale_n: int
+    redis_requests: int  # redis-benchmark -n, one request at a time per client
+    redis_pipelined: int  # redis-benchmark -n with -P 16
+    pgbench_seconds: int
+    pgbench_scale: int
     both_ciphers: bool  # False (--quick): ssh -R with aes128-gcm only
 
 
@@ -63,6 +70,10 @@ FULL = Settings(
     create_count=200,
     ssh_create_count=50,  # a new ssh process per sample: ~0.3 s each
     scale_n=10_000,
+    redis_requests=100_000,
+    redis_pipelined=1_000_000,
+    pgbench_seconds=10,
+    pgbench_scale=10,
     both_ciphers=True,
 )
 QUICK = Settings(
@@ -80,6 +91,10 @@ QUICK = Settings(
     create_count=15,
     ssh_create_count=3,
     scale_n=200,
+    redis_requests=2_000,
+    redis_pipelined=20_000,
+    pgbench_seconds=1,
+    pgbench_scale=1,
     both_ciphers=False,
 )
 
@@ -606,6 +621,152 @@ def s8_scale(ctx: Context) -> Scenario:
     return s
 
 
+# ----------------------------------------------------------------------- 9-11
+
+
+REDIS_CLIENTS = 50
+REDIS_METRICS = ("SET", "GET", "SET -P 16", "GET -P 16")
+
+
+def against_ssh(s: Scenario, metric: str, unit: str, times: float = 1.5) -> Check:
+    """burrow's raw TCP tunnel ≥ ``times`` × ssh -R's faster cipher on ``metric``, with the ratio to direct."""
+    ours, direct = s.value("burrow", metric), s.value("direct", metric)
+    ssh_key = best_of(s, ("ssh", "ssh-gcm"), metric, max)
+    theirs = s.value(ssh_key, metric)
+    return Check(
+        f"burrow {metric} ≥ {times:g} × ssh -R (its faster cipher)",
+        f"{ours:,.0f} vs {times:g} × {theirs:,.0f} = {times * theirs:,.0f} {unit} ({ours / theirs:.2f}× "
+        f"{short_label(s, ssh_key)}; {ours / direct:.2f}× direct)",
+        ours >= times * theirs,
+    )
+
+
+def short_label(s: Scenario, key: str) -> str:
+    figure = next((f for f in s.figures if f.path == key), None)
+    return figure.label if figure is not None else key
+
+
+def s9_redis(ctx: Context) -> Scenario:
+    st = ctx.settings
+    s = Scenario(
+        "9",
+        TITLES["9"],
+        f"`redis-benchmark -c {REDIS_CLIENTS} -t set,get -n {st.redis_requests}` (one request at a time per "
+        f"client) and `-P 16 -n {st.redis_pipelined}` (16 in flight per client) against redis-server through "
+        "each path's plain TCP address; requests/s as redis-benchmark reports them.",
+        chart=["GET", "GET -P 16"],
+    )
+    keys = tcp_paths(ctx)
+    ctx.lab.prepare((key, "redis") for key in keys)
+
+    def measure(_: str, ep: Endpoint) -> dict[str, float]:
+        one = clients.redis_benchmark(ep, st.redis_requests, REDIS_CLIENTS)
+        sixteen = clients.redis_benchmark(ep, st.redis_pipelined, REDIS_CLIENTS, pipeline=16)
+        return {"SET": one["SET"], "GET": one["GET"], "SET -P 16": sixteen["SET"], "GET -P 16": sixteen["GET"]}
+
+    data = run_paths(ctx, keys, "redis", measure)
+    add_figures(ctx, s, data, [(m, "req/s", "higher") for m in REDIS_METRICS])
+    s.checks.extend(against_ssh(s, metric, "req/s") for metric in REDIS_METRICS)
+    return s
+
+
+PGBENCH_CLIENTS = 8
+
+
+def s10_pgbench(ctx: Context) -> Scenario:
+    st = ctx.settings
+    s = Scenario(
+        "10",
+        TITLES["10"],
+        f"`pgbench -S -c {PGBENCH_CLIENTS} -j 2 -T {st.pgbench_seconds}` (select-only: one indexed SELECT per "
+        f"transaction) against a PostgreSQL cluster (`pgbench -i -s {st.pgbench_scale}`, fsync off) through each "
+        "path's plain TCP address; tps without the initial connection time, and pgbench's average latency.",
+        chart=["tps"],
+    )
+    ctx.lab.pgbench_scale = st.pgbench_scale
+    keys = tcp_paths(ctx)
+    ctx.lab.prepare((key, "postgres") for key in keys)
+
+    def measure(_: str, ep: Endpoint) -> dict[str, float]:
+        result = clients.pgbench(ep, st.pgbench_seconds, PGBENCH_CLIENTS)
+        return {"tps": result.tps, "latency": result.latency * 1e3}
+
+    data = run_paths(ctx, keys, "postgres", measure)
+    add_figures(ctx, s, data, [("tps", "tps", "higher"), ("latency", "ms", "lower")])
+    s.checks.append(against_ssh(s, "tps", "tps"))
+    return s
+
+
+THREAD_TUNNELS = 8
+
+
+def s11_relay_threads(ctx: Context) -> Scenario:
+    st = ctx.settings
+    s = Scenario(
+        "11",
+        TITLES["11"],
+        f"{THREAD_TUNNELS} raw TCP tunnels, each its own `burrow forward` agent process and its own iperf3 "
+        f"server, all {THREAD_TUNNELS} `iperf3 -R -t {st.bulk_seconds}` at once; the sum. Two relays side by side, "
+        "`--threads 1` and `--threads 2`, measured in turn; relay CPU seconds (user + system, /proc) per GB "
+        "moved. Everything (agents, iperf3, relay) shares this machine's cores.",
+        chart=["aggregate"],
+    )
+    lab, procs = ctx.lab, ctx.procs
+    servers = []
+    for i in range(THREAD_TUNNELS):
+        port = free_port()
+        servers.append((procs.start(f"threads-iperf-{i}", ["iperf3", "-s", "-p", str(port)]), port))
+    relays: dict[str, tuple[int, list[int]]] = {}  # key -> (relay pid, tunnel ports)
+    for threads in (1, 2):
+        relay, relay_port = lab.start_relay(f"threads-relay-{threads}", ["--threads", str(threads)])
+        agents = [
+            lab.start_agent(f"threads-agent-{threads}-{i}", port, relay_port) for i, (_, port) in enumerate(servers)
+        ]
+        relays[f"threads-{threads}"] = (relay.pid, [agent().tcp_port for agent in agents])
+    for proc, port in servers:
+        proc.wait_listening(port)
+    data: dict[str, dict[str, list[float]]] = {key: {} for key in relays}
+
+    def one(port: int) -> float:
+        return clients.iperf3(clients.Endpoint("127.0.0.1", port), st.bulk_seconds).bits_per_second
+
+    for run in range(st.runs):
+        for key, (pid, ports) in relays.items():
+            cpu = cpu_seconds(pid)
+            with concurrent.futures.ThreadPoolExecutor(len(ports)) as pool:
+                rates = list(pool.map(one, ports))
+            cpu = cpu_seconds(pid) - cpu
+            gigabytes = sum(rates) / 8 * st.bulk_seconds / 1e9
+            values = {"aggregate": sum(rates) / 1e9, "relay CPU s/GB": cpu / gigabytes}
+            for metric, value in values.items():
+                data[key].setdefault(metric, []).append(value)
+            ctx.log(f"    run {run + 1}/{st.runs}  {key:34} " + ", ".join(f"{m} {v:.4g}" for m, v in values.items()))
+    for metric, unit, better in (("aggregate", "Gbit/s", "higher"), ("relay CPU s/GB", "s", "lower")):
+        for key, threads in (("threads-1", 1), ("threads-2", 2)):
+            label = f"burrow relay --threads {threads}"
+            s.add(Figure(metric, unit, key, label, data[key][metric], better, "tcp", "burrow"))
+    one_thread, two = s.value("threads-1", "aggregate"), s.value("threads-2", "aggregate")
+    s.checks.append(
+        Check(
+            "2 relay threads ≥ 1.6 × 1 thread",
+            f"{two:.2f} vs 1.6 × {one_thread:.2f} = {1.6 * one_thread:.2f} Gbit/s ({two / one_thread:.2f}×)",
+            two >= 1.6 * one_thread,
+        )
+    )
+    s.notes.append(
+        f"This machine has {os.cpu_count()} CPUs for the relay, {THREAD_TUNNELS} agents (Python) and "
+        f"{THREAD_TUNNELS} iperf3 pairs together: the relay's second thread can only show where the relay, not "
+        "the agents, is what waits."
+    )
+    return s
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a running process (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 TITLES = {
     "1": "Bulk throughput, one stream, raw TCP",
     "2": "Bulk throughput, one stream, TLS",
@@ -615,6 +776,9 @@ TITLES = {
     "6": "HTTP keep-alive (wrk)",
     "7": "Tunnel creation",
     "8": "Scale: tunnels and idle connections on one relay",
+    "9": "Redis: redis-benchmark SET/GET, 50 clients, and 16 pipelined",
+    "10": "PostgreSQL: pgbench select-only, 8 clients",
+    "11": "Relay threads: 8 tunnels at once, relay on 1 vs 2 threads",
 }
 
 SCENARIOS: dict[str, Callable[[Context], Scenario]] = {
@@ -626,4 +790,7 @@ SCENARIOS: dict[str, Callable[[Context], Scenario]] = {
     "6": s6_http,
     "7": s7_creation,
     "8": s8_scale,
+    "9": s9_redis,
+    "10": s10_pgbench,
+    "11": s11_relay_threads,
 }

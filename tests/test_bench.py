@@ -15,8 +15,18 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PROGRAMS = ["iperf3", "wrk", "haproxy", "ssh", "ssh-keygen", "/usr/sbin/sshd"]
-SCENARIOS = [str(n) for n in range(1, 9)]
+PROGRAMS = [
+    "iperf3",
+    "wrk",
+    "haproxy",
+    "ssh",
+    "ssh-keygen",
+    "/usr/sbin/sshd",
+    "redis-server",
+    "redis-benchmark",
+    "pgbench",
+]
+SCENARIOS = sorted(str(n) for n in range(1, 12))
 
 
 def _missing() -> list[str]:
@@ -33,7 +43,10 @@ def _missing() -> list[str]:
 def test_quick_bench_runs_every_scenario(tmp_path: Path) -> None:
     missing = _missing()
     if missing:
-        pytest.skip(f"bench needs {', '.join(missing)} (Debian: openssh-server openssh-client haproxy iperf3 wrk)")
+        pytest.skip(
+            f"bench needs {', '.join(missing)} (Debian: openssh-server openssh-client haproxy iperf3 wrk "
+            "redis-server redis-tools postgresql)"
+        )
     pytest.importorskip("matplotlib", reason="the bench's chart needs matplotlib: pip install -e '.[bench]'")
     done = subprocess.run(
         [sys.executable, "-m", "bench.run", "--quick", "--out", str(tmp_path), "--max-seconds", "80"],
