@@ -211,6 +211,8 @@ class Lab:
         self.sshd_port = 0
         self.ssh: dict[tuple[str, str], int] = {}  # (cipher, target) -> port sshd listens on
         self.haproxy: dict[tuple[str, str], int] = {}  # (cipher, target) -> TLS port
+        self.sshd: Proc | None = None
+        self.ssh_clients: dict[tuple[str, str], Proc] = {}  # (cipher, target) -> its ssh -R process
         self.pgbench_scale = 10  # pgbench -i -s: 1M accounts, ~150 MB (the quick run sets 1)
 
     # ------------------------------------------------------------------ setup
@@ -261,6 +263,19 @@ class Lab:
         if spec.tls:
             return Endpoint(loop, self.relay_port, agent.host, str(self.burrow_home / "ca.pem"))
         return Endpoint(loop, agent.tcp_port)
+
+    def tunnel_processes(self, key: str, target: str) -> dict[str, tuple[int, bool]]:
+        """The processes that carry path ``key``'s bytes to ``target``: {role: (pid, with its descendants)}.
+
+        sshd forks a process per connection: its whole tree is counted (the other
+        paths' connections are idle while one path is measured).
+        """
+        spec = self.paths[key]
+        if spec.kind == "burrow" and self.relay is not None:
+            return {"relay": (self.relay.pid, False), "agent": (self.agents[target].proc.pid, False)}
+        if spec.kind == "ssh" and self.sshd is not None:
+            return {"sshd": (self.sshd.pid, True), "ssh": (self.ssh_clients[(spec.cipher or "", target)].pid, False)}
+        return {}
 
     def burrow_env(self, relay: bool = False) -> dict[str, str | None]:
         env: dict[str, str | None] = {name: None for name in BURROW_ENV_CLEAR}
@@ -464,7 +479,7 @@ MaxStartups 200:30:400
 LogLevel ERROR
 """
         )
-        proc = self.procs.start("sshd", [SSHD, "-D", "-e", "-f", str(config)])
+        proc = self.sshd = self.procs.start("sshd", [SSHD, "-D", "-e", "-f", str(config)])
         return lambda: proc.wait_listening(self.sshd_port)
 
     def _start_ssh(self, cipher: str, target: str) -> _Wait:
@@ -484,6 +499,7 @@ LogLevel ERROR
             f"{getpass.getuser()}@127.0.0.1",
         ]  # fmt: skip
         proc = self.procs.start(f"ssh-{short_cipher(cipher)}-{target}", argv)
+        self.ssh_clients[(cipher, target)] = proc
 
         def ready() -> None:
             proc.wait_listening(remote)

@@ -24,7 +24,7 @@ from pathlib import Path
 from . import clients
 from .clients import Endpoint
 from .lab import BENCH_RELAY_FLAGS, BENCH_SNI, TCP_PATHS, TLS_PATHS, Lab, PathSpec
-from .procs import BenchError, Procs, free_port, rss_bytes
+from .procs import BenchError, Procs, cpu_seconds, free_port, rss_bytes
 from .profile import Profiler
 from .report import Check, Figure, Scenario
 
@@ -197,18 +197,38 @@ def s1_tcp_throughput(ctx: Context) -> Scenario:
         TITLES["1"],
         f"`iperf3 -R -t {st.bulk_seconds} -O {st.bulk_omit}` (the service sends, the public client receives; "
         "one TCP stream; receiver-side Gbit/s) through each path's plain TCP address: direct, `ssh -R` with "
-        "each cipher, burrow's raw TCP tunnel (public TCP → relay → TLS session → agent → service).",
+        "each cipher, burrow's raw TCP tunnel (public TCP → relay → TLS session → agent → service). "
+        "CPU s/GB: user + system seconds (/proc) of the processes that carry the bytes (burrow: relay and "
+        "agent; ssh: sshd's tree and the ssh client) per GB received.",
         chart=["throughput"],
     )
     keys = tcp_paths(ctx)
     ctx.lab.prepare((key, "iperf") for key in keys)
 
-    def measure(_: str, ep: Endpoint) -> dict[str, float]:
+    def measure(key: str, ep: Endpoint) -> dict[str, float]:
+        carriers = ctx.lab.tunnel_processes(key, "iperf")
+        before = {role: cpu_seconds(pid, tree) for role, (pid, tree) in carriers.items()}
         result = clients.iperf3(ep, st.bulk_seconds, st.bulk_omit, ready=ctx.lab.iperf_ready)
-        return {"throughput": result.bits_per_second / 1e9}
+        values = {"throughput": result.bits_per_second / 1e9}
+        if carriers:  # (the bytes of the omitted first seconds are estimated at the measured rate)
+            gigabytes = result.bits_per_second / 8 * (st.bulk_seconds + st.bulk_omit) / 1e9
+            spent = {role: cpu_seconds(pid, tree) - before[role] for role, (pid, tree) in carriers.items()}
+            values["CPU s/GB"] = sum(spent.values()) / gigabytes
+            values |= {f"{role} CPU s/GB": seconds / gigabytes for role, seconds in spent.items()}
+        return values
 
     data = run_paths(ctx, keys, "iperf", measure)
-    add_figures(ctx, s, data, [("throughput", "Gbit/s", "higher")])
+    cpu = [(f"{who}CPU s/GB", "s", "lower") for who in ("", "relay ", "agent ", "sshd ", "ssh ")]
+    add_figures(ctx, s, data, [("throughput", "Gbit/s", "higher"), *cpu])
+    relay_cpu, ssh_cpu = s.value("burrow", "relay CPU s/GB"), s.value("ssh-gcm", "CPU s/GB")
+    s.checks.append(
+        Check(
+            "burrow relay CPU per GB ≤ 0.5 × sshd + ssh -R aes128-gcm's",
+            f"{relay_cpu:.3f} vs 0.5 × {ssh_cpu:.3f} = {0.5 * ssh_cpu:.3f} s/GB ({relay_cpu / ssh_cpu:.2f}×; "
+            f"relay + agent {s.value('burrow', 'CPU s/GB'):.3f})",
+            relay_cpu <= 0.5 * ssh_cpu,
+        )
+    )
     ours, gcm = s.value("burrow", "throughput"), s.value("ssh-gcm", "throughput")
     s.checks.append(
         Check(
@@ -759,12 +779,6 @@ def s11_relay_threads(ctx: Context) -> Scenario:
         "the agents, is what waits."
     )
     return s
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a running process (/proc/PID/stat)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 TITLES = {
