@@ -145,11 +145,11 @@ def test_500_clients_that_stop_reading_hold_only_the_budget(echo: EchoServer) ->
                 client.connect(("127.0.0.1", stalled.unencrypted_port))
                 clients.append(client)  # and never read from
             held = _settle(lambda: relay.plane.buffered(stalled.id))
-            # every stream has its base window, and the tunnel its share of the session's
-            # budget (half): lent out, and no more
+            # every stream has its base window, and what the tunnel's share of the session's
+            # budget (half) lends, split among its streams: no more
             share = SESSION_BUDGET // 2
             assert CLIENTS * BASE_WINDOW // 2 < held <= CLIENTS * BASE_WINDOW + share, held
-            assert engine.budget_left == config.relay_budget - share
+            assert 0 < config.relay_budget - engine.budget_left <= share
             grown = _rss() - before
             # the relay's part is ``held``; the agent holds a few KiB beyond each stream's
             # credit; the sockets' buffers are the kernel's, outside RSS

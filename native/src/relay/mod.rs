@@ -146,14 +146,21 @@ pub struct Routes {
 /// granted is what a relay may hold, and budgets bound it.
 #[derive(Debug)]
 pub struct Budget {
+    size: i64,
     left: AtomicI64,
 }
 
 impl Budget {
     pub fn new(size: i64) -> Self {
         Self {
+            size,
             left: AtomicI64::new(size),
         }
+    }
+
+    /// What it lends when nothing is out.
+    pub fn size(&self) -> i64 {
+        self.size
     }
 
     /// Take up to `want` bytes; returns how many were taken.

@@ -826,31 +826,25 @@ impl Session {
         inner.last_stream_id += 1;
         let config = &self.shared.config;
         let base = config.base_window.min(config.window);
-        let extra = borrow(
-            &[&tunnel.budget, &self.budget, &self.shared.budget],
-            i64::from(config.window - base),
-        ) as u32;
+        // nothing is lent at the start: a stream borrows once it moves data (at its first grant),
+        // so an idle one (a control connection, a keep-alive one) never holds what busy ones need
         let stream = Arc::new(Stream {
             id: inner.last_stream_id,
             tunnel: tunnel.clone(),
-            extra: Mutex::new(extra),
+            extra: Mutex::new(0),
             session_budget: self.budget.clone(),
             relay_budget: self.shared.budget.clone(),
             credit: Mutex::new(i64::from(inner.peer_window)),
             credit_changed: Notify::new(),
-            recv_credit: AtomicI64::new(i64::from(base + extra)),
+            recv_credit: AtomicI64::new(i64::from(base)),
             remote_fin: AtomicBool::new(false),
             reset: AtomicBool::new(false),
             tx,
         });
         inner.streams.insert(stream.id, stream.clone());
-        // queued under the same lock that gave the id: OPENs leave in the order of their
-        // ids; the credit lent beyond the base window goes with it, in the same write
+        // queued under the same lock that gave the id: OPENs leave in the order of their ids
         let queued = self.queue_locked(inner.streams.len(), |out| {
             frame(FrameType::Open, stream.id, open.as_bytes(), out);
-            if extra > 0 {
-                frame(FrameType::Window, stream.id, &extra.to_be_bytes(), out);
-            }
         });
         drop(inner);
         if !queued {
@@ -881,7 +875,9 @@ impl Session {
     }
 
     /// `size` bytes of the stream left the process: grant credit back at half its allowance,
-    /// topped up from the budgets towards the full window when they have room again.
+    /// its loan moved towards the stream's fair share (see [`fair_extra`]): topped up from
+    /// the budgets when they have room, or given back, out of what is granted, when the
+    /// tunnel's other streams need their share.
     pub fn consumed(&self, stream: &Stream, unacked: &mut u32, size: usize) {
         *unacked += size as u32;
         let config = &self.shared.config;
@@ -890,15 +886,38 @@ impl Session {
         if *unacked < (base + *extra) / 2 || stream.remote_fin.load(Ordering::Relaxed) {
             return;
         }
-        let more = borrow(&stream.budgets(), i64::from(config.window - base - *extra)) as u32;
-        *extra += more;
+        let open = stream.tunnel.stats.open.load(Ordering::Relaxed);
+        let fair = fair_extra(config, &stream.tunnel, open);
+        let grant = if *extra > fair {
+            let surplus = (*extra - fair).min(*unacked);
+            repay(&stream.budgets(), i64::from(surplus));
+            *extra -= surplus;
+            std::mem::take(unacked) - surplus
+        } else {
+            let more = borrow(&stream.budgets(), i64::from(fair - *extra)) as u32;
+            *extra += more;
+            std::mem::take(unacked) + more
+        };
         drop(extra);
-        let grant = std::mem::take(unacked) + more;
+        if grant == 0 {
+            return;
+        }
         stream
             .recv_credit
             .fetch_add(i64::from(grant), Ordering::AcqRel);
         self.queue(|out| frame(FrameType::Window, stream.id, &grant.to_be_bytes(), out));
     }
+}
+
+/// The most credit one of `open` streams of `tunnel` may borrow beyond its base window:
+/// the tunnel's budget shared evenly, so that the first streams cannot hold it all
+/// while later ones get their base window only (32 streams of one tunnel with the
+/// default budgets: 2 MiB windows for the first 16, 64 KiB for the rest, which then
+/// ran at a tenth of the median stream).
+fn fair_extra(config: &super::Config, tunnel: &Tunnel, open: i64) -> u32 {
+    let most = config.window - config.base_window.min(config.window);
+    let share = tunnel.budget.size() / open.max(1);
+    share.clamp(0, i64::from(most)) as u32
 }
 
 /// Peer text made safe for one log line: control characters escaped.

@@ -1,6 +1,7 @@
 //! The session's state machine driven through an in-memory link: an agent
 //! played by the test, frame by frame, against [`Session::serve`].
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -199,21 +200,9 @@ async fn a_stream_carries_bytes_both_ways_and_counts_what_waits() {
         panic!("no DATA for the stream")
     };
     assert_eq!(&held.data[..], b"to the client");
-    assert_eq!(
-        tunnel
-            .stats
-            .buffered
-            .load(std::sync::atomic::Ordering::Relaxed),
-        13
-    );
+    assert_eq!(tunnel.stats.buffered.load(Ordering::Relaxed), 13);
     drop(held);
-    assert_eq!(
-        tunnel
-            .stats
-            .buffered
-            .load(std::sync::atomic::Ordering::Relaxed),
-        0
-    );
+    assert_eq!(tunnel.stats.buffered.load(Ordering::Relaxed), 0);
     agent.send(FrameType::Fin, stream.id, b"").await;
     assert!(matches!(rx.recv().await, Some(Message::Fin)));
 }
@@ -328,45 +317,57 @@ async fn nothing_but_hello_is_taken_before_it() {
     assert_eq!(super::lock(&shared.pending).total, 0);
 }
 
-/// Open a stream; the credit lent beyond its base window (the WINDOW that follows the
-/// OPEN in the same write, or 0 when none does).
 type OpenStream = (Arc<Stream>, mpsc::UnboundedReceiver<Message>);
 
-async fn open_and_lent(
-    agent: &mut Agent,
-    session: &Session,
-    tunnel: &Arc<Tunnel>,
-) -> (OpenStream, u32) {
+/// Open a stream: its OPEN comes alone (the next frame each test expects is not a WINDOW),
+/// nothing lent beyond the base window yet.
+async fn open(agent: &mut Agent, session: &Session, tunnel: &Arc<Tunnel>) -> OpenStream {
     let opened = session.open_stream(tunnel, "peer").unwrap();
     agent.expect(FrameType::Open).await;
-    if agent.buf.first() != Some(&(FrameType::Window as u8)) {
-        return (opened, 0);
-    }
-    let (_, grant) = agent.expect(FrameType::Window).await;
-    (opened, u32::from_be_bytes(grant.try_into().unwrap()))
+    opened
+}
+
+/// `size` bytes of the stream left the process: the WINDOW the agent gets.
+async fn consume(agent: &mut Agent, session: &Session, stream: &Stream, size: usize) -> u32 {
+    let mut unacked = 0;
+    session.consumed(stream, &mut unacked, size);
+    let (id, grant) = agent.expect(FrameType::Window).await;
+    assert_eq!(id, stream.id);
+    u32::from_be_bytes(grant.try_into().unwrap())
 }
 
 #[tokio::test]
-async fn credit_beyond_the_base_window_comes_from_the_budgets_and_goes_back() {
+async fn credit_beyond_the_base_window_comes_from_the_budgets_at_the_first_grant_and_goes_back() {
     let base = 4 * 1024;
     let extra = WINDOW - base; // 12 KiB a stream, when the budgets have it
                                // the session may lend 20 KiB, the relay 100 KiB: the session's budget binds
     let (shared, _watched) = shared_with(base, 20 * 1024, 100 * 1024);
     let (mut agent, session) = welcomed(&shared).await;
     let tunnel = Arc::new(Tunnel::new("abc", i64::MAX / 4));
-    let mut lent = Vec::new();
     let mut streams = Vec::new();
     for _ in 0..3 {
-        let (stream, extra) = open_and_lent(&mut agent, &session, &tunnel).await;
-        streams.push(stream);
-        lent.push(extra);
+        streams.push(open(&mut agent, &session, &tunnel).await);
     }
-    assert_eq!(lent, [extra, 20 * 1024 - extra, 0]);
+    assert_eq!(shared.budget.left(), 100 * 1024); // (idle streams hold nothing)
+    let mut grants = Vec::new();
+    for (stream, _) in &streams[..2] {
+        grants.push(consume(&mut agent, &session, stream, base as usize / 2).await);
+    }
+    assert_eq!(grants, [base / 2 + extra, base / 2 + 20 * 1024 - extra]);
     assert_eq!(shared.budget.left(), 100 * 1024 - 20 * 1024);
-    // a stream that holds no extra credit may send its base window and no more
+    // the third stream gets the bytes it used back, and nothing lent: the session's budget is out
     let (third, _rx) = &streams[2];
+    assert_eq!(
+        consume(&mut agent, &session, third, base as usize / 2).await,
+        base / 2
+    );
+    // so it may send its base window and what was granted back, and no more
     agent
-        .send(FrameType::Data, third.id, &vec![0; base as usize])
+        .send(
+            FrameType::Data,
+            third.id,
+            &vec![0; (base + base / 2) as usize],
+        )
         .await;
     agent.send(FrameType::Data, third.id, b"x").await;
     assert_eq!(goaway_code(&mut agent).await.0, code::FLOW_CONTROL);
@@ -385,16 +386,49 @@ async fn a_tunnel_takes_at_most_its_share_and_leaves_the_rest_to_the_others() {
     // a share of one stream's extra credit each
     let stalled = Arc::new(Tunnel::new("stalled", i64::from(extra)));
     let other = Arc::new(Tunnel::new("other", i64::from(extra)));
-    let mut lent = Vec::new();
+    let mut grants = Vec::new();
     let mut streams = Vec::new();
     for tunnel in [&stalled, &stalled, &other] {
-        let (stream, extra) = open_and_lent(&mut agent, &session, tunnel).await;
-        streams.push(stream);
-        lent.push(extra);
+        let (stream, rx) = open(&mut agent, &session, tunnel).await;
+        grants.push(consume(&mut agent, &session, &stream, base as usize / 2).await);
+        streams.push((stream, rx));
     }
-    assert_eq!(lent, [extra, 0, extra]);
+    assert_eq!(grants, [base / 2 + extra, base / 2, base / 2 + extra]);
     assert_eq!(shared.budget.left(), 100 * 1024 - 2 * i64::from(extra));
     assert_eq!((stalled.budget.left(), other.budget.left()), (0, 0));
+}
+
+#[tokio::test]
+async fn streams_of_a_tunnel_share_its_budget_evenly_and_a_stream_above_its_share_gives_back() {
+    let base = 4 * 1024;
+    let extra = WINDOW - base; // 12 KiB
+    let (shared, _watched) = shared_with(base, 100 * 1024, 100 * 1024);
+    let (mut agent, session) = welcomed(&shared).await;
+    let tunnel = Arc::new(Tunnel::new("shared", i64::from(extra)));
+    let (first, _rx1) = open(&mut agent, &session, &tunnel).await;
+    tunnel.stats.open.store(1, Ordering::Relaxed);
+    // alone, the first stream may borrow the whole budget
+    assert_eq!(
+        consume(&mut agent, &session, &first, 2048).await,
+        2048 + extra
+    );
+    let (second, _rx2) = open(&mut agent, &session, &tunnel).await;
+    tunnel.stats.open.store(2, Ordering::Relaxed);
+    // the second finds the budget lent out: its bytes back, nothing more
+    assert_eq!(consume(&mut agent, &session, &second, 2048).await, 2048);
+    // at the first's next grant, what it holds beyond its half comes out of what it is granted
+    let half = extra / 2;
+    assert_eq!(
+        consume(&mut agent, &session, &first, 8192).await,
+        8192 - half
+    );
+    assert_eq!(tunnel.budget.left(), i64::from(half));
+    // which the second then borrows
+    assert_eq!(
+        consume(&mut agent, &session, &second, 2048).await,
+        2048 + half
+    );
+    assert_eq!(tunnel.budget.left(), 0);
 }
 
 #[test]
