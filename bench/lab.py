@@ -48,6 +48,8 @@ _Wait = Callable[[], None]
 #: Every burrow process gets this environment; nothing from the caller's shell leaks in.
 BURROW_ENV_CLEAR = ("BURROW_RELAY", "BURROW_TOKEN", "BURROW_TOKEN_FILE", "BURROW_CA", "BURROW_LOOP")
 
+#: What a relay prints once it accepts agents.
+RELAY_READY = r"burrow relay ready on \S+:(\d+)"
 #: A bench measures capacity: tunnels open as fast as they can, beyond a tenant's default caps.
 BENCH_RELAY_FLAGS = ["--max-tunnels-per-minute", "1000000", "--max-sessions-per-token", "100000"]
 
@@ -412,15 +414,14 @@ frontend http
     def _start_relay(self) -> _Wait:
         proc, self.relay_port = self.start_relay("burrow-relay")
         self.relay = proc
-        return lambda: None
+        return lambda: proc.wait_for(RELAY_READY)  # (while the targets and sshd start)
 
     def start_relay(self, name: str, flags: Sequence[str] = ()) -> tuple[Proc, int]:
-        """A ``burrow relay`` (with the bench's flags and ``flags``) on a free port, ready."""
+        """A ``burrow relay`` (with the bench's flags and ``flags``) on a free port; ready once it
+        prints :data:`RELAY_READY`."""
         port = free_port()
         argv = [sys.executable, "-m", "burrow", "relay", "--listen", f"127.0.0.1:{port}", *BENCH_RELAY_FLAGS, *flags]
-        proc = self.procs.start(name, argv, env=self.burrow_env(), nofile=65536)
-        proc.wait_for(r"burrow relay ready on \S+:(\d+)")
-        return proc, port
+        return self.procs.start(name, argv, env=self.burrow_env(), nofile=65536), port
 
     def _start_agent(self, target: str) -> _Wait:
         ready = self.start_agent(f"burrow-agent-{target}", self.targets[target].tcp_port, self.relay_port)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from . import clients
 from .clients import Endpoint
-from .lab import BENCH_RELAY_FLAGS, BENCH_SNI, TCP_PATHS, TLS_PATHS, Lab, PathSpec
+from .lab import BENCH_RELAY_FLAGS, BENCH_SNI, RELAY_READY, TCP_PATHS, TLS_PATHS, Lab, PathSpec
 from .procs import BenchError, Procs, cpu_seconds, free_port, rss_bytes
 from .profile import Profiler
 from .report import Check, Figure, Scenario
@@ -648,7 +648,7 @@ REDIS_CLIENTS = 50
 REDIS_METRICS = ("SET", "GET", "SET -P 16", "GET -P 16")
 
 
-def against_ssh(s: Scenario, metric: str, unit: str, times: float = 1.5) -> Check:
+def against_ssh(ctx: Context, s: Scenario, metric: str, unit: str, times: float = 1.5) -> Check:
     """burrow's raw TCP tunnel ≥ ``times`` × ssh -R's faster cipher on ``metric``, with the ratio to direct."""
     ours, direct = s.value("burrow", metric), s.value("direct", metric)
     ssh_key = best_of(s, ("ssh", "ssh-gcm"), metric, max)
@@ -656,14 +656,9 @@ def against_ssh(s: Scenario, metric: str, unit: str, times: float = 1.5) -> Chec
     return Check(
         f"burrow {metric} ≥ {times:g} × ssh -R (its faster cipher)",
         f"{ours:,.0f} vs {times:g} × {theirs:,.0f} = {times * theirs:,.0f} {unit} ({ours / theirs:.2f}× "
-        f"{short_label(s, ssh_key)}; {ours / direct:.2f}× direct)",
+        f"{ctx.lab.paths[ssh_key].label}; {ours / direct:.2f}× direct)",
         ours >= times * theirs,
     )
-
-
-def short_label(s: Scenario, key: str) -> str:
-    figure = next((f for f in s.figures if f.path == key), None)
-    return figure.label if figure is not None else key
 
 
 def s9_redis(ctx: Context) -> Scenario:
@@ -686,7 +681,7 @@ def s9_redis(ctx: Context) -> Scenario:
 
     data = run_paths(ctx, keys, "redis", measure)
     add_figures(ctx, s, data, [(m, "req/s", "higher") for m in REDIS_METRICS])
-    s.checks.extend(against_ssh(s, metric, "req/s") for metric in REDIS_METRICS)
+    s.checks.extend(against_ssh(ctx, s, metric, "req/s") for metric in REDIS_METRICS)
     return s
 
 
@@ -713,7 +708,7 @@ def s10_pgbench(ctx: Context) -> Scenario:
 
     data = run_paths(ctx, keys, "postgres", measure)
     add_figures(ctx, s, data, [("tps", "tps", "higher"), ("latency", "ms", "lower")])
-    s.checks.append(against_ssh(s, "tps", "tps"))
+    s.checks.append(against_ssh(ctx, s, "tps", "tps"))
     return s
 
 
@@ -739,6 +734,7 @@ def s11_relay_threads(ctx: Context) -> Scenario:
     relays: dict[str, tuple[int, list[int]]] = {}  # key -> (relay pid, tunnel ports)
     for threads in (1, 2):
         relay, relay_port = lab.start_relay(f"threads-relay-{threads}", ["--threads", str(threads)])
+        relay.wait_for(RELAY_READY)
         agents = [
             lab.start_agent(f"threads-agent-{threads}-{i}", port, relay_port) for i, (_, port) in enumerate(servers)
         ]
