@@ -11,11 +11,17 @@ from burrow.protocol.frames import HEADER, FrameType, encode_json
 from burrow.relay.tls import AGENT_ALPN
 
 
-def agent_socket(port: int, ca: Path, source: str = "127.0.0.1") -> ssl.SSLSocket:
-    """A TLS connection to a relay's agent endpoint (ALPN burrow/1) from ``source``, nothing said yet."""
+def agent_socket(port: int, ca: Path, source: str = "127.0.0.1", receive_buffer: int = 0) -> ssl.SSLSocket:
+    """A TLS connection to a relay's agent endpoint (ALPN burrow/1) from ``source``, nothing said yet.
+
+    ``receive_buffer`` sets SO_RCVBUF before the connection exists: shrunk after it, the kernel
+    drops what it had already let the relay send, and both ends fall into retransmit backoff.
+    """
     context = ssl.create_default_context(cafile=str(ca))
     context.set_alpn_protocols([AGENT_ALPN])
     sock = socket.socket()
+    if receive_buffer:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
     sock.bind((source, 0))
     sock.settimeout(10)
     sock.connect(("127.0.0.1", port))

@@ -107,8 +107,7 @@ def test_an_agent_that_never_reads_is_cut_off(
     monkeypatch.setattr(connection, "MAX_UNSENT", 1024 * 1024)  # the bound, made small for the test
     caplog.set_level(logging.WARNING, logger="burrow.connection")
     pings = encode(FrameType.PING, 0, PING_PAYLOAD.pack(7)) * 4096  # 72 KiB asking for as many PONGs
-    with _agent(fast_relay.port, ca_file) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    with _agent(fast_relay.port, ca_file, receive_buffer=4096) as sock:
         sock.sendall(_hello())
         sent = 0
         with pytest.raises(OSError):  # the relay hangs up (reset, or a send that finds it gone)

@@ -214,6 +214,8 @@ struct Inner {
 
 struct Outbound {
     buf: Vec<u8>,
+    /// The bytes the writer took from `buf` and is writing now (still unsent, for the bound).
+    writing: usize,
     closed: bool,
 }
 
@@ -310,6 +312,7 @@ impl Session {
             }),
             out: Mutex::new(Outbound {
                 buf: Vec::new(),
+                writing: 0,
                 closed: false,
             }),
             out_ready: Notify::new(),
@@ -344,6 +347,7 @@ impl Session {
             let closed = {
                 let mut out = lock(&self.out);
                 std::mem::swap(&mut out.buf, &mut spare);
+                out.writing = spare.len();
                 out.closed
             };
             if spare.is_empty() {
@@ -378,7 +382,7 @@ impl Session {
                 return false;
             }
             build(&mut out.buf);
-            let unsent = out.buf.len();
+            let unsent = out.buf.len() + out.writing;
             if unsent > MAX_UNSENT + streams * READ_SIZE {
                 out.buf.clear();
                 Some(unsent)
