@@ -132,13 +132,7 @@ pub async fn tcp_port(shared: Arc<Shared>, listening: Listening, tunnel: Arc<Tun
         let _ = tcp.set_nodelay(true);
         public::limit_unsent(&tcp);
         let peer = format_address(address);
-        tokio::spawn(public::serve(
-            shared.clone(),
-            tunnel.clone(),
-            tcp,
-            peer,
-            Instant::now(),
-        ));
+        public::serve(shared.clone(), tunnel.clone(), tcp, peer, Instant::now());
     }
 }
 
@@ -294,10 +288,14 @@ async fn handshake(
             );
             let _ = tokio::time::timeout(Duration::from_secs(1), tls.shutdown()).await;
         }
-        Target::Agent => session::Session::serve(shared, tls, peer, slot).await,
+        // (each in a task of its own: this one, sized for the handshake's states, ~8 KB, ends
+        // here, and an idle connection holds only what serving it needs)
+        Target::Agent => {
+            tokio::spawn(session::Session::serve(shared, tls, peer, slot));
+        }
         Target::Tunnel(tunnel) => {
             drop(slot);
-            public::serve(shared, tunnel, tls, peer, accepted).await;
+            public::serve(shared, tunnel, tls, peer, accepted);
         }
     }
 }

@@ -17,6 +17,7 @@ use tokio::time::Instant;
 use tokio_rustls::server::TlsStream;
 
 use super::accept::Rewind;
+use super::access::QuotaHeld;
 use super::events::WARNING;
 use super::observe::Live;
 use super::session::{code, Message, Session, State, Stream};
@@ -74,7 +75,11 @@ enum Ending {
 
 /// Serve a public connection of `tunnel` until it ends (`accepted`: when its socket was
 /// accepted, for the stream-open latency).
-pub async fn serve<S: PublicIo>(
+///
+/// The decisions are taken here, at once; the bytes are carried by a task of its own, which
+/// holds only the two halves of `io` (a TLS connection is 1.2 KB: the serving task no longer
+/// keeps a dead copy of its size).
+pub fn serve<S: PublicIo>(
     shared: Arc<Shared>,
     tunnel: Arc<Tunnel>,
     io: S,
@@ -164,9 +169,7 @@ pub async fn serve<S: PublicIo>(
     shared.observed.open_latency.observe(accepted.elapsed());
     tunnel.stats.open.fetch_add(1, Ordering::Relaxed);
     tunnel.stats.total.fetch_add(1, Ordering::Relaxed);
-    let listed = tunnel
-        .connections
-        .list(shared.observed.connection_number(), &peer);
+    let number = shared.observed.connection_number();
     // the PROXY protocol header, when the owner asked for one: the first bytes the service reads
     let header = route
         .as_ref()
@@ -176,7 +179,54 @@ pub async fn serve<S: PublicIo>(
             let (client, relay) = (socket.peer_addr().ok()?, socket.local_addr().ok()?);
             Some(access::proxy_header(route.proxy, client, relay))
         });
-    let (mut reader, mut writer) = tokio::io::split(io);
+    let (reader, writer) = tokio::io::split(io);
+    tokio::spawn(carry(Carried {
+        tunnel,
+        session,
+        stream,
+        rx,
+        closed,
+        header,
+        number,
+        peer,
+        _held,
+        reader,
+        writer,
+    }));
+}
+
+/// What [`carry`] takes over from [`serve`].
+struct Carried<S: PublicIo> {
+    tunnel: Arc<Tunnel>,
+    session: Arc<Session>,
+    stream: Arc<Stream>,
+    rx: tokio::sync::mpsc::UnboundedReceiver<Message>,
+    closed: tokio::sync::watch::Receiver<bool>,
+    header: Option<Vec<u8>>,
+    number: u64,
+    peer: String,
+    _held: Option<QuotaHeld>,
+    reader: ReadHalf<S>,
+    writer: WriteHalf<S>,
+}
+
+/// Pump a public connection's bytes both ways until it ends, then close or reset it.
+async fn carry<S: PublicIo>(carried: Carried<S>) {
+    let Carried {
+        tunnel,
+        session,
+        stream,
+        rx,
+        mut closed,
+        header,
+        number,
+        peer,
+        _held,
+        mut reader,
+        mut writer,
+    } = carried;
+    let listed = tunnel.connections.list(number, &peer);
+    drop(peer);
     let ending = {
         let counted = (&tunnel.stats, &*listed.live);
         let up = up(&session, &stream, counted, &mut reader, header);
