@@ -158,7 +158,7 @@ pub fn serve<S: PublicIo>(
     if *closed.borrow_and_update() {
         return;
     }
-    let Some((stream, rx)) = session.open_stream(&tunnel, &peer) else {
+    let Some(stream) = session.open_stream(&tunnel, &peer) else {
         shared.log(
             "dropped",
             super::events::DEBUG,
@@ -184,7 +184,6 @@ pub fn serve<S: PublicIo>(
         tunnel,
         session,
         stream,
-        rx,
         closed,
         header,
         number,
@@ -200,7 +199,6 @@ struct Carried<S: PublicIo> {
     tunnel: Arc<Tunnel>,
     session: Arc<Session>,
     stream: Arc<Stream>,
-    rx: tokio::sync::mpsc::UnboundedReceiver<Message>,
     closed: tokio::sync::watch::Receiver<bool>,
     header: Option<Vec<u8>>,
     number: u64,
@@ -216,7 +214,6 @@ async fn carry<S: PublicIo>(carried: Carried<S>) {
         tunnel,
         session,
         stream,
-        rx,
         mut closed,
         header,
         number,
@@ -230,7 +227,7 @@ async fn carry<S: PublicIo>(carried: Carried<S>) {
     let ending = {
         let counted = (&tunnel.stats, &*listed.live);
         let up = up(&session, &stream, counted, &mut reader, header);
-        let down = down(&session, &stream, counted, &mut writer, rx);
+        let down = down(&session, &stream, counted, &mut writer);
         tokio::pin!(up, down);
         let (mut up_done, mut down_done) = (false, false);
         loop {
@@ -333,11 +330,10 @@ async fn down<S: PublicIo>(
     stream: &Stream,
     (stats, live): Counted<'_>,
     writer: &mut WriteHalf<S>,
-    mut rx: tokio::sync::mpsc::UnboundedReceiver<Message>,
 ) -> Result<Option<u16>, ()> {
     let mut unacked = 0u32;
-    while let Some(message) = rx.recv().await {
-        match message {
+    loop {
+        match stream.next_message().await {
             Message::Data(held) => {
                 writer.write_all(&held.data).await.map_err(|_| ())?;
                 writer.flush().await.map_err(|_| ())?;
@@ -354,5 +350,4 @@ async fn down<S: PublicIo>(
             Message::Reset(code) => return Ok(Some(code)),
         }
     }
-    Ok(Some(code::CANCELLED))
 }

@@ -11,14 +11,14 @@
 //! Control frames (HELLO, BIND, UNBIND) go up to Python as they are; Python
 //! answers with whole frames it encoded (WELCOME, BOUND, ...).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::Notify;
 
 use super::events::{Event, INFO, WARNING};
 use super::{borrow, lock, repay, Budget, PendingSlot, Shared, Tunnel};
@@ -144,7 +144,10 @@ pub struct Stream {
     recv_credit: AtomicI64,
     remote_fin: AtomicBool,
     reset: AtomicBool,
-    tx: mpsc::UnboundedSender<Message>,
+    /// What the agent sent it, waiting for its public connection (a tokio channel here
+    /// allocated ~2 KB per stream up front; an empty deque allocates nothing).
+    inbox: Mutex<VecDeque<Message>>,
+    arrived: Notify,
 }
 
 impl Drop for Stream {
@@ -198,8 +201,23 @@ impl Stream {
 
     fn kill(&self, code: u16) {
         self.reset.store(true, Ordering::Release);
-        let _ = self.tx.send(Message::Reset(code));
+        self.deliver(Message::Reset(code));
         self.credit_changed.notify_one();
+    }
+
+    fn deliver(&self, message: Message) {
+        lock(&self.inbox).push_back(message);
+        self.arrived.notify_one();
+    }
+
+    /// The next thing the agent sent it (for its one reader: a wake-up for no one is kept).
+    pub async fn next_message(&self) -> Message {
+        loop {
+            if let Some(message) = lock(&self.inbox).pop_front() {
+                return message;
+            }
+            self.arrived.notified().await;
+        }
     }
 }
 
@@ -542,9 +560,7 @@ impl Session {
                     ));
                 }
                 let data = shared_payload.unwrap_or_else(|| Bytes::copy_from_slice(payload));
-                let _ = stream
-                    .tx
-                    .send(Message::Data(Held::new(data, stream.tunnel.clone())));
+                stream.deliver(Message::Data(Held::new(data, stream.tunnel.clone())));
             }
             FrameType::Window => {
                 let Ok(increment) = <[u8; 4]>::try_from(payload) else {
@@ -571,7 +587,7 @@ impl Session {
                 if stream.remote_fin.swap(true, Ordering::AcqRel) {
                     return Err(Self::protocol(format!("second FIN on stream {stream_id}")));
                 }
-                let _ = stream.tx.send(Message::Fin);
+                stream.deliver(Message::Fin);
             }
             FrameType::Rst => {
                 if payload.len() < 2 {
@@ -812,12 +828,7 @@ impl Session {
     }
 
     /// Open a stream for a public connection of `tunnel`; None unless the session is open.
-    pub fn open_stream(
-        &self,
-        tunnel: &Arc<Tunnel>,
-        peer: &str,
-    ) -> Option<(Arc<Stream>, mpsc::UnboundedReceiver<Message>)> {
-        let (tx, rx) = mpsc::unbounded_channel();
+    pub fn open_stream(&self, tunnel: &Arc<Tunnel>, peer: &str) -> Option<Arc<Stream>> {
         let open = format!(
             "{{\"tunnel\": \"{}\", \"peer\": \"{}\"}}",
             json_text(&tunnel.id),
@@ -843,7 +854,8 @@ impl Session {
             recv_credit: AtomicI64::new(i64::from(base)),
             remote_fin: AtomicBool::new(false),
             reset: AtomicBool::new(false),
-            tx,
+            inbox: Mutex::new(VecDeque::new()),
+            arrived: Notify::new(),
         });
         inner.streams.insert(stream.id, stream.clone());
         // queued under the same lock that gave the id: OPENs leave in the order of their ids
@@ -854,7 +866,7 @@ impl Session {
         if !queued {
             return None;
         }
-        Some((stream, rx))
+        Some(stream)
     }
 
     pub fn send_data(&self, stream: &Stream, data: &[u8]) {

@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
-use tokio::sync::mpsc;
 
 use super::events::{Event, Events};
 use super::session::{code, Message, Session, Stream};
@@ -181,7 +180,7 @@ async fn a_stream_carries_bytes_both_ways_and_counts_what_waits() {
     let (shared, _watched) = shared();
     let (mut agent, session) = welcomed(&shared).await;
     let tunnel = Arc::new(Tunnel::new("abc", i64::MAX / 4));
-    let (stream, mut rx) = session.open_stream(&tunnel, "203.0.113.9:4000").unwrap();
+    let stream = session.open_stream(&tunnel, "203.0.113.9:4000").unwrap();
     let (stream_id, open) = agent.expect(FrameType::Open).await;
     assert_eq!(stream_id, stream.id);
     assert_eq!(
@@ -196,7 +195,7 @@ async fn a_stream_carries_bytes_both_ways_and_counts_what_waits() {
     agent
         .send(FrameType::Data, stream.id, b"to the client")
         .await;
-    let Some(Message::Data(held)) = rx.recv().await else {
+    let Message::Data(held) = stream.next_message().await else {
         panic!("no DATA for the stream")
     };
     assert_eq!(&held.data[..], b"to the client");
@@ -204,7 +203,7 @@ async fn a_stream_carries_bytes_both_ways_and_counts_what_waits() {
     drop(held);
     assert_eq!(tunnel.stats.buffered.load(Ordering::Relaxed), 0);
     agent.send(FrameType::Fin, stream.id, b"").await;
-    assert!(matches!(rx.recv().await, Some(Message::Fin)));
+    assert!(matches!(stream.next_message().await, Message::Fin));
 }
 
 #[tokio::test]
@@ -212,7 +211,7 @@ async fn credit_comes_back_at_half_a_window() {
     let (shared, _watched) = shared();
     let (mut agent, session) = welcomed(&shared).await;
     let tunnel = Arc::new(Tunnel::new("abc", i64::MAX / 4));
-    let (stream, _rx) = session.open_stream(&tunnel, "peer").unwrap();
+    let stream = session.open_stream(&tunnel, "peer").unwrap();
     agent.expect(FrameType::Open).await;
     let mut unacked = 0;
     session.consumed(&stream, &mut unacked, (WINDOW / 2 - 1) as usize);
@@ -230,7 +229,7 @@ async fn data_beyond_the_window_ends_the_session_with_flow_control() {
     let (shared, _watched) = shared();
     let (mut agent, session) = welcomed(&shared).await;
     let tunnel = Arc::new(Tunnel::new("abc", i64::MAX / 4));
-    let (stream, mut rx) = session.open_stream(&tunnel, "peer").unwrap();
+    let stream = session.open_stream(&tunnel, "peer").unwrap();
     agent.expect(FrameType::Open).await;
     agent
         .send(FrameType::Data, stream.id, &vec![1; WINDOW as usize])
@@ -246,7 +245,7 @@ async fn data_beyond_the_window_ends_the_session_with_flow_control() {
     // the stream's client is reset (its DATA within the window came first), and the
     // control plane learns the session is gone
     let mut reset = false;
-    while let Ok(Some(message)) = tokio::time::timeout(WAIT, rx.recv()).await {
+    while let Ok(message) = tokio::time::timeout(WAIT, stream.next_message()).await {
         if matches!(message, Message::Reset(code::CANCELLED)) {
             reset = true;
             break;
@@ -317,11 +316,9 @@ async fn nothing_but_hello_is_taken_before_it() {
     assert_eq!(super::lock(&shared.pending).total, 0);
 }
 
-type OpenStream = (Arc<Stream>, mpsc::UnboundedReceiver<Message>);
-
 /// Open a stream: its OPEN comes alone (the next frame each test expects is not a WINDOW),
 /// nothing lent beyond the base window yet.
-async fn open(agent: &mut Agent, session: &Session, tunnel: &Arc<Tunnel>) -> OpenStream {
+async fn open(agent: &mut Agent, session: &Session, tunnel: &Arc<Tunnel>) -> Arc<Stream> {
     let opened = session.open_stream(tunnel, "peer").unwrap();
     agent.expect(FrameType::Open).await;
     opened
@@ -350,13 +347,13 @@ async fn credit_beyond_the_base_window_comes_from_the_budgets_at_the_first_grant
     }
     assert_eq!(shared.budget.left(), 100 * 1024); // (idle streams hold nothing)
     let mut grants = Vec::new();
-    for (stream, _) in &streams[..2] {
+    for stream in &streams[..2] {
         grants.push(consume(&mut agent, &session, stream, base as usize / 2).await);
     }
     assert_eq!(grants, [base / 2 + extra, base / 2 + 20 * 1024 - extra]);
     assert_eq!(shared.budget.left(), 100 * 1024 - 20 * 1024);
     // the third stream gets the bytes it used back, and nothing lent: the session's budget is out
-    let (third, _rx) = &streams[2];
+    let third = &streams[2];
     assert_eq!(
         consume(&mut agent, &session, third, base as usize / 2).await,
         base / 2
@@ -389,9 +386,9 @@ async fn a_tunnel_takes_at_most_its_share_and_leaves_the_rest_to_the_others() {
     let mut grants = Vec::new();
     let mut streams = Vec::new();
     for tunnel in [&stalled, &stalled, &other] {
-        let (stream, rx) = open(&mut agent, &session, tunnel).await;
+        let stream = open(&mut agent, &session, tunnel).await;
         grants.push(consume(&mut agent, &session, &stream, base as usize / 2).await);
-        streams.push((stream, rx));
+        streams.push(stream);
     }
     assert_eq!(grants, [base / 2 + extra, base / 2, base / 2 + extra]);
     assert_eq!(shared.budget.left(), 100 * 1024 - 2 * i64::from(extra));
@@ -405,14 +402,14 @@ async fn streams_of_a_tunnel_share_its_budget_evenly_and_a_stream_above_its_shar
     let (shared, _watched) = shared_with(base, 100 * 1024, 100 * 1024);
     let (mut agent, session) = welcomed(&shared).await;
     let tunnel = Arc::new(Tunnel::new("shared", i64::from(extra)));
-    let (first, _rx1) = open(&mut agent, &session, &tunnel).await;
+    let first = open(&mut agent, &session, &tunnel).await;
     tunnel.stats.open.store(1, Ordering::Relaxed);
     // alone, the first stream may borrow the whole budget
     assert_eq!(
         consume(&mut agent, &session, &first, 2048).await,
         2048 + extra
     );
-    let (second, _rx2) = open(&mut agent, &session, &tunnel).await;
+    let second = open(&mut agent, &session, &tunnel).await;
     tunnel.stats.open.store(2, Ordering::Relaxed);
     // the second finds the budget lent out: its bytes back, nothing more
     assert_eq!(consume(&mut agent, &session, &second, 2048).await, 2048);
