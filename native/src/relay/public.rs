@@ -9,7 +9,10 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
+
+use bytes::BufMut;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
@@ -23,9 +26,9 @@ use super::observe::Live;
 use super::session::{code, Message, Session, State, Stream};
 use super::{access, Shared, Stats, Tunnel};
 
-/// A first read of an idle connection takes this much; busy ones grow to [`MAX_READ`] (x4 at
-/// each full read). It is held for as long as the connection waits to read: 10,000 idle TLS
-/// connections took 23.0 KB each with 4 KiB here, 19.9 KB with 1 KiB (bench scenario 8).
+/// A first read takes this much; busy connections grow to [`MAX_READ`] (x4 at each full
+/// read). A connection waiting to read holds no buffer (it waits on a 1-byte read): 10,000
+/// idle TLS connections took 23.0 KB each with a 4 KiB buffer held, 19.9 KB with 1 KiB.
 const FIRST_READ: usize = 1024;
 const MAX_READ: usize = 256 * 1024;
 
@@ -250,28 +253,32 @@ async fn carry<S: PublicIo>(carried: Carried<S>) {
     };
     tunnel.stats.open.fetch_sub(1, Ordering::Relaxed);
     drop(listed);
-    let mut io = reader.unsplit(writer);
+    // (the halves, not the whole connection, are held across the closing await: a future
+    // that kept the TLS stream itself would be 1.2 KB bigger for its whole life)
+    let reset = |reader: ReadHalf<S>, writer: WriteHalf<S>| {
+        let _ = reader.unsplit(writer).socket().set_zero_linger();
+    };
     match ending {
         Ending::Finished => {
             session.forget(&stream);
-            let _ = tokio::time::timeout(CLOSE_TIMEOUT, io.shutdown()).await;
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, writer.shutdown()).await;
         }
         Ending::AgentReset(code::REFUSED) => {
             // nothing came back (nothing listens on the local port): nothing to truncate
             session.forget(&stream);
-            let _ = tokio::time::timeout(CLOSE_TIMEOUT, io.shutdown()).await;
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, writer.shutdown()).await;
         }
         Ending::AgentReset(_) => {
             session.forget(&stream);
-            let _ = io.socket().set_zero_linger();
+            reset(reader, writer);
         }
         Ending::ClientFailed => {
             session.send_rst(&stream, code::CANCELLED, "connection lost");
-            let _ = io.socket().set_zero_linger();
+            reset(reader, writer);
         }
         Ending::TunnelClosed => {
             session.send_rst(&stream, code::TUNNEL_CLOSED, "tunnel closed");
-            let _ = io.socket().set_zero_linger();
+            reset(reader, writer);
         }
     }
 }
@@ -287,7 +294,8 @@ async fn up<S: PublicIo>(
     reader: &mut ReadHalf<S>,
     header: Option<Vec<u8>>,
 ) -> Result<(), ()> {
-    let mut buf = vec![0u8; FIRST_READ];
+    let mut buf: Vec<u8> = Vec::new();
+    let mut size = FIRST_READ; // what the next read may take; x4 after each full one
     let most = session.send_payload();
     let mut header = header.unwrap_or_default();
     while !header.is_empty() {
@@ -308,8 +316,32 @@ async fn up<S: PublicIo>(
             return std::future::pending().await;
         }
         session.wait_room().await;
-        let want = credit.min(most).min(buf.len());
-        let read = reader.read(&mut buf[..want]).await.map_err(|_| ())?;
+        let want = credit.min(most).min(size);
+        buf.clear();
+        buf.reserve_exact(size);
+        let read = match now(reader.read_buf(&mut (&mut buf).limit(want))).await {
+            Some(read) => read.map_err(|_| ())?,
+            None => {
+                // nothing to read yet: wait for the first byte without holding a buffer (an
+                // idle connection keeps none), then take at once whatever came with it
+                buf = Vec::new();
+                let mut first = [0u8; 1];
+                if reader.read(&mut first).await.map_err(|_| ())? == 0 {
+                    0
+                } else {
+                    buf.reserve_exact(size);
+                    buf.push(first[0]);
+                    if want > 1 {
+                        if let Some(more) =
+                            now(reader.read_buf(&mut (&mut buf).limit(want - 1))).await
+                        {
+                            more.map_err(|_| ())?;
+                        }
+                    }
+                    buf.len()
+                }
+            }
+        };
         if read == 0 {
             session.send_fin(stream);
             return Ok(());
@@ -318,10 +350,23 @@ async fn up<S: PublicIo>(
         stats.bytes_in.fetch_add(read as u64, Ordering::Relaxed);
         live.bytes_in.fetch_add(read as u64, Ordering::Relaxed);
         session.send_data(stream, &buf[..read]);
-        if read == buf.len() && buf.len() < MAX_READ {
-            buf.resize(buf.len() * 4, 0);
+        if read == size && size < MAX_READ {
+            size *= 4;
         }
     }
+}
+
+/// `future`'s output if it is ready at its first poll; None (and the future dropped) if not.
+/// (For reads, which are cancel-safe: a read dropped before it was ready took nothing.)
+async fn now<F: std::future::Future>(future: F) -> Option<F::Output> {
+    let mut future = std::pin::pin!(future);
+    std::future::poll_fn(|cx| {
+        Poll::Ready(match future.as_mut().poll(cx) {
+            Poll::Ready(output) => Some(output),
+            Poll::Pending => None,
+        })
+    })
+    .await
 }
 
 /// Agent to client: Ok(None) after the agent's FIN, Ok(Some(code)) on its RST.
