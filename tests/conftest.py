@@ -41,3 +41,19 @@ def echo(service_loop: ServiceThread) -> Iterator[EchoServer]:
 def ca_file() -> Path:
     """The dev CA certificate (created by the first relay of the session)."""
     return dev_ca_path()
+
+
+# The failed tests' names, once more, after everything else: on CI a failure's summary line
+# carries its whole assertion message (a diff of a MiB of bytes, once), and whoever reads only
+# the log's tail saw no test name.
+_failed: list[str] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.failed:
+        _failed.append(report.nodeid if report.when == "call" else f"{report.nodeid} (at {report.when})")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    for nodeid in _failed:
+        print(f"failed: {nodeid}")
