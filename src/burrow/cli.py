@@ -636,7 +636,8 @@ def _watch(forward: Forward) -> int:
         return 0
     if _signals.received is not None:  # (asked to stop as the tunnel closed)
         return 0
-    note("burrow: the relay closed the tunnel")
+    if not forward.closed_reason:  # (else the agent's log said why, in one line)
+        note("burrow: the relay closed the tunnel")
     return 1
 
 

@@ -4,6 +4,8 @@ quotas, revocation, expiry, and tenants kept apart; no token ever in a log line 
 from __future__ import annotations
 
 import logging
+import os
+import re
 import socket
 import ssl
 import subprocess
@@ -227,3 +229,46 @@ def _echoing(context: ssl.SSLContext, tunnel: burrow.Tunnel) -> ssl.SSLSocket:
         sock.close()
         raise
     return sock
+
+
+def test_a_revoked_token_closes_its_tunnels_at_the_next_reconnect(tenants: TenantRelay, ports: list[int]) -> None:
+    """No retry will pass a refused token: the tunnel closes, saying why, instead of reconnecting forever."""
+    token = tenants.token("--tenant", "acme")
+    states: list[burrow.TunnelState] = []
+    forward = burrow.forward(ports[0], relay=tenants.address, token=token, on_state=states.append)
+    with forward:
+        tenants.revoked.write_text(f"{tenants.token_id(token)}\n")
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and forward.state is not burrow.TunnelState.CLOSED:
+            time.sleep(0.05)
+        assert forward.state is burrow.TunnelState.CLOSED
+        assert re.fullmatch(
+            r"relay localhost:\d+ rejected the token from token=: token revoked; check it", forward.closed_reason
+        )
+        assert states[-2:] == [burrow.TunnelState.RECONNECTING, burrow.TunnelState.CLOSED]
+
+
+def test_burrow_forward_exits_with_one_line_when_its_token_is_revoked(tenants: TenantRelay, ports: list[int]) -> None:
+    token = tenants.token("--tenant", "acme")
+    env = {**os.environ, "BURROW_RELAY": tenants.address, "BURROW_TOKEN": token}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "burrow", "forward", str(ports[0])],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None and process.stdout.readline().startswith("https://")
+        tenants.revoked.write_text(f"{tenants.token_id(token)}\n")
+        _, err = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 1, err
+    said = [line for line in err.splitlines() if "rejected the token" in line]
+    assert len(said) == 1 and said[0].endswith(
+        "rejected the token from BURROW_TOKEN: token revoked; check it; closing 1 tunnel(s)"
+    ), err
+    assert "Traceback" not in err and "still reconnecting" not in err

@@ -166,6 +166,12 @@ class Forward:
         return self._tunnel.state
 
     @property
+    def closed_reason(self) -> str:
+        """Why the tunnel closed without its owner closing it, in one line: the relay closed it, or
+        refused the token when the agent reconnected (revoked, expired). "" otherwise."""
+        return self._tunnel.closed_reason
+
+    @property
     def is_open(self) -> bool:
         """True from a successful open until close, reconnections included."""
         return self._tunnel.state in (TunnelState.OPEN, TunnelState.RECONNECTING)

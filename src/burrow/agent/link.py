@@ -142,6 +142,7 @@ class RelayLink:
             if tunnel.id == tunnel_id:
                 logger.warning("burrow: the relay closed tunnel %s (%s)", tunnel_id, reason)
                 self.tunnels.remove(tunnel)
+                tunnel.closed_reason = f"the relay closed the tunnel ({reason})"
                 tunnel.set_state(TunnelState.CLOSED)
 
     # ----------------------------------------------------------------- reconnect
@@ -190,15 +191,29 @@ class RelayLink:
                 for tunnel in list(self.tunnels):
                     if tunnel.state is TunnelState.RECONNECTING and not tunnel.moving:  # (a fleet's move resumes it)
                         await self._resume(session, tunnel)
+            except AuthenticationFailed as exc:
+                # (a token revoked or expired, or a relay that no longer knows it: no retry will pass,
+                # and no other relay of a fleet sharing its secret would take it either)
+                self._give_up(str(exc))
+                break
             except (BurrowError, OSError) as exc:
                 message = str(exc)
-                if isinstance(exc, AuthenticationFailed) or message not in warned:
+                if message not in warned:
                     logger.warning("burrow: still reconnecting to relay %s: %s", self.settings.relay, message)
                     warned.add(message)
                 continue
         # the loop also ends when the owners closed every reconnecting tunnel: no reconnect then
         if not self._stopped and any(t.state is TunnelState.OPEN for t in self.tunnels):
             logger.warning("burrow: reconnected to relay %s after %d attempt(s)", self.settings.relay, attempt)
+
+    def _give_up(self, reason: str) -> None:
+        """Close the tunnels waiting for this relay, saying why once."""
+        waiting = [t for t in self.tunnels if t.state is TunnelState.RECONNECTING and not t.moving]
+        logger.error("burrow: %s; closing %d tunnel(s)", reason, len(waiting))
+        for tunnel in waiting:
+            self.tunnels.remove(tunnel)
+            tunnel.closed_reason = reason
+            tunnel.set_state(TunnelState.CLOSED)
 
     async def _resume(self, session: AgentSession, tunnel: AgentTunnel) -> None:
         old_id, old_url = tunnel.id, _url(tunnel.address)

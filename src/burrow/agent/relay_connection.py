@@ -80,6 +80,7 @@ class AgentTunnel:
     link: RelayLink | None = None  # the link that carries it (another one after a failover)
     failover_after: float = FAILOVER_AFTER  # with a fleet: how long its relay may stay away before it moves
     moving: bool = False  # a fleet is placing it on a relay (its own link's reconnect leaves it alone)
+    closed_reason: str = ""  # why it closed when its owner did not close it (one line)
 
     @property
     def relay(self) -> str:
