@@ -208,13 +208,17 @@ def execute_request(code: str) -> dict[str, Any]:
     return {"header": header, "parent_header": {}, "metadata": {}, "content": content, "channel": "shell"}
 
 
-def reply_to(ws: ClientConnection, request: dict[str, Any], msg_type: str) -> dict[str, Any]:
-    """Read the kernel's messages until the ``msg_type`` one answering ``request``."""
+def replies_to(ws: ClientConnection, request: dict[str, Any], *msg_types: str) -> dict[str, dict[str, Any]]:
+    """Read the kernel's messages until one of each of ``msg_types`` answering ``request`` came, in
+    whatever order: they come on different channels (iopub, shell), which the server does not order."""
     deadline = time.monotonic() + REPLY_TIMEOUT
-    while True:
+    got: dict[str, dict[str, Any]] = {}
+    while len(got) < len(msg_types):
         message: dict[str, Any] = json.loads(ws.recv(timeout=max(0.1, deadline - time.monotonic())))
-        if message["msg_type"] == msg_type and message["parent_header"].get("msg_id") == request["header"]["msg_id"]:
-            return message
+        kind = message["msg_type"]
+        if kind in msg_types and message["parent_header"].get("msg_id") == request["header"]["msg_id"]:
+            got.setdefault(kind, message)
+    return got
 
 
 @pytest.fixture(scope="module")
@@ -253,10 +257,9 @@ def test_a_kernel_runs_code_over_its_websocket_through_the_tunnel(jupyter: Jupyt
     with ws_connect(jupyter.wss(f"/api/kernels/{kernel}/channels"), additional_headers=jupyter.auth) as ws:
         request = execute_request("1+1")
         ws.send(json.dumps(request))
-        result = reply_to(ws, request, "execute_result")
-        assert result["content"]["data"]["text/plain"] == "2"
-        reply = reply_to(ws, request, "execute_reply")
-        assert reply["content"]["status"] == "ok"
+        got = replies_to(ws, request, "execute_result", "execute_reply")
+        assert got["execute_result"]["content"]["data"]["text/plain"] == "2"
+        assert got["execute_reply"]["content"]["status"] == "ok"
 
 
 @native_only
@@ -291,7 +294,7 @@ def test_a_page_from_another_site_cannot_use_the_login_cookie_on_a_kernel(
     with ws_connect(url, origin=Origin(jupyter.base), additional_headers={"Cookie": cookie}) as ws:
         request = execute_request("6*7")
         ws.send(json.dumps(request))
-        assert reply_to(ws, request, "execute_result")["content"]["data"]["text/plain"] == "42"
+        assert replies_to(ws, request, "execute_result")["execute_result"]["content"]["data"]["text/plain"] == "42"
     with pytest.raises(InvalidStatus) as refusal:
         ws_connect(url, origin=Origin("https://elsewhere.example"), additional_headers={"Cookie": cookie})
     assert refusal.value.response.status_code == 403
