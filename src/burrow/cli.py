@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_host_port,
         default=("127.0.0.1", DEV_PORT),
         metavar="HOST:PORT",
-        help=f"TLS listener for agents and public clients (default 127.0.0.1:{DEV_PORT})",
+        help=f"TLS listener for agents and public clients (default 127.0.0.1:{DEV_PORT}; [::]:PORT is IPv4 and IPv6)",
     )
     relay.add_argument("--domain", default=DEV_DOMAIN, help="tunnels are <id>.DOMAIN (default localhost)")
     relay.add_argument(

@@ -70,7 +70,7 @@ pub async fn tls_port(shared: Arc<Shared>, listening: Listening, pinned: Option<
     let listener = &listening.listener;
     loop {
         let (tcp, address) = match listener.accept().await {
-            Ok(accepted) => accepted,
+            Ok((tcp, address)) => (tcp, canonical(address)),
             Err(error) => {
                 shared.log("accept", WARNING, format!("accept failed: {error}"));
                 tokio::time::sleep(ACCEPT_RETRY_DELAY).await;
@@ -109,7 +109,7 @@ pub async fn tcp_port(shared: Arc<Shared>, listening: Listening, tunnel: Arc<Tun
     let listener = &listening.listener;
     loop {
         let (tcp, address) = match listener.accept().await {
-            Ok(accepted) => accepted,
+            Ok((tcp, address)) => (tcp, canonical(address)),
             Err(error) => {
                 shared.log("accept", WARNING, format!("accept failed: {error}"));
                 tokio::time::sleep(ACCEPT_RETRY_DELAY).await;
@@ -370,13 +370,21 @@ impl AsyncWrite for Rewind {
     }
 }
 
+/// An IPv4 client of a dual-stack listener as itself (1.2.3.4, not ::ffff:1.2.3.4): for the
+/// per-source caps, the allowlists, the logs and PROXY headers alike.
+pub fn canonical(address: SocketAddr) -> SocketAddr {
+    SocketAddr::new(address.ip().to_canonical(), address.port())
+}
+
 /// A listening socket on `host:port` with SO_REUSEADDR, not yet registered with the runtime.
 pub fn bind_listener(address: SocketAddr) -> io::Result<std::net::TcpListener> {
     let domain = socket2::Domain::for_address(address);
     let socket = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
     socket.set_reuse_address(true)?;
     if address.is_ipv6() {
-        socket.set_only_v6(true)?;
+        // `::` is every address, IPv4 too (they arrive as ::ffff:a.b.c.d, canonical again at
+        // accept): one listener serves both stacks; a given IPv6 address is that address only
+        socket.set_only_v6(!address.ip().is_unspecified())?;
     }
     socket.bind(&address.into())?;
     socket.listen(1024)?;

@@ -19,7 +19,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_rustls::server::TlsStream;
 
-use super::accept::Rewind;
+use super::accept::{canonical, Rewind};
 use super::access::QuotaHeld;
 use super::events::WARNING;
 use super::observe::Live;
@@ -93,7 +93,10 @@ pub fn serve<S: PublicIo>(
     let route = tunnel.route();
     // the allowlist again, on the route this connection is served by: one accepted while the
     // tunnel had no route yet (its listener opens first) was let through the accept's check
-    let client = io.socket().peer_addr().map(|address| address.ip());
+    let client = io
+        .socket()
+        .peer_addr()
+        .map(|address| address.ip().to_canonical());
     if let (Some(route), Ok(ip)) = (&route, client) {
         if !access::allowed(&route.allow, ip) {
             let _ = io.socket().set_zero_linger();
@@ -180,6 +183,7 @@ pub fn serve<S: PublicIo>(
         .and_then(|route| {
             let socket = io.socket();
             let (client, relay) = (socket.peer_addr().ok()?, socket.local_addr().ok()?);
+            let (client, relay) = (canonical(client), canonical(relay));
             Some(access::proxy_header(route.proxy, client, relay))
         });
     let (reader, writer) = tokio::io::split(io);

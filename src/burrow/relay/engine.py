@@ -112,6 +112,19 @@ def _family(host: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
+def _both_stacks(host: str) -> bool:
+    """``::`` is every address, IPv4 too: one listener serves both stacks (a given IPv6 address
+    is that address only)."""
+    return host in ("::", "::0", "0:0:0:0:0:0:0:0")
+
+
+def _canonical(address: Any) -> Any:
+    """An IPv4 client of a dual-stack listener as itself (1.2.3.4, not ::ffff:1.2.3.4)."""
+    if address and isinstance(address[0], str) and address[0].startswith("::ffff:") and "." in address[0]:
+        return (address[0][len("::ffff:") :], *address[1:2])
+    return address
+
+
 def reset_socket(conn: socket.socket) -> None:
     """Close with RST: a refused client learns at once, and no TIME_WAIT is left here."""
     try:
@@ -260,7 +273,12 @@ class AsyncioPlane:
         self.certs = CertificateStore(config)
         self.certs.agent_context.sni_callback = self._on_sni
         try:
-            first = socket.create_server((config.host, config.port), backlog=BACKLOG, family=_family(config.host))
+            first = socket.create_server(
+                (config.host, config.port),
+                backlog=BACKLOG,
+                family=_family(config.host),
+                dualstack_ipv6=_both_stacks(config.host),
+            )
         except OSError as exc:
             self.certs.close()
             raise ConfigurationError(
@@ -362,6 +380,7 @@ class AsyncioPlane:
         while True:
             try:
                 conn, address = await loop.sock_accept(listener)
+                address = _canonical(address)
                 accepted = time.monotonic()
             except OSError as exc:  # EMFILE/ENFILE: wait for descriptors rather than spin
                 if listener.fileno() < 0:
@@ -607,6 +626,8 @@ def _tcp_listener(host: str, port: int) -> socket.socket:
     sock = socket.socket(_family(host), socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if sock.family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if _both_stacks(host) else 1)
         sock.bind((host, port))
         sock.listen(BACKLOG)
         sock.setblocking(False)
