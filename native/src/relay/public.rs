@@ -160,8 +160,7 @@ pub fn serve<S: PublicIo>(
         shared.log("streams", WARNING, format!("refused {peer}: {refusal}"));
         return;
     }
-    let mut closed = tunnel.closed.subscribe();
-    if *closed.borrow_and_update() {
+    if tunnel.closed.is_set() {
         return;
     }
     let Some(stream) = session.open_stream(&tunnel, &peer) else {
@@ -191,7 +190,6 @@ pub fn serve<S: PublicIo>(
         tunnel,
         session,
         stream,
-        closed,
         header,
         number,
         peer,
@@ -206,7 +204,6 @@ struct Carried<S: PublicIo> {
     tunnel: Arc<Tunnel>,
     session: Arc<Session>,
     stream: Arc<Stream>,
-    closed: tokio::sync::watch::Receiver<bool>,
     header: Option<Vec<u8>>,
     number: u64,
     peer: String,
@@ -221,7 +218,6 @@ async fn carry<S: PublicIo>(carried: Carried<S>) {
         tunnel,
         session,
         stream,
-        mut closed,
         header,
         number,
         peer,
@@ -248,7 +244,7 @@ async fn carry<S: PublicIo>(carried: Carried<S>) {
                     Ok(Some(code)) => break Ending::AgentReset(code),
                     Err(()) => break Ending::ClientFailed,
                 },
-                _ = closed.changed() => break Ending::TunnelClosed,
+                _ = tunnel.closed.wait() => break Ending::TunnelClosed,
             }
             if up_done && down_done {
                 break Ending::Finished;
