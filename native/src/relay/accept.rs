@@ -131,8 +131,7 @@ pub async fn tcp_port(shared: Arc<Shared>, listening: Listening, tunnel: Arc<Tun
         }
         let _ = tcp.set_nodelay(true);
         public::limit_unsent(&tcp);
-        let peer = format_address(address);
-        public::serve(shared.clone(), tunnel.clone(), tcp, peer, Instant::now());
+        public::serve(shared.clone(), tunnel.clone(), tcp, address, Instant::now());
     }
 }
 
@@ -295,7 +294,7 @@ async fn handshake(
         }
         Target::Tunnel(tunnel) => {
             drop(slot);
-            public::serve(shared, tunnel, tls, peer, accepted);
+            public::serve(shared, tunnel, tls, address, accepted);
         }
     }
 }

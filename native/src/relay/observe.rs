@@ -192,9 +192,9 @@ pub type Listing = (String, u64, u64, f64);
 
 impl Connections {
     /// List a connection from `peer` (its number orders the listing) until the guard drops.
-    pub fn list(&self, number: u64, peer: &str) -> Listed<'_> {
+    pub fn list(&self, number: u64, peer: String) -> Listed<'_> {
         let live = Arc::new(Live {
-            peer: peer.to_owned(),
+            peer,
             opened: Instant::now(),
             bytes_in: AtomicU64::new(0),
             bytes_out: AtomicU64::new(0),
@@ -249,9 +249,9 @@ mod tests {
     #[test]
     fn a_listing_is_oldest_first_bounded_and_forgets_closed_connections() {
         let connections = Connections::default();
-        let first = connections.list(7, "192.0.2.1:1000");
-        let second = connections.list(9, "192.0.2.2:2000");
-        let third = connections.list(8, "[2001:db8::1]:3000");
+        let first = connections.list(7, "192.0.2.1:1000".into());
+        let second = connections.list(9, "192.0.2.2:2000".into());
+        let third = connections.list(8, "[2001:db8::1]:3000".into());
         second.live.bytes_in.fetch_add(5, Ordering::Relaxed);
         let (open, listed) = connections.read(2);
         assert_eq!(open, 3);

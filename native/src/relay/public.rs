@@ -7,6 +7,7 @@
 //! window here. Half-close goes through both ways (a TLS client's
 //! close_notify is its FIN; the agent's FIN becomes our close_notify).
 
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::Poll;
@@ -24,7 +25,7 @@ use super::access::QuotaHeld;
 use super::events::WARNING;
 use super::observe::Live;
 use super::session::{code, Message, Session, State, Stream};
-use super::{access, Shared, Stats, Tunnel};
+use super::{access, format_address, Shared, Stats, Tunnel};
 
 /// A first read takes this much; busy connections grow to [`MAX_READ`] (x4 at each full
 /// read). A connection waiting to read holds no buffer (it waits on a 1-byte read): 10,000
@@ -86,19 +87,16 @@ pub fn serve<S: PublicIo>(
     shared: Arc<Shared>,
     tunnel: Arc<Tunnel>,
     io: S,
-    peer: String,
+    client: SocketAddr,
     accepted: Instant,
 ) {
     // one snapshot of the route serves every decision below
     let route = tunnel.route();
     // the allowlist again, on the route this connection is served by: one accepted while the
     // tunnel had no route yet (its listener opens first) was let through the accept's check
-    let client = io
-        .socket()
-        .peer_addr()
-        .map(|address| address.ip().to_canonical());
-    if let (Some(route), Ok(ip)) = (&route, client) {
-        if !access::allowed(&route.allow, ip) {
+    let peer = format_address(client);
+    if let Some(route) = &route {
+        if !access::allowed(&route.allow, client.ip()) {
             let _ = io.socket().set_zero_linger();
             return;
         }
@@ -180,9 +178,7 @@ pub fn serve<S: PublicIo>(
         .as_ref()
         .filter(|route| route.proxy != 0)
         .and_then(|route| {
-            let socket = io.socket();
-            let (client, relay) = (socket.peer_addr().ok()?, socket.local_addr().ok()?);
-            let (client, relay) = (canonical(client), canonical(relay));
+            let relay = canonical(io.socket().local_addr().ok()?);
             Some(access::proxy_header(route.proxy, client, relay))
         });
     let (reader, writer) = tokio::io::split(io);
@@ -214,23 +210,20 @@ struct Carried<S: PublicIo> {
 
 /// Pump a public connection's bytes both ways until it ends, then close or reset it.
 async fn carry<S: PublicIo>(carried: Carried<S>) {
+    // (what moves out; the rest, the tenant's quota slot among it, is held until the end)
     let Carried {
-        tunnel,
-        session,
-        stream,
-        header,
-        number,
-        peer,
-        _held,
         mut reader,
         mut writer,
+        header,
+        peer,
+        ..
     } = carried;
-    let listed = tunnel.connections.list(number, &peer);
-    drop(peer);
+    let (tunnel, session, stream) = (&carried.tunnel, &carried.session, &carried.stream);
+    let listed = tunnel.connections.list(carried.number, peer);
     let ending = {
         let counted = (&tunnel.stats, &*listed.live);
-        let up = up(&session, &stream, counted, &mut reader, header);
-        let down = down(&session, &stream, counted, &mut writer);
+        let up = up(session, stream, counted, &mut reader, header);
+        let down = down(session, stream, counted, &mut writer);
         tokio::pin!(up, down);
         let (mut up_done, mut down_done) = (false, false);
         loop {
@@ -260,24 +253,24 @@ async fn carry<S: PublicIo>(carried: Carried<S>) {
     };
     match ending {
         Ending::Finished => {
-            session.forget(&stream);
+            session.forget(stream);
             let _ = tokio::time::timeout(CLOSE_TIMEOUT, writer.shutdown()).await;
         }
         Ending::AgentReset(code::REFUSED) => {
             // nothing came back (nothing listens on the local port): nothing to truncate
-            session.forget(&stream);
+            session.forget(stream);
             let _ = tokio::time::timeout(CLOSE_TIMEOUT, writer.shutdown()).await;
         }
         Ending::AgentReset(_) => {
-            session.forget(&stream);
+            session.forget(stream);
             reset(reader, writer);
         }
         Ending::ClientFailed => {
-            session.send_rst(&stream, code::CANCELLED, "connection lost");
+            session.send_rst(stream, code::CANCELLED, "connection lost");
             reset(reader, writer);
         }
         Ending::TunnelClosed => {
-            session.send_rst(&stream, code::TUNNEL_CLOSED, "tunnel closed");
+            session.send_rst(stream, code::TUNNEL_CLOSED, "tunnel closed");
             reset(reader, writer);
         }
     }
