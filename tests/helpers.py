@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import socket
 import ssl
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
@@ -198,3 +201,15 @@ def page_server(body: bytes) -> Iterator[int]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def forward_process(port: int, relay: str, token: str, *args: str) -> subprocess.Popen[str]:
+    """``burrow forward PORT ARGS`` in a process of its own, its relay and token from the
+    environment as an operator's agent gets them; its URL is the first line of its stdout."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "burrow", "forward", str(port), *args],
+        env={**os.environ, "BURROW_RELAY": relay, "BURROW_TOKEN": token},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )

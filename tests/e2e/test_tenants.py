@@ -4,7 +4,6 @@ quotas, revocation, expiry, and tenants kept apart; no token ever in a log line 
 from __future__ import annotations
 
 import logging
-import os
 import re
 import socket
 import ssl
@@ -24,7 +23,7 @@ from burrow.relay import Relay, RelayConfig
 from burrow.relay.tickets import load_or_create_key
 from burrow.relay.tokens import TokenSigner
 
-from ..helpers import EchoServer, ServiceThread, echo_once, on_runtime
+from ..helpers import EchoServer, ServiceThread, echo_once, forward_process, on_runtime
 from ..raw_agent import agent_socket, hello, read_frames
 
 NATIVE = RelayConfig().engine == "native"
@@ -250,14 +249,7 @@ def test_a_revoked_token_closes_its_tunnels_at_the_next_reconnect(tenants: Tenan
 
 def test_burrow_forward_exits_with_one_line_when_its_token_is_revoked(tenants: TenantRelay, ports: list[int]) -> None:
     token = tenants.token("--tenant", "acme")
-    env = {**os.environ, "BURROW_RELAY": tenants.address, "BURROW_TOKEN": token}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "burrow", "forward", str(ports[0])],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    process = forward_process(ports[0], tenants.address, token)
     try:
         assert process.stdout is not None and process.stdout.readline().startswith("https://")
         tenants.revoked.write_text(f"{tenants.token_id(token)}\n")

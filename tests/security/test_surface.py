@@ -17,7 +17,7 @@ from burrow.agent.runtime import runtime
 from burrow.relay import Relay, RelayConfig
 from burrow.relay.registry import ID_ALPHABET, ID_LENGTH, new_tunnel_id
 
-from ..helpers import EchoServer, echo_once, on_runtime
+from ..helpers import EchoServer, echo_once, forward_process, on_runtime
 
 #: Chi-square bound for 35 degrees of freedom (36 symbols) at p ~ 1e-7: a fair generator passes every
 #: position's test all but always; a biased one (a symbol at 1.5x its share) fails by hundreds.
@@ -102,13 +102,7 @@ def test_no_token_in_what_a_process_shows(tmp_path: Path, echo: EchoServer) -> N
     relay = on_runtime(Relay(RelayConfig(port=0, tokens=frozenset({token}))).start())
     try:
         env = {**os.environ, "BURROW_RELAY": f"localhost:{relay.port}", "BURROW_TOKEN": token}
-        process = subprocess.Popen(
-            [sys.executable, "-m", "burrow", "forward", str(echo.port), "-v"],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        process = forward_process(echo.port, f"localhost:{relay.port}", token, "-v")
         try:
             assert process.stdout is not None and process.stdout.readline().startswith("https://")
             shown = Path(f"/proc/{process.pid}/cmdline").read_bytes() + Path(f"/proc/{process.pid}/comm").read_bytes()
