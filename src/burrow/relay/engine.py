@@ -24,6 +24,7 @@ import asyncio
 import bisect
 import errno
 import heapq
+import ipaddress
 import logging
 import socket
 import ssl
@@ -114,8 +115,12 @@ def _family(host: str) -> socket.AddressFamily:
 
 def _both_stacks(host: str) -> bool:
     """``::`` is every address, IPv4 too: one listener serves both stacks (a given IPv6 address
-    is that address only)."""
-    return host in ("::", "::0", "0:0:0:0:0:0:0:0")
+    is that address only), as in the native engine."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:  # (a name)
+        return False
+    return address.version == 6 and address.is_unspecified
 
 
 def _canonical(address: Any) -> Any:
