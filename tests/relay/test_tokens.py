@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import string
 from pathlib import Path
 
 import pytest
@@ -34,9 +35,13 @@ def test_tampered_foreign_and_expired_tokens_are_refused_with_a_reason() -> None
     token, _ = signer.issue("acme", 3600, max_tunnels=5, now=NOW)
     payload, mac = token[len(PREFIX) :].split(".")
     raised = unb64(payload).replace(b'"mt":5', b'"mt":9')  # more tunnels, same signature
+    forged = ("B" if mac[0] == "A" else "A") + mac[1:]  # a first character's 6 bits all count
+    alphabet = string.ascii_uppercase + string.ascii_lowercase + string.digits + "-_"
+    respelled = mac[:-1] + alphabet[alphabet.index(mac[-1]) | 1]  # 43rd character: 2 unused bits; same MAC
     for bad, reason in (
         (f"{PREFIX}{b64(raised)}.{mac}", "not signed with this relay's secret"),
-        (f"{PREFIX}{payload}.{mac[:-2]}AA", "not signed with this relay's secret"),
+        (f"{PREFIX}{payload}.{forged}", "not signed with this relay's secret"),
+        (f"{PREFIX}{payload}.{respelled}", "malformed token"),
         (TokenSigner(b"t" * 32).issue("acme", 3600, now=NOW)[0], "not signed with this relay's secret"),
         (f"{PREFIX}{payload}", "malformed token"),
         ("plain-shared-token", "not a signed token"),

@@ -75,7 +75,16 @@ def b64(data: bytes) -> str:
 
 
 def unb64(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    """The bytes of :func:`b64`'s text, which is the only spelling accepted.
+
+    Plain base64 decoding ignores a last character's unused bits and skips
+    stray characters, so several strings would carry one signed value; a
+    token or ticket has one spelling, or it is malformed (``ValueError``).
+    """
+    data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    if b64(data) != text:
+        raise ValueError("not canonical base64")
+    return data
 
 
 class TicketSigner:
