@@ -183,7 +183,12 @@ async fn handshake(
     let refused = |why: HandshakeFailure, reason: &str| {
         shared.observed.handshakes.count(why);
         shared.log(
-            "handshake",
+            // (the log's kinds, like the metric's reasons, tell an agent without burrow/1 apart)
+            if why == HandshakeFailure::Alpn {
+                "alpn"
+            } else {
+                "handshake"
+            },
             INFO,
             format!("refused TLS handshake from {peer}: {reason}"),
         );
