@@ -347,8 +347,13 @@ class Fleet:
                     )
                 return
 
+    @property
+    def moving(self) -> bool:
+        """Tunnels are being placed on other relays."""
+        return bool(self._moves)
+
     def stop(self) -> None:
-        """Process exit: no more moves."""
+        """Process exit (or idle): no more moves."""
         for task in list(self._moves):
             task.cancel()
         if self._measuring is not None:

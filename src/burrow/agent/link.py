@@ -12,8 +12,10 @@ replaced at once by the ticket (the relay hands the tunnel over).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from ..errors import AuthenticationFailed, BurrowError, TunnelRefused
@@ -32,6 +34,11 @@ logger = logging.getLogger("burrow")
 #: The cap keeps recovery within ~2 s of the relay coming back.
 RECONNECT_BASE = 0.05
 RECONNECT_CAP = 1.5
+
+#: A link with no tunnel for this long closes its session and is forgotten: a web service
+#: that opens tunnels on demand, with a token per user, does not keep a session per token
+#: for good. A tunnel opened within it reuses the warm session.
+LINK_IDLE = 60.0
 
 
 def backoff(attempt: int) -> float:
@@ -52,6 +59,9 @@ class RelayLink:
         self._reconnecting: asyncio.Task[None] | None = None
         self._stopped = False
         self.fleet: Fleet | None = None  # set when the relay is one of a fleet: failover to the others
+        self.on_idle: Callable[[RelayLink], None] | None = None  # the runtime forgets an idle link
+        self._idle: asyncio.TimerHandle | None = None
+        self._busy = 0  # opens and resumes under way (the link is not idle while one is)
 
     # ------------------------------------------------------------------ sessions
 
@@ -79,6 +89,10 @@ class RelayLink:
 
     async def open(self, tunnel: AgentTunnel) -> None:
         """Open ``tunnel`` at the relay; it is then kept open across reconnects until :meth:`close`."""
+        with self._in_use():
+            await self._open(tunnel)
+
+    async def _open(self, tunnel: AgentTunnel) -> None:
         session = await self.current_session()
         address = await session.bind(tunnel.local_port, tunnel.unencrypted, tunnel.h2, access=tunnel.access)
         if tunnel.closed:  # closed by its owner while it was moving here (a fleet's failover)
@@ -91,6 +105,10 @@ class RelayLink:
 
     async def resume(self, tunnel: AgentTunnel) -> None:
         """Take back a tunnel this link carried before (a fleet found no other relay): by its ticket."""
+        with self._in_use():
+            await self._take_back(tunnel)
+
+    async def _take_back(self, tunnel: AgentTunnel) -> None:
         session = await self.current_session()
         if tunnel.closed:  # closed by its owner while the session was connecting
             return
@@ -107,6 +125,7 @@ class RelayLink:
         """Close ``tunnel`` at the relay (waiting for the relay to confirm) and forget it."""
         if tunnel in self.tunnels:
             self.tunnels.remove(tunnel)
+        self._maybe_idle()
         was_open = tunnel.state is TunnelState.OPEN
         tunnel.set_state(TunnelState.CLOSED)
         session = self.session
@@ -114,12 +133,43 @@ class RelayLink:
             await session.unbind(tunnel.id)
 
     def stop(self) -> None:
-        """Process exit: close the session, no reconnecting."""
+        """Process exit (or idle): close the session, no reconnecting."""
         self._stopped = True
+        if self._idle is not None:
+            self._idle.cancel()
         if self._reconnecting is not None:
             self._reconnecting.cancel()
         if self.session is not None:
             self.session.close()
+
+    # ----------------------------------------------------------------------- idle
+
+    @contextlib.contextmanager
+    def _in_use(self) -> Iterator[None]:
+        self._busy += 1
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
+        try:
+            yield
+        finally:
+            self._busy -= 1
+            self._maybe_idle()
+
+    def _maybe_idle(self) -> None:
+        """With no tunnel left (closed, unbound, given up, moved away): forget the link in LINK_IDLE s."""
+        if self.tunnels or self._busy or self._stopped or self._idle is not None:
+            return
+        self._idle = asyncio.get_running_loop().call_later(LINK_IDLE, self._idle_expired)
+
+    def _idle_expired(self) -> None:
+        self._idle = None
+        if self.tunnels or self._busy or self._stopped:
+            return
+        logger.debug("burrow: no tunnel on relay %s for %.0f s; closing its session", self.settings.relay, LINK_IDLE)
+        self.stop()
+        if self.on_idle is not None:
+            self.on_idle(self)
 
     # --------------------------------------------------- SessionOwner callbacks
 
@@ -144,6 +194,7 @@ class RelayLink:
                 self.tunnels.remove(tunnel)
                 tunnel.closed_reason = f"the relay closed the tunnel ({reason})"
                 tunnel.set_state(TunnelState.CLOSED)
+        self._maybe_idle()
 
     # ----------------------------------------------------------------- reconnect
 
@@ -184,6 +235,7 @@ class RelayLink:
                     if away >= tunnel.failover_after:
                         self.tunnels.remove(tunnel)
                         self.fleet.move(tunnel, self, away)
+                self._maybe_idle()
                 if not any(t.state is TunnelState.RECONNECTING and not t.moving for t in self.tunnels):
                     break
             try:
@@ -214,6 +266,7 @@ class RelayLink:
             self.tunnels.remove(tunnel)
             tunnel.closed_reason = reason
             tunnel.set_state(TunnelState.CLOSED)
+        self._maybe_idle()
 
     async def _resume(self, session: AgentSession, tunnel: AgentTunnel) -> None:
         old_id, old_url = tunnel.id, _url(tunnel.address)

@@ -142,7 +142,20 @@ class Runtime:
         link = self.links.get(key)
         if link is None:
             link = self.links[key] = RelayLink(settings)
+            link.on_idle = self._forget
         return link
+
+    def _forget(self, link: RelayLink) -> None:
+        """An idle link is forgotten (LINK_IDLE), and its fleet with its last link."""
+        key = link.settings.key()
+        if self.links.get(key) is link:
+            del self.links[key]
+        fleet = link.fleet
+        if fleet is not None and not fleet.moving and not any(other.fleet is fleet for other in self.links.values()):
+            fleet.stop()
+            for fleet_key, known in list(self.fleets.items()):
+                if known is fleet:
+                    del self.fleets[fleet_key]
 
     def fleet_for(self, settings: AgentSettings) -> Fleet:
         """The fleet of relays these settings name (several relays, or a relays file)."""
