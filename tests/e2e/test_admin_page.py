@@ -1,16 +1,18 @@
 """The relay's admin page in headless Chromium, against a relay carrying real traffic.
 
 A raw TCP tunnel to an echo service holds one public connection that has
-moved 1,000 bytes each way. Chromium opens the page (with the admin token in
-its URL, once) through a small proxy of the test's: when the relay has
+moved 1,000 bytes each way. Chromium opens the page (with the admin token as
+the password of HTTP Basic, as its prompt would give it) through a small proxy
+of the test's: when the relay has
 rendered the page, and before Chromium gets it, the proxy moves 5,000 more
 bytes through the connection. So the page as rendered says 1,000, and only a
-refresh by the page's own script (fetching ``/api/status`` with the token as
-a Bearer header, under the page's Content-Security-Policy) can say 6,000.
+refresh by the page's own script (fetching ``/api/status``, the browser adding
+the credentials, under the page's Content-Security-Policy) can say 6,000.
 """
 
 from __future__ import annotations
 
+import base64
 import html.parser
 import os
 import shutil
@@ -64,6 +66,7 @@ class PageProxy:
         self.between: Callable[[], None] | None = between
         self.first_page = b""
         self.paths: list[str] = []
+        self.authorizations: list[str] = []  # each request's Authorization header ("" if none)
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         threading.Thread(target=self._accept, daemon=True).start()
@@ -86,11 +89,16 @@ class PageProxy:
                 head += chunk
             path = head.split(b" ", 2)[1].decode()
             self.paths.append(path)
+            fields = [line.partition(b":") for line in head.split(b"\r\n")[1:]]
+            self.authorizations.append(
+                next((value.strip().decode() for name, _, value in fields if name.lower() == b"authorization"), "")
+            )
             upstream.sendall(head)
             answer = b""
             while chunk := upstream.recv(65536):  # (the listener closes after one answer)
                 answer += chunk
-            if path.split("?")[0] == "/" and self.between is not None:
+            # (a browser asks without credentials first, and again with them after the 401)
+            if path.split("?")[0] == "/" and answer.startswith(b"HTTP/1.1 200") and self.between is not None:
                 self.first_page = answer
                 between, self.between = self.between, None
                 between()
@@ -197,7 +205,8 @@ def test_the_page_shows_live_connections_and_refreshes_them_in_place(
             address = "{}:{}".format(*client.getsockname()[:2])
             proxy = PageProxy(relay.metrics.port, lambda: _echo(client, b"b" * 5000))
             try:
-                page_url = f"http://127.0.0.1:{proxy.port}/?token={TOKEN}"
+                # the URL form of what a browser's password prompt gives: any user, the token as password
+                page_url = f"http://admin:{TOKEN}@127.0.0.1:{proxy.port}/"
                 dom = _chromium(tmp_path, page_url, "--dump-dom").decode()
                 shot = tmp_path / "admin.png"
                 _chromium(tmp_path, page_url, f"--screenshot={shot}", "--window-size={},{}".format(*WINDOW))
@@ -222,9 +231,11 @@ def test_the_page_shows_live_connections_and_refreshes_them_in_place(
         assert [text for text, _ in after[2:4]] == ["6.0 kB", "6.0 kB"]
         (tunnel_row,) = shown.tables["tunnels-body"]
         assert [text for text, _ in tunnel_row[:4]] == [tunnel.id, f"tcp:{tunnel.unencrypted_port}", "-", "1/1"]
-        # the refreshes asked for the JSON with the token as a header, never in the URL
-        assert [p for p in proxy.paths if p.startswith("/api/status")]
-        assert all("token" not in p for p in proxy.paths if p.startswith("/api/"))
+        # the refreshes asked for the JSON with the browser's credentials, never the token in a URL
+        basic = "Basic " + base64.b64encode(f"admin:{TOKEN}".encode()).decode()
+        refreshes = [a for p, a in zip(proxy.paths, proxy.authorizations, strict=True) if p.startswith("/api/status")]
+        assert refreshes and set(refreshes) == {basic}
+        assert all(TOKEN not in p for p in proxy.paths)
 
     width, height, pixels = _png(shot)
     assert (width, height) == WINDOW

@@ -8,6 +8,7 @@ the bytes it moved, and ``burrow status`` prints the same as a table.
 
 from __future__ import annotations
 
+import base64
 import json
 import socket
 import time
@@ -58,10 +59,16 @@ def _admin(relay: Relay) -> str:
     return f"http://127.0.0.1:{relay.metrics.port}"
 
 
-def _get(url: str, token: str | None = None) -> tuple[int, dict[str, str], bytes]:
+def _get(
+    url: str, token: str | None = None, basic: str | None = None, raw: str | None = None
+) -> tuple[int, dict[str, str], bytes]:
     request = urllib.request.Request(url)
     if token is not None:
         request.add_header("Authorization", f"Bearer {token}")
+    if basic is not None:
+        request.add_header("Authorization", "Basic " + base64.b64encode(basic.encode()).decode())
+    if raw is not None:
+        request.add_header("Authorization", raw)
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
             return response.status, dict(response.headers), response.read()
@@ -205,15 +212,20 @@ def test_beyond_loopback_the_admin_endpoints_want_a_token(
     relay = _start(tmp_path, "0.0.0.0", token_file)
     try:
         base = _admin(relay)
-        for path in ("/api/status", "/"):
+        for path, scheme in (("/api/status", "Bearer"), ("/", "Basic")):
             code, headers, body = _get(base + path)
-            assert code == 401 and headers["WWW-Authenticate"].startswith("Bearer"), (path, code)
+            # the page's challenge makes a browser ask for the token (as a password) once
+            assert code == 401 and headers["WWW-Authenticate"].startswith(scheme + " realm="), (path, code)
             assert body.count(b"\n") == 1 and b"token" in body
             assert _get(base + path, "wrong-" + TOKEN)[0] == 401
             assert _get(base + path, TOKEN)[0] == 200
-        # the page (only) takes the token in its URL, once: its script sends it as the header
-        assert _get(base + "/?token=" + TOKEN)[0] == 200
-        assert _get(base + "/api/status?token=" + TOKEN)[0] == 401
+            for user in ("admin", ""):  # HTTP Basic: any user name, the token as password
+                assert _get(base + path, basic=f"{user}:{TOKEN}")[0] == 200
+            for bad in (f"admin:wrong-{TOKEN}", TOKEN, f"{TOKEN}:"):
+                assert _get(base + path, basic=bad)[0] == 401
+            assert _get(base + path, raw="Basic not*base64")[0] == 401
+            # never in the URL (proxies' logs, browser history, shared links)
+            assert _get(base + path + "?token=" + TOKEN)[0] == 401
         # Prometheus and load balancers need no token
         assert _get(base + "/metrics")[0] == 200 and _get(base + "/healthz")[0] == 200
 

@@ -13,9 +13,12 @@ influence: the server escapes them, the script sets them with
 but that script.
 
 The admin endpoints (not ``/metrics`` and ``/healthz``, which Prometheus and
-load balancers need) want ``Authorization: Bearer <token>`` when the relay
-has an admin token (``--admin-token-file``); the page also takes it once as
-``?token=``. A listener beyond loopback without a token keeps them closed.
+load balancers need) want the admin token (``--admin-token-file``) when the
+relay has one: ``Authorization: Bearer <token>`` (``burrow status``, scripts)
+or HTTP Basic with the token as the password (a browser asks for it once and
+sends it with the page's refreshes; any user name). Never in the URL: a
+query string ends up in proxies' logs, browser history and shared links. A
+listener beyond loopback without a token keeps them closed.
 """
 
 from __future__ import annotations
@@ -88,7 +91,7 @@ class Gate:
         self.token = token
         self.closed = token is None and not is_loopback(host)
 
-    def refuse(self, headers: Mapping[str, str], query: Mapping[str, str], page: bool) -> tuple[str, bytes] | None:
+    def refuse(self, headers: Mapping[str, str]) -> tuple[str, bytes] | None:
         """None when the request may be answered; else its status and one-line body."""
         if self.closed:
             return FORBIDDEN, (
@@ -97,16 +100,27 @@ class Gate:
             )
         if self.token is None:
             return None
-        given = headers.get("authorization", "")
-        offered = given[len("bearer ") :].strip() if given.lower().startswith("bearer ") else ""
-        if not offered and page:
-            offered = query.get("token", "")
-        if offered and hmac.compare_digest(offered.encode(), self.token.encode()):
+        offered = _offered(headers.get("authorization", ""))
+        if offered and hmac.compare_digest(offered, self.token.encode()):
             return None
         return UNAUTHORIZED, (
             b"this relay's admin endpoints want its admin token: burrow status --token-file FILE "
-            b"(or BURROW_ADMIN_TOKEN), or open the page as /?token=TOKEN\n"
+            b"(or BURROW_ADMIN_TOKEN); a browser asks for it (any user name, the token as password)\n"
         )
+
+
+def _offered(authorization: str) -> bytes:
+    """The token an Authorization header offers (Bearer, or Basic's password); b"" if none."""
+    scheme, _, credentials = authorization.strip().partition(" ")
+    if scheme.lower() == "bearer":
+        return credentials.strip().encode()
+    if scheme.lower() == "basic":
+        try:
+            decoded = base64.b64decode(credentials.strip(), validate=True)
+        except ValueError:
+            return b""
+        return decoded.partition(b":")[2]
+    return b""
 
 
 # ------------------------------------------------------------------ the JSON
@@ -198,8 +212,6 @@ code { font-family: ui-monospace, monospace; }
 _SCRIPT = """
 "use strict";
 (() => {
-  const token = new URLSearchParams(location.search).get("token");
-  const headers = token ? { Authorization: "Bearer " + token } : {};
   const units = ["B", "kB", "MB", "GB", "TB"];
   const bytes = (n) => {
     let i = 0;
@@ -276,7 +288,10 @@ _SCRIPT = """
   };
   const refresh = async () => {
     try {
-      const response = await fetch("/api/status?connections=PAGE_CONNECTIONS", { headers, cache: "no-store" });
+      // (from location.origin: a page opened as http://user:token@host/ may not fetch a URL
+      // that carries credentials, which a relative one would; the browser adds them itself)
+      const url = location.origin + "/api/status?connections=PAGE_CONNECTIONS";
+      const response = await fetch(url, { cache: "no-store" });
       if (!response.ok) throw new Error("HTTP " + response.status);
       render(await response.json());
     } catch (error) {

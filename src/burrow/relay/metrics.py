@@ -247,11 +247,13 @@ class MetricsServer:
             return "200 OK", "text/plain", b"ok\n", ()
         if path in ("/", "/api/status"):
             page = path == "/"
-            refused = self.gate.refuse(headers, query, page)
+            refused = self.gate.refuse(headers)
             if refused is not None:
                 status, hint = refused
-                unauthorized = status == admin.UNAUTHORIZED
-                challenge = (("WWW-Authenticate", 'Bearer realm="burrow relay"'),) if unauthorized else ()
+                # a browser asks for the page's credentials (Basic) once; scripts send Bearer
+                scheme = "Basic" if page else "Bearer"
+                realm = f'{scheme} realm="burrow relay admin"' + (', charset="UTF-8"' if page else "")
+                challenge = (("WWW-Authenticate", realm),) if status == admin.UNAUTHORIZED else ()
                 return status, "text/plain; charset=utf-8", hint, challenge
             if page:
                 return "200 OK", "text/html; charset=utf-8", admin.page(self.relay), admin.SECURITY_HEADERS
