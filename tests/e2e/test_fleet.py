@@ -38,6 +38,14 @@ class LatencyProxy:
     server: asyncio.Server
     port: int
     tasks: set[asyncio.Task[None]]
+    switch: dict[str, bool]
+
+    async def blackhole(self) -> None:
+        """From now on connections are taken and never answered (a relay whose packets are
+        dropped), and the open ones end (as their heartbeats would find, later)."""
+        self.switch["blackholed"] = True
+        for task in list(self.tasks):
+            task.cancel()
 
     async def close(self) -> None:
         self.server.close()
@@ -74,8 +82,16 @@ async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, dela
 
 def start_proxy(services: ServiceThread, target: int, rtt_added: float) -> LatencyProxy:
     tasks: set[asyncio.Task[None]] = set()
+    switch = {"blackholed": False}
 
     async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if switch["blackholed"]:
+            try:
+                while await reader.read(65536):
+                    pass
+            finally:
+                writer.close()
+            return
         try:
             up_reader, up_writer = await asyncio.open_connection("127.0.0.1", target)
         except OSError:
@@ -94,7 +110,7 @@ def start_proxy(services: ServiceThread, target: int, rtt_added: float) -> Laten
 
     async def start() -> LatencyProxy:
         server = await asyncio.start_server(handle, "127.0.0.1", 0)
-        return LatencyProxy(server, server.sockets[0].getsockname()[1], tasks)
+        return LatencyProxy(server, server.sockets[0].getsockname()[1], tasks, switch)
 
     return services.run(start())
 
@@ -330,3 +346,28 @@ def test_closing_a_tunnel_while_no_relay_takes_it_ends_its_move(
     lab.relays["r2"] = restart_relay("r2", r2_port)
     time.sleep(1.0)
     assert lab.relays["r2"].control is not None and len(lab.relays["r2"].control.registry) == 0
+
+
+def test_a_blackholed_relay_is_left_after_failover_after_not_after_a_connect_timeout(
+    lab: Lab, echo: EchoServer, service_loop: ServiceThread, ca_file: Path
+) -> None:
+    # r1 behind a proxy that adds nothing, until it takes connections and never answers: each
+    # attempt to reconnect would wait CONNECT_TIMEOUT (10 s) for a TLS handshake
+    hole = start_proxy(service_loop, lab.relays["r1"].port, 0.0)
+    try:
+        fleet = f"{lab.addresses['r2']},r1.localhost:{hole.port}"
+        forward = burrow.forward(echo.port, relay=fleet, failover_after=1)
+        try:
+            first = forward.open()
+            assert first.relay == f"r1.localhost:{hole.port}"
+            service_loop.run(hole.blackhole())
+            started = time.monotonic()
+            while forward.state is not TunnelState.OPEN or forward.tunnel.relay != lab.addresses["r2"]:
+                took = time.monotonic() - started
+                assert took < 5, f"the tunnel did not move in {took:.1f} s: {forward.state}"
+                time.sleep(0.05)
+            assert echo_once(forward.tunnel, ca_file, b"moved on time") == b"moved on time"
+        finally:
+            forward.close()
+    finally:
+        service_loop.run(hole.close())

@@ -239,7 +239,18 @@ class RelayLink:
                 if not any(t.state is TunnelState.RECONNECTING and not t.moving for t in self.tunnels):
                     break
             try:
-                session = await self.current_session()
+                left = self._until_failover(lost_at)
+                if left is None:
+                    session = await self.current_session()
+                else:
+                    # a relay that takes the connection and never answers (blackholed) would hold this
+                    # attempt for CONNECT_TIMEOUT: past failover_after, the tunnels move on meanwhile
+                    attempt_task = loop.create_task(self.current_session())
+                    attempt_task.add_done_callback(_retrieved)
+                    await asyncio.wait({attempt_task}, timeout=left)
+                    if not attempt_task.done():
+                        continue  # (still connecting: the next look finds it under way, not a second one)
+                    session = attempt_task.result()
                 for tunnel in list(self.tunnels):
                     if tunnel.state is TunnelState.RECONNECTING and not tunnel.moving:  # (a fleet's move resumes it)
                         await self._resume(session, tunnel)
@@ -257,6 +268,15 @@ class RelayLink:
         # the loop also ends when the owners closed every reconnecting tunnel: no reconnect then
         if not self._stopped and any(t.state is TunnelState.OPEN for t in self.tunnels):
             logger.warning("burrow: reconnected to relay %s after %d attempt(s)", self.settings.relay, attempt)
+
+    def _until_failover(self, lost_at: float) -> float | None:
+        """Seconds until the first waiting tunnel of a fleet moves (None: not a fleet, none waits)."""
+        if self.fleet is None:
+            return None
+        waits = [t.failover_after for t in self.tunnels if t.state is TunnelState.RECONNECTING and not t.moving]
+        if not waits:
+            return None
+        return max(0.0, lost_at + min(waits) - asyncio.get_running_loop().time())
 
     def _give_up(self, reason: str) -> None:
         """Close the tunnels waiting for this relay, saying why once."""
@@ -286,6 +306,12 @@ class RelayLink:
         if _url(address) != old_url:
             logger.warning("burrow: tunnel %s is now %s", old_id, _url(address))
         tunnel.set_state(TunnelState.OPEN)
+
+
+def _retrieved(task: asyncio.Task[AgentSession]) -> None:
+    """A connection attempt nobody waited for to the end: its error was seen (or will be) elsewhere."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _url(address: TunnelAddress | None) -> str:
