@@ -74,6 +74,8 @@ test: system-deps lint
 	$(BIN)/pytest
 	# the pure-Python data plane, while it remains selectable: the tests that drive a relay
 	BURROW_ENGINE=asyncio $(BIN)/pytest -q -m "not slow" tests/e2e tests/faults tests/relay
+	# the pure-Python agent, while it remains selectable: every test that drives an agent
+	BURROW_AGENT_ENGINE=asyncio $(BIN)/pytest -q -m "not slow" tests/e2e tests/faults tests/agent
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis native/target src/burrow/_native*.so

@@ -11,6 +11,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod agent;
 pub mod frames;
 pub mod relay;
 pub mod sni;

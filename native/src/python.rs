@@ -8,6 +8,7 @@ use pyo3::exceptions::{PyOSError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
+use crate::agent::{Agent, LinkConfig, Target};
 use crate::frames::{self, OwnedFrame};
 use std::sync::Arc;
 
@@ -153,8 +154,201 @@ fn addresses(hosts: Vec<String>) -> PyResult<Vec<IpAddr>> {
 }
 
 /// An event for Python: `("hello", session, peer, payload)`, `("request", session, type,
-/// payload)`, `("closed", session)` or `("log", kind, level, message)`.
+/// payload)`, `("closed", session)`, `("connected", link, alpn)`, `("failed", link, kind,
+/// message)` or `("log", kind, level, message)`.
 type PyEvent = (&'static str, Py<PyAny>, Py<PyAny>, Py<PyAny>);
+
+/// Events as Python takes them (see [`PyEvent`]).
+fn to_py_events(py: Python<'_>, events: Vec<Event>) -> PyResult<Vec<PyEvent>> {
+    let none = || py.None();
+    events
+        .into_iter()
+        .map(|event| {
+            Ok(match event {
+                Event::Hello {
+                    session,
+                    peer,
+                    payload,
+                } => (
+                    "hello",
+                    session.into_pyobject(py)?.into_any().unbind(),
+                    peer.into_pyobject(py)?.into_any().unbind(),
+                    PyBytes::new(py, &payload).into_any().unbind(),
+                ),
+                Event::Request {
+                    session,
+                    kind,
+                    payload,
+                } => (
+                    "request",
+                    session.into_pyobject(py)?.into_any().unbind(),
+                    kind.into_pyobject(py)?.into_any().unbind(),
+                    PyBytes::new(py, &payload).into_any().unbind(),
+                ),
+                Event::SessionClosed { session } => (
+                    "closed",
+                    session.into_pyobject(py)?.into_any().unbind(),
+                    none(),
+                    none(),
+                ),
+                Event::Connected { session, alpn } => (
+                    "connected",
+                    session.into_pyobject(py)?.into_any().unbind(),
+                    match alpn {
+                        Some(alpn) => PyBytes::new(py, &alpn).into_any().unbind(),
+                        None => none(),
+                    },
+                    none(),
+                ),
+                Event::Failed {
+                    session,
+                    kind,
+                    message,
+                } => (
+                    "failed",
+                    session.into_pyobject(py)?.into_any().unbind(),
+                    kind.into_pyobject(py)?.into_any().unbind(),
+                    message.into_pyobject(py)?.into_any().unbind(),
+                ),
+                Event::Log {
+                    kind,
+                    level,
+                    message,
+                } => (
+                    "log",
+                    kind.into_pyobject(py)?.into_any().unbind(),
+                    level.into_pyobject(py)?.into_any().unbind(),
+                    message.into_pyobject(py)?.into_any().unbind(),
+                ),
+            })
+        })
+        .collect()
+}
+
+/// The agent's data plane (see `burrow/agent/native_session.py`, which drives it).
+#[pyclass(module = "burrow._native")]
+struct AgentEngine {
+    agent: Agent,
+}
+
+#[pymethods]
+impl AgentEngine {
+    #[new]
+    fn new(threads: usize) -> PyResult<Self> {
+        Ok(Self {
+            agent: Agent::new(threads).map_err(PyValueError::new_err)?,
+        })
+    }
+
+    fn take_watched_fd(&mut self) -> Option<i32> {
+        self.agent
+            .take_watched()
+            .map(std::os::fd::IntoRawFd::into_raw_fd)
+    }
+
+    fn take_events(&self, py: Python<'_>) -> PyResult<Vec<PyEvent>> {
+        to_py_events(py, self.agent.take_events())
+    }
+
+    /// Dial a relay; `("connected", id, alpn)` or `("failed", id, kind, message)` follows.
+    #[pyo3(signature = (link_id, hosts, port, server_name, roots, alpn, timeout, window, max_frame, heartbeat_timeout))]
+    #[allow(clippy::too_many_arguments)]
+    fn connect(
+        &self,
+        link_id: String,
+        hosts: Vec<String>,
+        port: u16,
+        server_name: String,
+        roots: &[u8],
+        alpn: Vec<Vec<u8>>,
+        timeout: f64,
+        window: u32,
+        max_frame: u32,
+        heartbeat_timeout: f64,
+    ) -> PyResult<()> {
+        let seconds = |s: f64| {
+            Duration::try_from_secs_f64(s).map_err(|e| PyValueError::new_err(e.to_string()))
+        };
+        let config = LinkConfig {
+            window,
+            max_frame: check_max_payload(max_frame)?,
+            heartbeat_timeout: seconds(heartbeat_timeout)?,
+        };
+        self.agent
+            .connect(
+                link_id,
+                hosts,
+                port,
+                server_name,
+                roots,
+                alpn,
+                seconds(timeout)?,
+                config,
+            )
+            .map_err(PyValueError::new_err)
+    }
+
+    fn send_control(&self, link_id: &str, frame: &[u8]) -> bool {
+        self.agent.send_control(link_id, frame)
+    }
+
+    fn welcomed(&self, link_id: &str, peer_window: u32, send_payload: u32) {
+        self.agent.welcomed(link_id, peer_window, send_payload);
+    }
+
+    /// Streams of `tunnel_id` on the link go to a TCP port (`port` on the first of `hosts`
+    /// that accepts) or, with `path`, a unix socket; counted under `key`.
+    #[pyo3(signature = (link_id, tunnel_id, key, connect_timeout, hosts, port, path=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn add_tunnel(
+        &self,
+        link_id: &str,
+        tunnel_id: &str,
+        key: u64,
+        connect_timeout: f64,
+        hosts: Vec<String>,
+        port: u16,
+        path: Option<std::path::PathBuf>,
+    ) -> PyResult<()> {
+        let timeout = Duration::try_from_secs_f64(connect_timeout)
+            .map_err(|e| PyValueError::new_err(e.to_string()))?;
+        let target = match path {
+            Some(path) => Target::Unix(path),
+            None => Target::Tcp { hosts, port },
+        };
+        self.agent
+            .add_tunnel(link_id, tunnel_id, key, target, timeout);
+        Ok(())
+    }
+
+    fn remove_tunnel(&self, link_id: &str, tunnel_id: &str) {
+        self.agent.remove_tunnel(link_id, tunnel_id);
+    }
+
+    fn counters(&self, key: u64) -> (i64, u64, u64, u64) {
+        self.agent.counters(key)
+    }
+
+    fn forget_counters(&self, key: u64) {
+        self.agent.forget_counters(key);
+    }
+
+    fn close(&self, link_id: &str, goaway: &[u8]) {
+        self.agent.close(link_id, goaway);
+    }
+
+    fn unsent(&self, link_id: &str) -> usize {
+        self.agent.unsent(link_id)
+    }
+
+    fn link_ids(&self) -> Vec<String> {
+        self.agent.link_ids()
+    }
+
+    fn open_streams(&self) -> usize {
+        self.agent.open_streams()
+    }
+}
 
 /// The most connections one listing of a tunnel holds (its true count comes with it).
 const MAX_LISTED_CONNECTIONS: usize = 1000;
@@ -239,51 +433,7 @@ impl RelayEngine {
     }
 
     fn take_events(&self, py: Python<'_>) -> PyResult<Vec<PyEvent>> {
-        let none = || py.None();
-        self.engine
-            .take_events()
-            .into_iter()
-            .map(|event| {
-                Ok(match event {
-                    Event::Hello {
-                        session,
-                        peer,
-                        payload,
-                    } => (
-                        "hello",
-                        session.into_pyobject(py)?.into_any().unbind(),
-                        peer.into_pyobject(py)?.into_any().unbind(),
-                        PyBytes::new(py, &payload).into_any().unbind(),
-                    ),
-                    Event::Request {
-                        session,
-                        kind,
-                        payload,
-                    } => (
-                        "request",
-                        session.into_pyobject(py)?.into_any().unbind(),
-                        kind.into_pyobject(py)?.into_any().unbind(),
-                        PyBytes::new(py, &payload).into_any().unbind(),
-                    ),
-                    Event::SessionClosed { session } => (
-                        "closed",
-                        session.into_pyobject(py)?.into_any().unbind(),
-                        none(),
-                        none(),
-                    ),
-                    Event::Log {
-                        kind,
-                        level,
-                        message,
-                    } => (
-                        "log",
-                        kind.into_pyobject(py)?.into_any().unbind(),
-                        level.into_pyobject(py)?.into_any().unbind(),
-                        message.into_pyobject(py)?.into_any().unbind(),
-                    ),
-                })
-            })
-            .collect()
+        to_py_events(py, self.engine.take_events())
     }
 
     /// Listen for TLS on `host:port`; returns the port bound. OSError as `socket.bind` raises.
@@ -454,6 +604,7 @@ impl RelayEngine {
 fn _native(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_class::<FrameDecoder>()?;
     module.add_class::<RelayEngine>()?;
+    module.add_class::<AgentEngine>()?;
     module.add_function(wrap_pyfunction!(encode, module)?)?;
     module.add_function(wrap_pyfunction!(peek_client_hello, module)?)?;
     module.add("HEADER_SIZE", frames::HEADER_SIZE)?;

@@ -152,8 +152,13 @@ def test_connection_while_nothing_listens_closes_and_tunnel_stays(
         with caplog.at_level(logging.WARNING, logger="burrow"):
             with tls_connect(tunnel, ca_file) as sock:
                 assert recv_all(sock) == b""  # closed cleanly (close_notify), nothing invented
-        # whoever runs the agent learns why (once a second per port, not once per connection)
-        assert f"nothing accepts on local port {port} (connection refused)" in caplog.text
+            # whoever runs the agent learns why (once a second per port, not once per connection;
+            # from the native engine the line comes through its events, a moment later)
+            said = f"nothing accepts on local port {port} (connection refused)"
+            deadline = time.monotonic() + 2
+            while said not in caplog.text and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert said in caplog.text
         listener = socket.create_server(("127.0.0.1", port))
 
         def serve_one() -> None:

@@ -45,6 +45,17 @@ pub enum Event {
     },
     /// The session is gone; its streams were reset.
     SessionClosed { session: String },
+    /// (the agent's engine) a link to a relay is up: TLS done, the ALPN protocol agreed
+    Connected {
+        session: String,
+        alpn: Option<Vec<u8>>,
+    },
+    /// (the agent's engine) a link to a relay could not be made: what failed, in one line
+    Failed {
+        session: String,
+        kind: &'static str,
+        message: String,
+    },
     /// A log line; `kind` names a rate-limited family of refusals, or is empty.
     Log {
         kind: &'static str,
@@ -89,7 +100,7 @@ impl Events {
             match event {
                 Event::Log { .. } => queue.logs += 1,
                 Event::Hello { .. } | Event::Request { .. } => queue.requests += 1,
-                Event::SessionClosed { .. } => {}
+                Event::SessionClosed { .. } | Event::Connected { .. } | Event::Failed { .. } => {}
             }
             queue.events.push_back(event);
             queue.events.len() == 1

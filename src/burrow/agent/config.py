@@ -178,6 +178,29 @@ class AgentSettings:
             where = f"BURROW_CA {self.ca}" if self.ca is not None else f"the dev CA {dev_ca}"
             raise ConfigurationError(f"cannot load {where} ({reason}); it must hold PEM certificates") from None
 
+    def trust_pem(self) -> bytes:
+        """The PEM certificates :meth:`ssl_context` trusts, for the native engine (rustls)."""
+        assert self.relay is not None
+        dev_ca = dev_ca_path()
+        loopback_dev = is_loopback(self.relay.host) and dev_ca.exists()
+        files = [dev_ca] if loopback_dev else _system_bundle()
+        if self.ca is not None:
+            files.append(self.ca)
+        try:
+            return b"\n".join(path.read_bytes() for path in files)
+        except OSError as exc:
+            where = f"BURROW_CA {self.ca}" if self.ca is not None else f"the CA bundle {files[0]}"
+            raise ConfigurationError(f"cannot load {where} ({(exc.strerror or str(exc)).lower()})") from None
+
+
+def _system_bundle() -> list[Path]:
+    """The system's CA bundle file, as OpenSSL would find it (none if there is only a directory)."""
+    paths = ssl.get_default_verify_paths()
+    for name in (paths.cafile, paths.openssl_cafile):
+        if name and os.path.isfile(name):
+            return [Path(name)]
+    return []
+
 
 class ClientContext(ssl.SSLContext):
     """A client context that hands an ASCII ``server_hostname`` to OpenSSL as bytes.

@@ -72,7 +72,7 @@ class RelayLink:
         if self._connecting is None:
             self._connecting = asyncio.get_running_loop().create_future()
             try:
-                session: AgentSession = await RelayConnection.connect(self.settings, self)
+                session: AgentSession = await connect_session(self.settings, self)
             except BaseException as exc:
                 self._connecting.set_exception(exc)
                 self._connecting.exception()
@@ -99,7 +99,7 @@ class RelayLink:
             await session.unbind(address.id)
             return
         tunnel.address, tunnel.link = address, self
-        session.tunnels[tunnel.id] = tunnel
+        session.adopt(tunnel)
         self.tunnels.append(tunnel)
         tunnel.set_state(TunnelState.OPEN)
 
@@ -302,10 +302,19 @@ class RelayLink:
             await session.unbind(address.id)
             return
         tunnel.address = address
-        session.tunnels[tunnel.id] = tunnel
+        session.adopt(tunnel)
         if _url(address) != old_url:
             logger.warning("burrow: tunnel %s is now %s", old_id, _url(address))
         tunnel.set_state(TunnelState.OPEN)
+
+
+async def connect_session(settings: AgentSettings, owner: RelayLink) -> AgentSession:
+    """A session to the relay on this process's engine (``BURROW_AGENT_ENGINE``)."""
+    from .native_session import NativeRelayConnection, native_enabled
+
+    if native_enabled():
+        return await NativeRelayConnection.connect(settings, owner)
+    return await RelayConnection.connect(settings, owner)
 
 
 def _retrieved(task: asyncio.Task[AgentSession]) -> None:

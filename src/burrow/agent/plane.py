@@ -36,6 +36,9 @@ class AgentSession(Protocol):
     ) -> TunnelAddress:
         """Open a tunnel to local ``port`` (resuming one with ``ticket``); TunnelRefused if refused."""
 
+    def adopt(self, tunnel: AgentTunnel) -> None:
+        """Serve the (bound) tunnel's streams on this session."""
+
     async def unbind(self, tunnel_id: str) -> None:
         """Close a tunnel at the relay and wait (boundedly) for it to confirm."""
 

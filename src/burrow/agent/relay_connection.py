@@ -192,15 +192,20 @@ class LocalEndpoint(StreamEndpoint):
             self.abort(ErrorCode.REFUSED, f"{target} refused the connection")
 
 
-class RelayConnection(SessionConnection):
-    """One authenticated session to a relay, carrying every tunnel of this process there."""
+class AgentControl:
+    """The session's conversation with its relay, whichever engine moves the bytes.
 
-    def __init__(self, settings: AgentSettings, owner: SessionOwner | None = None) -> None:
-        super().__init__(
-            SessionProtocol(Role.AGENT, window=settings.window),
-            name=str(settings.relay),
-            heartbeat_timeout=settings.heartbeat_timeout,
-        )
+    HELLO, BIND and UNBIND go out through ``proto`` (the protocol's reference
+    model; the native engine feeds it only control frames) and :meth:`flush`;
+    WELCOME, BOUND, BIND_FAILED, UNBOUND and GOAWAY come back as events to
+    :meth:`handle_event`. :class:`RelayConnection` (asyncio) and
+    :class:`~burrow.agent.native_session.NativeRelayConnection` share it.
+    """
+
+    proto: SessionProtocol
+    name: str
+
+    def _init_control(self, settings: AgentSettings, owner: SessionOwner | None) -> None:
         self.settings = settings
         self.owner = owner
         self.tunnels: dict[str, AgentTunnel] = {}
@@ -210,68 +215,25 @@ class RelayConnection(SessionConnection):
         self._ids = itertools.count(1)
         self.close_reason = ""
 
-    @classmethod
-    async def connect(cls, settings: AgentSettings, owner: SessionOwner | None = None) -> RelayConnection:
-        """Open the TLS connection, say HELLO, wait for WELCOME; errors name the cause."""
-        address = settings.relay
-        assert address is not None
-        loop = asyncio.get_running_loop()
-        context = settings.ssl_context()
-        hosts = dial_hosts(address)
-        try:
-            async with asyncio.timeout(CONNECT_TIMEOUT):
-                for index, dial in enumerate(hosts):
-                    try:
-                        _, session = await loop.create_connection(
-                            lambda: cls(settings, owner), dial, address.port, ssl=context, server_hostname=address.host
-                        )
-                        break
-                    except ConnectionRefusedError:
-                        if index == len(hosts) - 1:
-                            raise
-                session.proto.hello(settings.token, AGENT_NAME)
-                session.flush()
-                sslobj = session.transport.get_extra_info("ssl_object") if session.transport else None
-                if sslobj is not None and sslobj.selected_alpn_protocol() == EARLY_ALPN:
-                    # the relay takes requests right behind HELLO: the first BIND saves a
-                    # round trip, and its answer (or the token's refusal) comes after WELCOME
-                    session.proto.early_requests = True
-                else:
-                    await session.welcome
-        except ssl.SSLCertVerificationError as exc:
-            raise RelayUnavailable(
-                f"cannot trust relay {address} ({exc.verify_message}); set BURROW_CA to its CA certificate"
-            ) from None
-        except ssl.SSLError as exc:
-            if exc.reason in NOT_TLS:
-                raise RelayUnavailable(
-                    f"relay {address} answered in another protocol than TLS ({exc.reason}); check that "
-                    f"{address.setting} names the relay's TLS port, not another service's"
-                ) from None
-            raise RelayUnavailable(
-                f"relay {address} refused the TLS handshake ({exc.reason}); check that {address.setting} names "
-                "the relay's domain"
-            ) from None
-        except socket.gaierror as exc:
-            raise RelayUnavailable(
-                f"cannot resolve relay {address} ({exc.strerror}); check {address.setting}", transient=True
-            ) from None
-        except TimeoutError:
-            raise RelayUnavailable(
-                f"relay {address} did not answer within {CONNECT_TIMEOUT:.0f} s", transient=True
-            ) from None
-        except OSError as exc:
-            reason = (exc.strerror or str(exc)).lower()
-            if not reason:  # a bare ConnectionResetError: the relay hung up inside the TLS handshake
-                raise RelayUnavailable(
-                    f"relay {address} closed the connection during the TLS handshake; check that {address.setting} "
-                    "names the relay's domain and TLS port (a relay hangs up on names it does not serve)"
-                ) from None
-            raise RelayUnavailable(
-                f"cannot reach relay {address} ({reason}); check {address.setting}", transient=True
-            ) from None
-        logger.debug("session to relay %s: HELLO sent%s", address, "" if session.welcome.done() else " (early)")
-        return session
+    if TYPE_CHECKING:  # (each engine's class has these)
+
+        def flush(self) -> None:
+            """Send what ``proto`` has queued."""
+
+        def close(self, code: ErrorCode = ErrorCode.NO_ERROR, reason: str = "") -> None:
+            """End the session now (GOAWAY, then close the link)."""
+
+    def _hang_up(self) -> None:
+        """Close the link: the session is over on our side."""
+        raise NotImplementedError
+
+    def adopt(self, tunnel: AgentTunnel) -> None:
+        """Serve the (bound) tunnel's streams on this session."""
+        self.tunnels[tunnel.id] = tunnel
+
+    def _on_stream(self, event: ev.StreamOpened) -> None:
+        """A stream the relay opened (the asyncio engine's; the native one keeps its streams)."""
+        raise NotImplementedError
 
     @property
     def usable(self) -> bool:
@@ -374,8 +336,7 @@ class RelayConnection(SessionConnection):
             self.welcome.set_exception(error)
             self.welcome.exception()  # early requests report it; nobody else must be warned
         if self.proto.state is SessionState.CLOSED:
-            if self.transport is not None:
-                self.transport.close()
+            self._hang_up()
         elif self.owner is not None:  # graceful: open streams finish here, new tunnels go elsewhere
             logger.info("relay %s is going away (%s); moving on", self.name, self.close_reason)
             self.owner.session_draining(self)
@@ -389,16 +350,8 @@ class RelayConnection(SessionConnection):
         elif address is not None:
             future.set_result(address)
 
-    def _on_stream(self, event: ev.StreamOpened) -> None:
-        tunnel = self.tunnels.get(event.tunnel_id)
-        if tunnel is None or tunnel.closed:
-            self.proto.send_rst(event.stream_id, ErrorCode.TUNNEL_CLOSED, "no such tunnel here")
-            return
-        endpoint = LocalEndpoint(self, event.stream_id, tunnel)
-        dial = endpoint.connect(tunnel.target, tunnel.connect_timeout)
-        endpoint.dial = asyncio.get_running_loop().create_task(dial)
-
-    def session_closed(self, exc: Exception | None) -> None:
+    def _ended(self) -> None:
+        """The link is gone: fail whoever waits, and tell the owner."""
         reason = self.close_reason or "link lost"
         error = SessionClosed(f"session to relay {self.name} ended ({reason})")
         if not self.welcome.done():
@@ -411,3 +364,94 @@ class RelayConnection(SessionConnection):
                 future.exception()
         if self.owner is not None:
             self.owner.session_lost(self)
+
+
+class RelayConnection(AgentControl, SessionConnection):
+    """One authenticated session to a relay, carrying every tunnel of this process there."""
+
+    def __init__(self, settings: AgentSettings, owner: SessionOwner | None = None) -> None:
+        super().__init__(
+            SessionProtocol(Role.AGENT, window=settings.window),
+            name=str(settings.relay),
+            heartbeat_timeout=settings.heartbeat_timeout,
+        )
+        self._init_control(settings, owner)
+
+    @classmethod
+    async def connect(cls, settings: AgentSettings, owner: SessionOwner | None = None) -> RelayConnection:
+        """Open the TLS connection, say HELLO, wait for WELCOME; errors name the cause."""
+        address = settings.relay
+        assert address is not None
+        loop = asyncio.get_running_loop()
+        context = settings.ssl_context()
+        hosts = dial_hosts(address)
+        try:
+            async with asyncio.timeout(CONNECT_TIMEOUT):
+                for index, dial in enumerate(hosts):
+                    try:
+                        _, session = await loop.create_connection(
+                            lambda: cls(settings, owner), dial, address.port, ssl=context, server_hostname=address.host
+                        )
+                        break
+                    except ConnectionRefusedError:
+                        if index == len(hosts) - 1:
+                            raise
+                session.proto.hello(settings.token, AGENT_NAME)
+                session.flush()
+                sslobj = session.transport.get_extra_info("ssl_object") if session.transport else None
+                if sslobj is not None and sslobj.selected_alpn_protocol() == EARLY_ALPN:
+                    # the relay takes requests right behind HELLO: the first BIND saves a
+                    # round trip, and its answer (or the token's refusal) comes after WELCOME
+                    session.proto.early_requests = True
+                else:
+                    await session.welcome
+        except ssl.SSLCertVerificationError as exc:
+            raise RelayUnavailable(
+                f"cannot trust relay {address} ({exc.verify_message}); set BURROW_CA to its CA certificate"
+            ) from None
+        except ssl.SSLError as exc:
+            if exc.reason in NOT_TLS:
+                raise RelayUnavailable(
+                    f"relay {address} answered in another protocol than TLS ({exc.reason}); check that "
+                    f"{address.setting} names the relay's TLS port, not another service's"
+                ) from None
+            raise RelayUnavailable(
+                f"relay {address} refused the TLS handshake ({exc.reason}); check that {address.setting} names "
+                "the relay's domain"
+            ) from None
+        except socket.gaierror as exc:
+            raise RelayUnavailable(
+                f"cannot resolve relay {address} ({exc.strerror}); check {address.setting}", transient=True
+            ) from None
+        except TimeoutError:
+            raise RelayUnavailable(
+                f"relay {address} did not answer within {CONNECT_TIMEOUT:.0f} s", transient=True
+            ) from None
+        except OSError as exc:
+            reason = (exc.strerror or str(exc)).lower()
+            if not reason:  # a bare ConnectionResetError: the relay hung up inside the TLS handshake
+                raise RelayUnavailable(
+                    f"relay {address} closed the connection during the TLS handshake; check that {address.setting} "
+                    "names the relay's domain and TLS port (a relay hangs up on names it does not serve)"
+                ) from None
+            raise RelayUnavailable(
+                f"cannot reach relay {address} ({reason}); check {address.setting}", transient=True
+            ) from None
+        logger.debug("session to relay %s: HELLO sent%s", address, "" if session.welcome.done() else " (early)")
+        return session
+
+    def _on_stream(self, event: ev.StreamOpened) -> None:
+        tunnel = self.tunnels.get(event.tunnel_id)
+        if tunnel is None or tunnel.closed:
+            self.proto.send_rst(event.stream_id, ErrorCode.TUNNEL_CLOSED, "no such tunnel here")
+            return
+        endpoint = LocalEndpoint(self, event.stream_id, tunnel)
+        dial = endpoint.connect(tunnel.target, tunnel.connect_timeout)
+        endpoint.dial = asyncio.get_running_loop().create_task(dial)
+
+    def session_closed(self, exc: Exception | None) -> None:
+        self._ended()
+
+    def _hang_up(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
