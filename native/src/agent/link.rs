@@ -3,7 +3,7 @@
 //! relay's session (`relay/session.rs`) with the roles swapped and no budgets to lend.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -105,6 +105,8 @@ pub struct Link {
     room: Notify,
     killed: Notify,
     welcomed: Notify,
+    /// Python's first frame (HELLO) went out: no PING before it (a relay refuses one).
+    hello_sent: AtomicBool,
     heard: AtomicU64,
     born: Instant,
 }
@@ -147,6 +149,7 @@ impl Link {
             room: Notify::new(),
             killed: Notify::new(),
             welcomed: Notify::new(),
+            hello_sent: AtomicBool::new(false),
             heard: AtomicU64::new(0),
             born: Instant::now(),
         })
@@ -160,17 +163,24 @@ impl Link {
         let (reader, writer) = tokio::io::split(tls);
         let writing = self.clone().write_loop(writer);
         tokio::pin!(writing);
+        let mut written = false;
         let end = tokio::select! {
             end = self.clone().read_loop(reader) => end,
-            result = &mut writing => match result {
-                Ok(()) => End::Eof,
-                Err(error) => End::Failed(error.to_string()),
-            },
+            result = &mut writing => {
+                written = true;
+                match result {
+                    Ok(()) => End::Eof,
+                    Err(error) => End::Failed(error.to_string()),
+                }
+            }
             end = self.timers() => end,
             _ = self.killed.notified() => End::Killed,
         };
         self.end(end);
-        let _ = tokio::time::timeout(FLUSH_ON_CLOSE, writing).await;
+        if !written {
+            // (a finished writer is not polled again)
+            let _ = tokio::time::timeout(FLUSH_ON_CLOSE, writing).await;
+        }
     }
 
     // ------------------------------------------------------------ the writer
@@ -261,7 +271,9 @@ impl Link {
         if lock(&self.inner).state == State::Closed {
             return false;
         }
-        self.queue(|out| out.extend_from_slice(bytes))
+        let queued = self.queue(|out| out.extend_from_slice(bytes));
+        self.hello_sent.store(true, Ordering::Release);
+        queued
     }
 
     // ------------------------------------------------------------ the reader
@@ -541,8 +553,10 @@ impl Link {
                 });
                 return End::Timeout;
             }
-            let opaque = self.born.elapsed().as_nanos() as u64;
-            self.queue(|out| frame(FrameType::Ping, 0, &opaque.to_be_bytes(), out));
+            if self.hello_sent.load(Ordering::Acquire) {
+                let opaque = self.born.elapsed().as_nanos() as u64;
+                self.queue(|out| frame(FrameType::Ping, 0, &opaque.to_be_bytes(), out));
+            }
         }
     }
 

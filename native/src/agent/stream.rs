@@ -48,6 +48,9 @@ pub struct Stream {
     recv_credit: AtomicI64,
     remote_fin: AtomicBool,
     reset: AtomicBool,
+    /// Wakes everyone waiting on the stream when it is reset (its own: `credit_changed`
+    /// wakes one waiter, and several wait for a reset at once).
+    was_reset: Notify,
     inbox: Mutex<VecDeque<Message>>,
     arrived: Notify,
     counters: Arc<Counters>,
@@ -62,6 +65,7 @@ impl Stream {
             recv_credit: AtomicI64::new(window),
             remote_fin: AtomicBool::new(false),
             reset: AtomicBool::new(false),
+            was_reset: Notify::new(),
             inbox: Mutex::new(VecDeque::new()),
             arrived: Notify::new(),
             counters,
@@ -101,14 +105,14 @@ impl Stream {
             let notified = self.credit_changed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
+            if self.reset.load(Ordering::Acquire) {
+                return 0; // (credit left or not: a reset stream sends nothing more)
+            }
             {
                 let credit = *lock(&self.credit);
                 if credit > 0 {
                     return credit as usize;
                 }
-            }
-            if self.reset.load(Ordering::Acquire) {
-                return 0;
             }
             notified.await;
         }
@@ -135,6 +139,7 @@ impl Stream {
         self.reset.store(true, Ordering::Release);
         self.deliver(Message::Reset(code));
         self.credit_changed.notify_one();
+        self.was_reset.notify_waiters();
     }
 
     pub fn deliver(&self, message: Message) {
@@ -211,13 +216,7 @@ async fn dial(link: &Link, stream: &Stream, tunnel: &Tunnel) -> Option<Local> {
             break;
         }
         let pause = delay.min(deadline - now);
-        // (a reset wakes the wait: the inbox's notify; data arriving only re-checks)
-        let _ = tokio::time::timeout(pause, async {
-            while !stream.is_reset() {
-                stream.credit_changed.notified().await;
-            }
-        })
-        .await;
+        let _ = tokio::time::timeout(pause, reset(stream)).await; // (a reset ends the wait)
         delay = (delay * 2).min(DIAL_RETRY_CAP);
     }
     if stream.is_reset() {
@@ -256,13 +255,14 @@ trait LocalIo {
     type Read: Readable;
     type Write: AsyncWrite + Unpin;
     fn halves(self) -> (Self::Read, Self::Write);
+    /// Cut the connection with a reset (TCP; a unix socket just closes), never a FIN first:
+    /// the halves are put back together, so the write half's drop does not shut it down.
+    fn abort(read: Self::Read, write: Self::Write);
 }
 
 trait Readable {
     async fn readable(&self) -> std::io::Result<()>;
     fn try_read_buf<B: BufMut>(&self, buf: &mut B) -> std::io::Result<usize>;
-    /// Cut the connection with a reset when it drops (TCP; a unix socket just closes).
-    fn abort(&self) {}
 }
 
 impl LocalIo for TcpStream {
@@ -270,6 +270,11 @@ impl LocalIo for TcpStream {
     type Write = tokio::net::tcp::OwnedWriteHalf;
     fn halves(self) -> (Self::Read, Self::Write) {
         self.into_split()
+    }
+    fn abort(read: Self::Read, write: Self::Write) {
+        if let Ok(tcp) = read.reunite(write) {
+            let _ = tcp.set_zero_linger();
+        }
     }
 }
 
@@ -280,9 +285,6 @@ impl Readable for tokio::net::tcp::OwnedReadHalf {
     fn try_read_buf<B: BufMut>(&self, buf: &mut B) -> std::io::Result<usize> {
         tokio::net::tcp::OwnedReadHalf::try_read_buf(self, buf)
     }
-    fn abort(&self) {
-        let _ = self.as_ref().set_zero_linger();
-    }
 }
 
 impl LocalIo for UnixStream {
@@ -290,6 +292,9 @@ impl LocalIo for UnixStream {
     type Write = tokio::net::unix::OwnedWriteHalf;
     fn halves(self) -> (Self::Read, Self::Write) {
         self.into_split()
+    }
+    fn abort(read: Self::Read, write: Self::Write) {
+        drop(read.reunite(write)); // (a unix socket has no reset: it closes, without a shutdown first)
     }
 }
 
@@ -314,6 +319,8 @@ async fn carry<S: LocalIo>(link: &Link, stream: &Stream, local: S) {
             let result = tokio::select! {
                 result = &mut up, if !up_done => { up_done = true; result }
                 result = &mut down, if !down_done => { down_done = true; result }
+                // (a reset ends both at once, even a write stuck on a service that reads nothing)
+                () = reset(stream) => Err(None),
             };
             if let Err(reason) = result {
                 break Some(reason);
@@ -327,7 +334,7 @@ async fn carry<S: LocalIo>(link: &Link, stream: &Stream, local: S) {
         if let Some(reason) = reason {
             link.send_rst(stream, code::CANCELLED, &reason);
         }
-        reader.abort(); // (both halves drop right after: the service sees a reset)
+        S::abort(reader, writer); // the service sees a reset
     }
 }
 
@@ -391,8 +398,14 @@ async fn up<R: Readable>(link: &Link, stream: &Stream, reader: &R) -> Result<(),
 
 /// Wait until the stream is reset.
 async fn reset(stream: &Stream) {
-    while !stream.is_reset() {
-        stream.credit_changed.notified().await;
+    loop {
+        let notified = stream.was_reset.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if stream.is_reset() {
+            return;
+        }
+        notified.await;
     }
 }
 

@@ -343,17 +343,24 @@ impl Session {
         let (reader, writer) = tokio::io::split(link);
         let writing = session.clone().write_loop(writer);
         tokio::pin!(writing);
+        let mut written = false;
         let end = tokio::select! {
             end = session.read_loop(reader) => end,
-            result = &mut writing => match result {
-                Ok(()) => End::Eof,
-                Err(error) => End::Failed(error.to_string()),
-            },
+            result = &mut writing => {
+                written = true;
+                match result {
+                    Ok(()) => End::Eof,
+                    Err(error) => End::Failed(error.to_string()),
+                }
+            }
             end = session.timers() => end,
             _ = session.killed.notified() => End::Killed,
         };
         session.end(end);
-        let _ = tokio::time::timeout(FLUSH_ON_CLOSE, writing).await;
+        if !written {
+            // (a finished writer is not polled again: that would panic)
+            let _ = tokio::time::timeout(FLUSH_ON_CLOSE, writing).await;
+        }
     }
 
     // ------------------------------------------------------------ the writer

@@ -154,6 +154,9 @@ class NativePlane:
             future = self._dialing.pop(str(a), None)
             if future is not None and not future.done():
                 future.set_result(b if isinstance(b, bytes) else None)
+            else:  # nobody waits for it any more (the connect was cancelled or timed out)
+                self.links.pop(str(a), None)
+                self.engine.close(str(a), b"")
         elif kind == "failed":
             future = self._dialing.pop(str(a), None)
             if future is not None and not future.done():
@@ -233,12 +236,12 @@ class NativeRelayConnection(AgentControl):
             plane.links.pop(link_id, None)
             raise _unavailable(settings, exc) from None
         except TimeoutError:
-            session._hang_up()
+            session._forget()
             raise RelayUnavailable(
                 f"relay {address} did not answer within {CONNECT_TIMEOUT:.0f} s", transient=True
             ) from None
         except BaseException:
-            session._hang_up()
+            session._forget()
             raise
         logger.debug("session to relay %s: HELLO sent (native)", address)
         return session
@@ -287,6 +290,15 @@ class NativeRelayConnection(AgentControl):
 
     def _hang_up(self) -> None:
         self.plane.engine.close(self.link_id, b"")
+
+    def _forget(self) -> None:
+        """A connect given up: the link goes, now or when the engine says it is up."""
+        self._over = True
+        self.plane.links.pop(self.link_id, None)
+        dialing = self.plane._dialing.pop(self.link_id, None)
+        if dialing is not None and not dialing.done():
+            dialing.cancel()
+        self._hang_up()
 
     # --------------------------------------------------------------- from the engine
 
