@@ -16,7 +16,7 @@ use super::{json, LinkConfig, Shared, Tunnel};
 use crate::frames::{self, FrameType, HEADER_SIZE};
 use crate::relay::events::{Event, INFO, WARNING};
 use crate::relay::lock;
-use crate::relay::session::code;
+use crate::relay::session::{code, code_frame, frame};
 
 /// Bytes read from the link at once.
 const READ_SIZE: usize = 256 * 1024;
@@ -109,21 +109,6 @@ pub struct Link {
     hello_sent: AtomicBool,
     heard: AtomicU64,
     born: Instant,
-}
-
-fn frame(kind: FrameType, stream_id: u32, payload: &[u8], out: &mut Vec<u8>) {
-    let _ = frames::encode(kind, stream_id, payload, out);
-}
-
-pub fn code_frame(kind: FrameType, stream_id: u32, code: u16, reason: &str, out: &mut Vec<u8>) {
-    let mut payload = Vec::with_capacity(2 + reason.len());
-    payload.extend_from_slice(&code.to_be_bytes());
-    let mut end = reason.len().min(200);
-    while !reason.is_char_boundary(end) {
-        end -= 1;
-    }
-    payload.extend_from_slice(&reason.as_bytes()[..end]);
-    frame(kind, stream_id, &payload, out);
 }
 
 impl Link {

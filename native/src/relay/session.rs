@@ -279,12 +279,20 @@ fn session_id(shared: &Shared) -> String {
     }
 }
 
-fn frame(kind: FrameType, stream_id: u32, payload: &[u8], out: &mut Vec<u8>) {
+/// A frame of ours into `out` (both sessions, the relay's and the agent's).
+pub(crate) fn frame(kind: FrameType, stream_id: u32, payload: &[u8], out: &mut Vec<u8>) {
     // (payloads here are ours and small: a u32 length always fits)
     let _ = frames::encode(kind, stream_id, payload, out);
 }
 
-fn code_frame(kind: FrameType, stream_id: u32, code: u16, reason: &str, out: &mut Vec<u8>) {
+/// RST or GOAWAY: a code and a reason cut at 200 bytes on a character boundary.
+pub(crate) fn code_frame(
+    kind: FrameType,
+    stream_id: u32,
+    code: u16,
+    reason: &str,
+    out: &mut Vec<u8>,
+) {
     let mut payload = Vec::with_capacity(2 + reason.len());
     payload.extend_from_slice(&code.to_be_bytes());
     let mut end = reason.len().min(200);
